@@ -1,0 +1,1 @@
+"""BlackMamba on megatron-core: Mamba-1 mixer, Sinkhorn router, stack spec, model builder."""

@@ -1,0 +1,103 @@
+"""JobConfig -> megatron TransformerConfig -> MambaModel with the BlackMamba stack spec."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.mamba import MambaModel
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer import TransformerConfig
+
+from megatron_blackmamba import compat
+from megatron_blackmamba.config import JobConfig
+from megatron_blackmamba.model.spec import blackmamba_stack_spec
+
+_ROUTING = {"sinkhorn": "sinkhorn", "aux_loss": "aux_loss", "none": "none"}
+
+
+def params_dtype(job: JobConfig) -> torch.dtype:
+    precision = job.training.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "fp32"
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"training.precision={precision!r}: choose auto, bf16 or fp32")
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def transformer_config(job: JobConfig) -> TransformerConfig:
+    """The megatron config BlackMamba's layers read; attention fields are placeholders (no attention)."""
+    m, p = job.model, job.parallel
+    if m.routing not in _ROUTING:
+        raise ValueError(f"model.routing={m.routing!r}: choose one of {sorted(_ROUTING)}")
+    if m.activation not in ("gelu", "swiglu"):
+        raise ValueError(f"model.activation={m.activation!r}: choose gelu or swiglu")
+    if m.routing == "sinkhorn" and m.aux_loss_coeff:
+        raise ValueError("model.aux_loss_coeff must be 0 with model.routing=sinkhorn (Sinkhorn balances instead)")
+    cuda = torch.cuda.is_available()
+    dtype = params_dtype(job)
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=1,
+        ffn_hidden_size=m.resolved_ffn_hidden_size(),
+        moe_ffn_hidden_size=m.resolved_ffn_hidden_size(),
+        num_moe_experts=m.num_experts,
+        moe_router_topk=m.moe_topk,
+        moe_router_load_balancing_type=_ROUTING[m.routing],
+        moe_aux_loss_coeff=m.aux_loss_coeff,
+        # Post-softmax top-1 would gate every token with weight 1.0; megatron needs pre-softmax.
+        moe_router_pre_softmax=m.moe_topk == 1 and m.routing != "sinkhorn",
+        moe_router_dtype="fp32",
+        moe_token_dispatcher_type=compat.resolve_moe_dispatcher(p.moe_dispatcher),
+        moe_grouped_gemm=m.moe_grouped_gemm,
+        add_bias_linear=m.add_bias_linear,
+        gated_linear_unit=m.activation == "swiglu",
+        activation_func=F.silu if m.activation == "swiglu" else F.gelu,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_method_std,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        expert_model_parallel_size=p.ep,
+        expert_tensor_parallel_size=p.etp,
+        sequence_parallel=p.sequence_parallel,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=not cuda,
+        bias_dropout_fusion=cuda,
+        gradient_accumulation_fusion=False,
+        recompute_granularity=None,
+    )
+
+
+def build_model(
+    job: JobConfig,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    pg_collection: ProcessGroupCollection | None = None,
+) -> MambaModel:
+    """This rank's model chunk (its pipeline stage, its TP/EP shards)."""
+    compat.apply()
+    if pg_collection is None:
+        pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    m = job.model
+    return MambaModel(
+        config=transformer_config(job),
+        mamba_stack_spec=blackmamba_stack_spec(m),
+        vocab_size=m.vocab_size,
+        max_sequence_length=m.max_seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        hybrid_override_pattern=m.resolved_layer_pattern(),
+        share_embeddings_and_output_weights=m.tie_embeddings,
+        position_embedding_type="none",
+        pg_collection=pg_collection,
+    )

@@ -1,0 +1,63 @@
+"""BlackMamba's router: megatron's TopKRouter with paper-initialised Sinkhorn and load statistics.
+
+Used for every routing mode (megatron's own modes pass through to TopKRouter unchanged) so that
+expert-load statistics are always available.
+
+Training: the top-k experts of the Sinkhorn-balanced plan; the gate is sigmoid(logit) for top-1
+(softmax for k > 1), as in megatron and the released BlackMamba code. Inference: plain top-k of
+the gate, no balancing. Every forward also accumulates tokens-per-expert, so the training loop
+can log per-layer expert load and routing entropy (the paper's open question is imbalance in
+late layers).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.moe.router import TopKRouter
+
+from megatron_blackmamba.model.sinkhorn import sinkhorn
+
+
+class BlackMambaRouter(TopKRouter):
+    def __init__(self, config, pg_collection=None, *, temperature: float = 2.0, init: str = "paper",
+                 tol: float = 1e-2, max_iters: int = 20) -> None:
+        super().__init__(config=config, pg_collection=pg_collection)
+        self.sinkhorn_temperature = temperature
+        self.sinkhorn_init = init
+        self.sinkhorn_tol = tol
+        self.sinkhorn_max_iters = max_iters
+        self.register_buffer("load_counts", torch.zeros(config.num_moe_experts, dtype=torch.float64), persistent=False)
+        self.sinkhorn_iterations = 0
+
+    def _gate(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.topk == 1:
+            return torch.sigmoid(logits)
+        return torch.softmax(logits, dim=-1, dtype=torch.float32).type_as(logits)
+
+    def sinkhorn_load_balancing(self, logits: torch.Tensor):
+        assert self.config.moe_aux_loss_coeff == 0, "Sinkhorn routing does not use an aux loss"
+        if self.training:
+            result = sinkhorn(
+                logits.detach(), temperature=self.sinkhorn_temperature, init=self.sinkhorn_init,
+                tol=self.sinkhorn_tol, max_iters=self.sinkhorn_max_iters,
+            )
+            self.sinkhorn_iterations = result.iterations
+            _, indices = torch.topk(result.plan, k=self.topk, dim=1)
+            gates = self._gate(logits)
+        else:
+            gates = self._gate(logits)
+            _, indices = torch.topk(gates, k=self.topk, dim=1)
+        routing_map = torch.zeros_like(gates, dtype=torch.bool).scatter(1, indices, True)
+        return gates * routing_map, routing_map
+
+    def routing(self, logits: torch.Tensor, padding_mask=None):
+        probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+        with torch.no_grad():
+            self.load_counts += routing_map.sum(dim=0).to(self.load_counts.dtype)
+        return probs, routing_map
+
+    def take_load_counts(self) -> torch.Tensor:
+        """Tokens routed to each expert (this rank) since the last call; resets the counter."""
+        counts = self.load_counts.clone()
+        self.load_counts.zero_()
+        return counts

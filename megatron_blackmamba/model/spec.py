@@ -1,0 +1,93 @@
+"""The BlackMamba layer stack as megatron-core ModuleSpecs.
+
+megatron's ``MambaStack`` already interleaves layer types from a pattern string ('M' Mamba,
+'E' MoE), splits them across pipeline stages and hosts the final norm; BlackMamba only swaps in
+the Mamba-1 mixer and the Sinkhorn router. Linear and norm classes come from megatron's backend
+providers: Transformer Engine where it is installed, megatron's local (torch) modules otherwise.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
+from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
+from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
+from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import MoETransformerLayer, TransformerLayerSubmodules
+
+from megatron_blackmamba.compat import have_transformer_engine
+from megatron_blackmamba.config import ModelConfig
+from megatron_blackmamba.model.mamba1_mixer import Mamba1Mixer, Mamba1MixerSubmodules
+from megatron_blackmamba.model.router import BlackMambaRouter
+
+
+def backend_provider(use_te: bool | None = None) -> BackendSpecProvider:
+    """TE modules when TE imports (or when asked), megatron's torch modules otherwise."""
+    if use_te is None:
+        use_te = have_transformer_engine()
+    if use_te:
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+        return TESpecProvider()
+    return LocalSpecProvider()
+
+
+def mamba_layer_spec(model: ModelConfig, backend: BackendSpecProvider) -> ModuleSpec:
+    mixer = ModuleSpec(
+        module=Mamba1Mixer,
+        params=dict(
+            d_state=model.d_state,
+            d_conv=model.d_conv,
+            expand=model.expand,
+            dt_rank=model.resolved_dt_rank(),
+            dt_min=model.dt_min,
+            dt_max=model.dt_max,
+            dt_init_floor=model.dt_init_floor,
+            bias=model.add_bias_linear,
+        ),
+        submodules=Mamba1MixerSubmodules(
+            in_proj=backend.column_parallel_linear(),
+            # dt_proj is tiny (dt_rank -> d_inner) and its bias feeds the scan, not the matmul.
+            dt_proj=ColumnParallelLinear,
+            out_proj=backend.row_parallel_linear(),
+        ),
+    )
+    return ModuleSpec(
+        module=MambaLayer,
+        submodules=MambaLayerSubmodules(
+            norm=backend.layer_norm(rms_norm=True), mixer=mixer, mamba_bda=get_bias_dropout_add
+        ),
+    )
+
+
+def moe_layer_spec(model: ModelConfig, backend: BackendSpecProvider) -> ModuleSpec:
+    moe = get_moe_module_spec_for_backend(
+        backend, num_experts=model.num_experts, moe_grouped_gemm=model.moe_grouped_gemm
+    )
+    moe.submodules.router = partial(
+        BlackMambaRouter,
+        temperature=model.sinkhorn_temperature,
+        init=model.sinkhorn_init,
+        tol=model.sinkhorn_tol,
+        max_iters=model.sinkhorn_max_iters,
+    )
+    return ModuleSpec(
+        module=MoETransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            pre_mlp_layernorm=backend.layer_norm(rms_norm=True), mlp=moe, mlp_bda=get_bias_dropout_add
+        ),
+    )
+
+
+def blackmamba_stack_spec(model: ModelConfig, use_te: bool | None = None) -> ModuleSpec:
+    backend = backend_provider(use_te)
+    return ModuleSpec(
+        module=MambaStack,
+        submodules=MambaStackSubmodules(
+            mamba_layer=mamba_layer_spec(model, backend), moe_layer=moe_layer_spec(model, backend)
+        ),
+    )

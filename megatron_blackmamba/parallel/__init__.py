@@ -1,0 +1,1 @@
+"""Process groups and distributed setup for BlackMamba (TP / PP / EP / DP)."""

@@ -1,0 +1,90 @@
+"""Start torch.distributed and megatron's model-parallel groups from a JobConfig.
+
+Works the same under torchrun/srun (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment) and as
+a plain single process (a one-rank group on a free localhost port), on CUDA with NCCL or on CPU
+with gloo, so every code path (and every test) runs the real megatron parallel machinery.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from megatron_blackmamba import compat
+from megatron_blackmamba.config import ParallelConfig
+
+logger = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env_rank() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun or SLURM variables; (0, 1, 0) when alone."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
+
+
+def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int = 30) -> None:
+    """torch.distributed + megatron parallel_state; idempotent within a process."""
+    compat.apply()
+    if not dist.is_initialized():
+        rank, world, local_rank = _env_rank()
+        backend = parallel.backend
+        if backend == "auto":
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if world == 1:
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
+        elif "MASTER_PORT" not in os.environ:
+            raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is unset: launch with torchrun or launch/*.sbatch")
+        dist.init_process_group(
+            backend=backend, rank=rank, world_size=world, timeout=timedelta(minutes=timeout_minutes)
+        )
+        logger.info("torch.distributed: rank %d/%d, backend %s", rank, world, backend)
+    world = dist.get_world_size()
+    model_parallel = parallel.tp * parallel.pp
+    if world % model_parallel:
+        raise ValueError(f"world size {world} is not divisible by parallel.tp*parallel.pp = {model_parallel}")
+    if (world // parallel.pp) % (parallel.ep * parallel.etp):
+        raise ValueError(
+            f"parallel.ep*parallel.etp = {parallel.ep * parallel.etp} must divide world/pp = {world // parallel.pp}"
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tp,
+            pipeline_model_parallel_size=parallel.pp,
+            expert_model_parallel_size=parallel.ep,
+            expert_tensor_parallel_size=parallel.etp,
+        )
+    seed_everything(seed)
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank for replicated weights; megatron's tracker varies it per TP rank on CUDA."""
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
