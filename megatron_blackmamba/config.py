@@ -76,11 +76,20 @@ class ParallelConfig:
     tp: int = opt(1, "tensor-parallel size (splits d_inner, expert FFN, vocab)")
     pp: int = opt(1, "pipeline-parallel size (splits the layer list)")
     ep: int = opt(1, "expert-parallel size (experts spread over ranks)")
-    etp: int = opt(1, "expert tensor-parallel size (tensor split inside each expert)")
-    sequence_parallel: bool = opt(False, "megatron sequence parallelism on top of TP (CUDA only)")
+    etp: int = opt(0, "expert tensor-parallel size; 0 = same as tp (required when ep == 1)")
+    sequence_parallel: bool = opt(False, "megatron sequence parallelism; always on when tp > 1 (megatron MoE needs it)")
     moe_dispatcher: str = opt("auto", "token dispatcher: auto | allgather | alltoall (alltoall: CUDA)")
     distributed_optimizer: bool = opt(True, "shard optimizer state across data-parallel ranks")
     backend: str = opt("auto", "torch.distributed backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo")
+
+
+    def resolved_etp(self) -> int:
+        etp = self.etp or self.tp
+        if self.ep == 1 and etp != self.tp:
+            # megatron only treats expert weights as expert-parallel params when ep > 1; with
+            # ep == 1 their grads are reduced like dense ones, which is wrong unless etp == tp.
+            raise ValueError(f"parallel.etp={self.etp} needs parallel.ep > 1; with ep=1 leave etp=0 (= tp)")
+        return etp
 
 
 @dataclass

@@ -39,7 +39,7 @@ def transformer_config(job: JobConfig) -> TransformerConfig:
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
-        num_attention_heads=1,
+        num_attention_heads=p.tp,  # unused (no attention); megatron checks it divides by TP
         ffn_hidden_size=m.resolved_ffn_hidden_size(),
         moe_ffn_hidden_size=m.resolved_ffn_hidden_size(),
         num_moe_experts=m.num_experts,
@@ -64,8 +64,9 @@ def transformer_config(job: JobConfig) -> TransformerConfig:
         tensor_model_parallel_size=p.tp,
         pipeline_model_parallel_size=p.pp,
         expert_model_parallel_size=p.ep,
-        expert_tensor_parallel_size=p.etp,
-        sequence_parallel=p.sequence_parallel,
+        expert_tensor_parallel_size=p.resolved_etp(),
+        # megatron's MoE layer refuses TP > 1 without sequence parallelism in training.
+        sequence_parallel=p.sequence_parallel or p.tp > 1,
         pipeline_dtype=dtype,
         use_cpu_initialization=not cuda,
         bias_dropout_fusion=cuda,

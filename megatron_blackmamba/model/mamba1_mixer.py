@@ -17,7 +17,6 @@ a contiguous slice of [x; z]).
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -25,7 +24,10 @@ import torch
 import torch.nn.functional as F
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+from megatron.core.tensor_parallel import (
+    copy_to_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+)
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -47,12 +49,6 @@ class Mamba1MixerSubmodules:
     in_proj: Union[ModuleSpec, type, None] = None  # column-parallel: d_model -> [x; z]
     dt_proj: Union[ModuleSpec, type, None] = None  # column-parallel: dt_rank -> d_inner
     out_proj: Union[ModuleSpec, type, None] = None  # row-parallel: d_inner -> d_model
-
-
-def _model_parallel_rng():
-    """Megatron's per-TP-rank RNG stream when it is set up (CUDA); the default generator otherwise."""
-    tracker = get_cuda_rng_tracker()
-    return tracker.fork() if tracker.is_initialized() else nullcontext()
 
 
 def _mark_tp_sharded(param: nn.Parameter, partition_dim: int) -> None:
@@ -132,7 +128,7 @@ class Mamba1Mixer(MegatronModule):
             tp_group=self.tp_group,
         )
 
-        with _model_parallel_rng():
+        with get_cuda_rng_tracker().fork():
             self.conv1d = nn.Conv1d(
                 self.d_inner_local,
                 self.d_inner_local,
@@ -146,7 +142,7 @@ class Mamba1Mixer(MegatronModule):
             _mark_tp_sharded(p, partition_dim=0)
 
         self.x_proj = TPReducedLinear(self.d_inner_local, self.dt_rank + 2 * d_state, self.tp_group, dtype)
-        with _model_parallel_rng():
+        with get_cuda_rng_tracker().fork():
             nn.init.kaiming_uniform_(self.x_proj.weight, a=math.sqrt(5))
 
         dt_std = self.dt_rank**-0.5
@@ -163,7 +159,10 @@ class Mamba1Mixer(MegatronModule):
             tp_comm_buffer_name=None,
             tp_group=self.tp_group,
         )
-        with torch.no_grad(), _model_parallel_rng():
+        # dt arrives full-length and replicated (x_proj all-reduces), so dt_proj must not gather
+        # the sequence even under sequence parallelism.
+        self.dt_proj.sequence_parallel = False
+        with torch.no_grad(), get_cuda_rng_tracker().fork():
             # softplus(bias) log-uniform in [dt_min, dt_max]: Mamba-1's dt initialisation.
             dt = torch.exp(
                 torch.rand(self.d_inner_local) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
@@ -217,9 +216,7 @@ class Mamba1Mixer(MegatronModule):
 
         x = kernels.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
 
-        x_dbl = self.x_proj(x.permute(2, 0, 1))  # [s, b, dt_rank + 2N], summed over TP
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt, dt_bias = self.dt_proj(dt)  # [s, b, d_local]; the bias goes into the scan's softplus
+        dt, B, C = self._project_dt_B_C(x.permute(2, 0, 1))  # [s, b, *]
         y = kernels.selective_scan(
             x,
             dt.permute(1, 2, 0),
@@ -228,7 +225,7 @@ class Mamba1Mixer(MegatronModule):
             C.permute(1, 2, 0),
             self.D.float(),
             z=z,
-            delta_bias=dt_bias.float(),
+            delta_bias=self.dt_proj.bias.float(),
             delta_softplus=True,
             return_last_state=state is not None,
         )
@@ -239,6 +236,21 @@ class Mamba1Mixer(MegatronModule):
         assert out.shape[0] == seqlen
         return out, out_bias
 
+    def _project_dt_B_C(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [..., d_local] -> dt [..., d_local] (pre-bias), B and C [..., N], replicated over TP.
+
+        Backward: every rank's channels consume the shared B and C, so their gradients are
+        partial sums that copy_to_tensor_model_parallel_region all-reduces; dt's gradient is
+        all-reduced inside the column-parallel dt_proj.
+        """
+        x_dbl = self.x_proj(x)  # summed over TP
+        dt, BC = torch.split(x_dbl, [self.dt_rank, 2 * self.d_state], dim=-1)
+        if self.tp_group.size() > 1:
+            BC = copy_to_tensor_model_parallel_region(BC, group=self.tp_group)
+        B, C = BC.chunk(2, dim=-1)
+        dt, _ = self.dt_proj(dt)  # bias skipped: it goes into the scan's softplus
+        return dt, B, C
+
     def _decode(self, hidden_states: torch.Tensor, ctx: RecurrentState):
         """One token per sequence: O(1) work and memory in the context length."""
         assert hidden_states.shape[0] == 1, "decode steps take one token at a time"
@@ -248,8 +260,7 @@ class Mamba1Mixer(MegatronModule):
         x = kernels.causal_conv1d_update(
             x, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu"
         )
-        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt, dt_bias = self.dt_proj(dt)
+        dt, B, C = self._project_dt_B_C(x)
         y = kernels.selective_state_update(
             state.ssm,
             x,
@@ -259,7 +270,7 @@ class Mamba1Mixer(MegatronModule):
             C,
             self.D.float(),
             z=z,
-            dt_bias=dt_bias.float(),
+            dt_bias=self.dt_proj.bias.float(),
             dt_softplus=True,
         )
         return self.out_proj(y.unsqueeze(0))

@@ -37,18 +37,35 @@ class BlackMambaRouter(TopKRouter):
     def sinkhorn_load_balancing(self, logits: torch.Tensor):
         assert self.config.moe_aux_loss_coeff == 0, "Sinkhorn routing does not use an aux loss"
         if self.training:
+            all_logits, first = self._micro_batch_logits(logits.detach())
             result = sinkhorn(
-                logits.detach(), temperature=self.sinkhorn_temperature, init=self.sinkhorn_init,
+                all_logits, temperature=self.sinkhorn_temperature, init=self.sinkhorn_init,
                 tol=self.sinkhorn_tol, max_iters=self.sinkhorn_max_iters,
             )
             self.sinkhorn_iterations = result.iterations
-            _, indices = torch.topk(result.plan, k=self.topk, dim=1)
+            plan = result.plan[first:first + logits.shape[0]]
+            _, indices = torch.topk(plan, k=self.topk, dim=1)
             gates = self._gate(logits)
         else:
             gates = self._gate(logits)
             _, indices = torch.topk(gates, k=self.topk, dim=1)
         routing_map = torch.zeros_like(gates, dtype=torch.bool).scatter(1, indices, True)
         return gates * routing_map, routing_map
+
+    @torch.no_grad()
+    def _micro_batch_logits(self, logits: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Logits of every token of the micro-batch, and where this rank's tokens start.
+
+        Sinkhorn balances over a set of tokens, so its choices depend on which tokens it sees.
+        Under sequence parallelism each TP rank holds a slice of the sequence; balancing over the
+        gathered micro-batch keeps routing identical at every TP size (and to a single process).
+        """
+        group = self.tp_group
+        if not self.config.sequence_parallel or group.size() == 1:
+            return logits, 0
+        gathered = logits.new_empty((logits.shape[0] * group.size(), logits.shape[1]))
+        torch.distributed.all_gather_into_tensor(gathered, logits.contiguous(), group=group)
+        return gathered, group.rank() * logits.shape[0]
 
     def routing(self, logits: torch.Tensor, padding_mask=None):
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
@@ -57,7 +74,11 @@ class BlackMambaRouter(TopKRouter):
         return probs, routing_map
 
     def take_load_counts(self) -> torch.Tensor:
-        """Tokens routed to each expert (this rank) since the last call; resets the counter."""
+        """Tokens this rank routed to each expert since the last call; resets the counter.
+
+        Ranks of the TP x DP group see disjoint tokens (TP > 1 implies sequence parallelism), so
+        the sum over ``self.tp_dp_cp_group`` is the global load.
+        """
         counts = self.load_counts.clone()
         self.load_counts.zero_()
         return counts

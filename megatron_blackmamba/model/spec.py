@@ -2,8 +2,9 @@
 
 megatron's ``MambaStack`` already interleaves layer types from a pattern string ('M' Mamba,
 'E' MoE), splits them across pipeline stages and hosts the final norm; BlackMamba only swaps in
-the Mamba-1 mixer and the Sinkhorn router. Linear and norm classes come from megatron's backend
-providers: Transformer Engine where it is installed, megatron's local (torch) modules otherwise.
+the Mamba-1 mixer and the Sinkhorn router. Linear classes come from megatron's backend providers
+(Transformer Engine where it is installed, megatron's local modules otherwise); the norm is TE's or
+this project's sequence-parallel-aware torch RMSNorm.
 """
 
 from __future__ import annotations
@@ -22,13 +23,11 @@ from megatron.core.transformer.transformer_layer import MoETransformerLayer, Tra
 from megatron_blackmamba.compat import have_transformer_engine
 from megatron_blackmamba.config import ModelConfig
 from megatron_blackmamba.model.mamba1_mixer import Mamba1Mixer, Mamba1MixerSubmodules
+from megatron_blackmamba.model.norm import RMSNorm
 from megatron_blackmamba.model.router import BlackMambaRouter
 
 
-def backend_provider(use_te: bool | None = None) -> BackendSpecProvider:
-    """TE modules when TE imports (or when asked), megatron's torch modules otherwise."""
-    if use_te is None:
-        use_te = have_transformer_engine()
+def backend_provider(use_te: bool) -> BackendSpecProvider:
     if use_te:
         from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
 
@@ -36,7 +35,16 @@ def backend_provider(use_te: bool | None = None) -> BackendSpecProvider:
     return LocalSpecProvider()
 
 
-def mamba_layer_spec(model: ModelConfig, backend: BackendSpecProvider) -> ModuleSpec:
+def norm_module(use_te: bool) -> type:
+    """TE's fused RMSNorm, or the torch RMSNorm that also handles sequence parallelism."""
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    return RMSNorm
+
+
+def mamba_layer_spec(model: ModelConfig, backend: BackendSpecProvider, norm: type) -> ModuleSpec:
     mixer = ModuleSpec(
         module=Mamba1Mixer,
         params=dict(
@@ -59,12 +67,12 @@ def mamba_layer_spec(model: ModelConfig, backend: BackendSpecProvider) -> Module
     return ModuleSpec(
         module=MambaLayer,
         submodules=MambaLayerSubmodules(
-            norm=backend.layer_norm(rms_norm=True), mixer=mixer, mamba_bda=get_bias_dropout_add
+            norm=norm, mixer=mixer, mamba_bda=get_bias_dropout_add
         ),
     )
 
 
-def moe_layer_spec(model: ModelConfig, backend: BackendSpecProvider) -> ModuleSpec:
+def moe_layer_spec(model: ModelConfig, backend: BackendSpecProvider, norm: type) -> ModuleSpec:
     moe = get_moe_module_spec_for_backend(
         backend, num_experts=model.num_experts, moe_grouped_gemm=model.moe_grouped_gemm
     )
@@ -78,16 +86,19 @@ def moe_layer_spec(model: ModelConfig, backend: BackendSpecProvider) -> ModuleSp
     return ModuleSpec(
         module=MoETransformerLayer,
         submodules=TransformerLayerSubmodules(
-            pre_mlp_layernorm=backend.layer_norm(rms_norm=True), mlp=moe, mlp_bda=get_bias_dropout_add
+            pre_mlp_layernorm=norm, mlp=moe, mlp_bda=get_bias_dropout_add
         ),
     )
 
 
 def blackmamba_stack_spec(model: ModelConfig, use_te: bool | None = None) -> ModuleSpec:
-    backend = backend_provider(use_te)
+    """The stack spec; ``use_te=None`` picks Transformer Engine modules when TE imports."""
+    if use_te is None:
+        use_te = have_transformer_engine()
+    backend, norm = backend_provider(use_te), norm_module(use_te)
     return ModuleSpec(
         module=MambaStack,
         submodules=MambaStackSubmodules(
-            mamba_layer=mamba_layer_spec(model, backend), moe_layer=moe_layer_spec(model, backend)
+            mamba_layer=mamba_layer_spec(model, backend, norm), moe_layer=moe_layer_spec(model, backend, norm)
         ),
     )

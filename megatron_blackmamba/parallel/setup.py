@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+from megatron.core.tensor_parallel.random import initialize_rng_tracker
 
 from megatron_blackmamba import compat
 from megatron_blackmamba.config import ParallelConfig
@@ -62,25 +63,30 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int =
     model_parallel = parallel.tp * parallel.pp
     if world % model_parallel:
         raise ValueError(f"world size {world} is not divisible by parallel.tp*parallel.pp = {model_parallel}")
-    if (world // parallel.pp) % (parallel.ep * parallel.etp):
-        raise ValueError(
-            f"parallel.ep*parallel.etp = {parallel.ep * parallel.etp} must divide world/pp = {world // parallel.pp}"
-        )
+    expert_ranks = parallel.ep * parallel.resolved_etp()
+    if (world // parallel.pp) % expert_ranks:
+        raise ValueError(f"parallel.ep * etp = {expert_ranks} must divide world/pp = {world // parallel.pp}")
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tp,
             pipeline_model_parallel_size=parallel.pp,
             expert_model_parallel_size=parallel.ep,
-            expert_tensor_parallel_size=parallel.etp,
+            expert_tensor_parallel_size=parallel.resolved_etp(),
         )
     seed_everything(seed)
 
 
 def seed_everything(seed: int) -> None:
-    """Same seed on every rank for replicated weights; megatron's tracker varies it per TP rank on CUDA."""
+    """Same seed on every rank for replicated weights; megatron's tracker varies it per TP rank.
+
+    Without CUDA there are no per-device generators to track: megatron's inference tracker, whose
+    ``fork()`` is a no-op, stands in (dropout is 0 in BlackMamba, so nothing random is forked).
+    """
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         model_parallel_cuda_manual_seed(seed)
+    else:
+        initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
 
 
 def destroy() -> None:

@@ -1,0 +1,1 @@
+"""Training: model/optimizer setup, the forward-backward step, LR schedule, the loop."""

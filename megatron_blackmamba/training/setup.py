@@ -1,0 +1,93 @@
+"""Model, DDP wrapper, optimizer and LR scheduler for one rank, all from megatron-core."""
+
+from __future__ import annotations
+
+
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_blackmamba.config import JobConfig
+from megatron_blackmamba.model.builder import build_model, params_dtype
+from megatron_blackmamba.training.step import device
+
+
+def build_ddp_model(job: JobConfig) -> list[DistributedDataParallel]:
+    """This rank's model chunk on its device, wrapped in megatron DDP (grad buffers, DP/EP reduce)."""
+    model = build_model(job).to(device())
+    config = model.config
+    ddp = DistributedDataParallel(
+        config=config,
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=job.parallel.distributed_optimizer,
+        ),
+        module=model,
+    )
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp.no_sync
+    return [ddp]
+
+
+def _no_weight_decay(param: torch.nn.Parameter) -> bool:
+    """Biases, norm weights (1-D) and the SSM's A_log / D (marked by the mixer) are not decayed."""
+    return param.dim() == 1 or getattr(param, "_no_weight_decay", False)
+
+
+def build_optimizer(job: JobConfig, model: list[DistributedDataParallel]):
+    t = job.training
+    dtype = params_dtype(job)
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=t.lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad,
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+        use_distributed_optimizer=job.parallel.distributed_optimizer,
+    )
+    overrides = {ParamKey(predicate=ParamPredicate(name="no_weight_decay", fn=_no_weight_decay)): {"wd_mult": 0.0}}
+    return get_megatron_optimizer(config, model, config_overrides=overrides)
+
+
+def build_scheduler(job: JobConfig, optimizer) -> OptimizerParamScheduler:
+    """Linear warmup then cosine (or linear/constant) decay to min_lr, counted in samples."""
+    t = job.training
+    iters = t.resolved_train_iters()
+    gbs = t.global_batch_size
+    warmup = min(t.warmup_iters, max(iters - 1, 0))
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=warmup * gbs,
+        lr_decay_steps=max(iters, 1) * gbs,
+        lr_decay_style=t.lr_decay_style,
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=max(iters, 1) * gbs,
+        wd_incr_style="constant",
+    )
+
+
+def num_microbatches(job: JobConfig, data_parallel_size: int) -> int:
+    t = job.training
+    per_step = t.micro_batch_size * data_parallel_size
+    if t.global_batch_size % per_step:
+        raise ValueError(
+            f"training.global_batch_size={t.global_batch_size} must be a multiple of "
+            f"micro_batch_size*data_parallel_size={per_step}"
+        )
+    return t.global_batch_size // per_step
+
+
+
