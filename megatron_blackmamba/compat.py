@@ -18,8 +18,15 @@ Without CUDA:
     a no-op (there is no device work to wait for).
   * ``Tensor.cuda()`` is called on the tied embedding when pipeline stages sync it -> returns
     the tensor itself (on a CPU-only build it could only raise).
-  * the pipeline schedules allocate their token counter with ``device="cuda"`` -> the schedules
-    module sees a ``torch`` whose ``zeros`` maps that device to the CPU.
+  * the pipeline schedules, the optimizer, gradient clipping and megatron.core.utils' local
+    multi-tensor fallbacks allocate small bookkeeping
+    tensors with ``device="cuda"`` -> those modules see a ``torch`` whose tensor factories map
+    that device to the CPU.
+  * ``clip_grad_by_total_norm_fp32`` asserts ``grad.type() == 'torch.cuda.FloatTensor'`` ->
+    the optimizer calls a CPU version that scales the same grads by the same coefficient.
+  * megatron's DistributedOptimizer checks parameter types against ``torch.cuda.*Tensor`` names,
+    which no patch here can satisfy -> not patched: ``use_distributed_optimizer`` resolves to
+    the replicated optimizer on CPU (see ``model.builder.use_distributed_optimizer``).
   * ``torch.cuda.Stream``/``Event`` used by some dispatch and timing paths -> not patched: callers
     must pick the ``allgather`` dispatcher on CPU (``resolve_moe_dispatcher`` does that).
 
@@ -82,8 +89,9 @@ def _no_device_sync(device=None) -> None:
     return None
 
 
-class _TorchWithCpuZeros(types.ModuleType):
-    """``torch`` as seen by megatron's schedules: identical, except zeros(device="cuda") -> CPU."""
+class _TorchOnCpu(types.ModuleType):
+    """``torch`` as seen by a few megatron modules: identical, except tensor factories called
+    with ``device="cuda"`` allocate on the CPU."""
 
     def __init__(self) -> None:
         super().__init__("torch")
@@ -92,10 +100,23 @@ class _TorchWithCpuZeros(types.ModuleType):
         return getattr(torch, name)
 
     @staticmethod
-    def zeros(*args, device=None, **kwargs):
-        if device == "cuda":
-            device = "cpu"
-        return torch.zeros(*args, device=device, **kwargs)
+    def _cpu(device):
+        return "cpu" if device in ("cuda", torch.device("cuda")) else device
+
+    def tensor(self, *args, device=None, **kwargs):
+        return torch.tensor(*args, device=self._cpu(device), **kwargs)
+
+    def zeros(self, *args, device=None, **kwargs):
+        return torch.zeros(*args, device=self._cpu(device), **kwargs)
+
+
+def _clip_grad_by_total_norm_cpu(parameters, max_norm: float, total_norm: float, use_decoupled_grad: bool = False) -> None:
+    """megatron's clip_grad_by_total_norm_fp32 without its CUDA tensor-type assertion."""
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
 
 
 def _stay_on_cpu(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -103,17 +124,23 @@ def _stay_on_cpu(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 def _patch_no_cuda() -> list[str]:
+    from megatron.core import utils as megatron_utils
+    from megatron.core.optimizer import clip_grads, grad_scaler
+    from megatron.core.optimizer import optimizer as megatron_optimizer
     from megatron.core.pipeline_parallel import schedules
 
     torch.cuda.current_device = _cpu_current_device
     torch.cuda.synchronize = _no_device_sync
     torch.Tensor.cuda = _stay_on_cpu
-    schedules.torch = _TorchWithCpuZeros()
+    for module in (schedules, megatron_optimizer, clip_grads, grad_scaler, megatron_utils):
+        module.torch = _TorchOnCpu()
+    megatron_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
     return [
         "torch.cuda.current_device->cpu",
         "torch.cuda.synchronize->no-op",
         "Tensor.cuda->identity",
-        "schedules.torch.zeros(cuda)->cpu",
+        "schedules/optimizer/clip_grads/grad_scaler/utils: torch factories(cuda)->cpu",
+        "optimizer.clip_grad_by_total_norm_fp32->cpu version",
     ]
 
 

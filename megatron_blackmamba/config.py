@@ -148,7 +148,10 @@ class LoggingConfig:
     wandb_dir: str = opt("", "wandb run dir; empty = <checkpoint.save or runs>/wandb")
     run_name: str = opt("blackmamba", "run name for loggers")
     progress_bar: bool = opt(True, "tqdm progress bar on rank 0")
+    metrics_jsonl: str = opt("", "append one JSON line of metrics per step to this file (rank 0); empty disables")
+    verbose: bool = opt(False, "show megatron-core's INFO logs (dataset, DDP bucket details)")
     expert_load_interval: int = opt(0, "steps between per-layer expert-load logs; 0 = log_interval")
+    peak_tflops: float = opt(0.0, "per-device peak for MFU; 0 = GPU datasheet by name, or measured GEMM on CPU")
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -13,7 +15,19 @@ from megatron_blackmamba import compat
 from megatron_blackmamba.config import JobConfig
 from megatron_blackmamba.model.spec import blackmamba_stack_spec
 
+logger = logging.getLogger(__name__)
+
 _ROUTING = {"sinkhorn": "sinkhorn", "aux_loss": "aux_loss", "none": "none"}
+
+
+def use_distributed_optimizer(job: JobConfig) -> bool:
+    """megatron-core 0.16.1's DistributedOptimizer only accepts torch.cuda tensors, so on CPU the
+    replicated (DDP all-reduce) optimizer runs instead; results are identical, memory is not."""
+    wanted = job.parallel.distributed_optimizer
+    if wanted and not torch.cuda.is_available():
+        logger.info("parallel.distributed_optimizer=true needs CUDA; using the replicated optimizer on CPU")
+        return False
+    return wanted
 
 
 def params_dtype(job: JobConfig) -> torch.dtype:

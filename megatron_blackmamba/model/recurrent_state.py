@@ -31,6 +31,11 @@ class RecurrentState(StaticInferenceContext):
     def seqlen_offset(self) -> int:
         return self.sequence_len_offset
 
+    @seqlen_offset.setter
+    def seqlen_offset(self, value: int) -> None:
+        # megatron's MambaStack mirrors sequence_len_offset into this (mamba-ssm) name every forward.
+        self.sequence_len_offset = value
+
     def layer_state(self, mixer, batch_size: int, dtype: torch.dtype) -> LayerState:
         """The state of ``mixer``'s layer, allocated (zeroed) on first use."""
         state = self.layers.get(mixer.layer_number)

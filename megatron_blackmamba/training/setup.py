@@ -11,7 +11,7 @@ from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_blackmamba.config import JobConfig
-from megatron_blackmamba.model.builder import build_model, params_dtype
+from megatron_blackmamba.model.builder import build_model, params_dtype, use_distributed_optimizer
 from megatron_blackmamba.training.step import device
 
 
@@ -19,12 +19,13 @@ def build_ddp_model(job: JobConfig) -> list[DistributedDataParallel]:
     """This rank's model chunk on its device, wrapped in megatron DDP (grad buffers, DP/EP reduce)."""
     model = build_model(job).to(device())
     config = model.config
+    use_dist_opt = use_distributed_optimizer(job)
     ddp = DistributedDataParallel(
         config=config,
         ddp_config=DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
-            use_distributed_optimizer=job.parallel.distributed_optimizer,
+            use_distributed_optimizer=use_dist_opt,
         ),
         module=model,
     )
@@ -52,7 +53,7 @@ def build_optimizer(job: JobConfig, model: list[DistributedDataParallel]):
         clip_grad=t.clip_grad,
         bf16=dtype == torch.bfloat16,
         params_dtype=dtype,
-        use_distributed_optimizer=job.parallel.distributed_optimizer,
+        use_distributed_optimizer=use_distributed_optimizer(job),
     )
     overrides = {ParamKey(predicate=ParamPredicate(name="no_weight_decay", fn=_no_weight_decay)): {"wd_mult": 0.0}}
     return get_megatron_optimizer(config, model, config_overrides=overrides)

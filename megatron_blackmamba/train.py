@@ -1,0 +1,198 @@
+"""Pretrain BlackMamba: ``python -m megatron_blackmamba.train --config configs/X.yaml [section.field=value ...]``.
+
+Without arguments it trains the tiny model on the bundled sample corpus (``configs/tiny.yaml``),
+the project's main job on a CPU. The same entry point runs under torchrun or srun at any
+TP/PP/EP/DP layout; it resumes from the newest intact checkpoint in ``checkpoint.load`` (default:
+``checkpoint.save``), and on SIGTERM/SIGUSR1 (preemption, SLURM's pre-timeout signal) it saves a
+checkpoint at the end of the current step and exits, so a requeued job continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_blackmamba import kernels
+from megatron_blackmamba.checkpointing import find_resumable, load_checkpoint, save_checkpoint
+from megatron_blackmamba.config import JobConfig, describe, load_config
+from megatron_blackmamba.parallel.setup import destroy, init_distributed
+from megatron_blackmamba.training.data import build_datasets, micro_batches
+from megatron_blackmamba.training.expert_load import gather_expert_load, load_summary
+from megatron_blackmamba.training.flops import device_peak_tflops, train_flops_per_token
+from megatron_blackmamba.training.loggers import MetricsLogger
+from megatron_blackmamba.training.setup import build_ddp_model, build_optimizer, build_scheduler, num_microbatches
+from megatron_blackmamba.training.step import broadcast_loss, device, forward_backward, train_step
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+logger = logging.getLogger("megatron_blackmamba.train")
+
+
+class StopRequest:
+    """Set by SIGTERM/SIGUSR1; all ranks agree on it once per step so they stop together."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/tiny.yaml)")
+    parser.add_argument("--help-config", action="store_true", help="print every config field with its default and help")
+    parser.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. parallel.tp=2")
+    return parser.parse_args(argv)
+
+
+def evaluate(job: JobConfig, model, dataset, eval_index: int) -> float:
+    """Mean LM loss over ``eval_iters`` validation micro-batches (a fixed window per evaluation)."""
+    t = job.training
+    dp = parallel_state.get_data_parallel_world_size()
+    n = t.eval_iters
+    start = (eval_index * n * t.micro_batch_size * dp) % max(len(dataset) - n * t.micro_batch_size * dp, 1)
+    for chunk in model:
+        chunk.eval()
+    with torch.no_grad():
+        loss = forward_backward(model, micro_batches(dataset, start, t.micro_batch_size), n,
+                                t.seq_length, t.micro_batch_size, forward_only=True)
+    for chunk in model:
+        chunk.train()
+    loss = broadcast_loss(loss)
+    t_loss = torch.tensor([loss], device=device())
+    dist.all_reduce(t_loss, group=parallel_state.get_data_parallel_group())
+    return float(t_loss.item()) / dp
+
+
+def train(job: JobConfig) -> dict:
+    """Run the job; returns the final metrics (used by tests and the CLI's exit summary)."""
+    init_distributed(job.parallel, job.training.seed)
+    rank0 = dist.get_rank() == 0
+    t, ck = job.training, job.checkpoint
+    total_steps = t.resolved_train_iters()
+    dp = parallel_state.get_data_parallel_world_size()
+    n_micro = num_microbatches(job, dp)
+
+    model = build_ddp_model(job)
+    optimizer = build_optimizer(job, model)
+    scheduler = build_scheduler(job, optimizer)
+    iteration, consumed = 0, 0
+    resume_from = ck.load or (ck.save if ck.save and find_resumable(ck.save) is not None else "")
+    if resume_from:
+        weights_only = ck.finetune
+        state = load_checkpoint(resume_from, model, None if weights_only else optimizer, None if weights_only else scheduler)
+        if not weights_only:
+            iteration, consumed = state["iteration"], state["consumed_samples"]
+
+    eval_windows = (total_steps // t.eval_interval + 1) if t.eval_interval else 0
+    data = build_datasets(job, total_steps * t.global_batch_size,
+                          eval_windows * t.eval_iters * t.micro_batch_size * dp)
+    batches = micro_batches(data.train, consumed, t.micro_batch_size, job.data.num_workers)
+
+    flops_per_token = train_flops_per_token(job.model)
+    peak_tflops, peak_source = device_peak_tflops(job.logging.peak_tflops)
+    metrics_log = MetricsLogger(job, total_steps, iteration, enabled=rank0)
+    metrics_log.message(
+        f"BlackMamba {job.model.resolved_layer_pattern()} | world {dist.get_world_size()} "
+        f"(tp {job.parallel.tp}, pp {job.parallel.pp}, ep {job.parallel.ep}, dp {dp}) | "
+        f"kernels: {kernels.kernel_backend(device())} | {flops_per_token / 3 / 2 / 1e6:.1f}M active params/token "
+        f"| peak {peak_tflops:.2f} TFLOP/s/device ({peak_source}) | start step {iteration}/{total_steps}"
+    )
+
+    stop = StopRequest()
+    tokens_per_step = t.global_batch_size * t.seq_length
+    load_every = job.logging.expert_load_interval or t.log_interval
+    last = {"loss": float("nan"), "iteration": iteration}
+    while iteration < total_steps:
+        start = time.perf_counter()
+        loss, grad_norm, update_ok = train_step(model, optimizer, batches, n_micro, t.seq_length, t.micro_batch_size)
+        if update_ok:
+            scheduler.step(increment=t.global_batch_size)
+        iteration += 1
+        consumed += t.global_batch_size
+        elapsed = time.perf_counter() - start
+        tokens_per_s = tokens_per_step / elapsed
+        metrics = {
+            "loss": loss,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": optimizer.param_groups[0]["lr"],
+            "tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s * flops_per_token / (peak_tflops * 1e12 * dist.get_world_size()) if peak_tflops else 0.0,
+            "step_time_s": elapsed,
+        }
+        if torch.cuda.is_available():
+            metrics["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        metrics_log.step(iteration, metrics, log_line=iteration % t.log_interval == 0)
+        last = {**metrics, "iteration": iteration}
+
+        if iteration % load_every == 0:
+            load = gather_expert_load(model)
+            per_layer = {f"expert_load/layer{layer}_{k}": v for layer, c in load.items() for k, v in load_summary(c).items()}
+            metrics_log.scalars(iteration, per_layer, prefix="")
+            if iteration % t.log_interval == 0 and load:
+                worst = max(load, key=lambda layer: load_summary(load[layer])["max_over_mean"])
+                metrics_log.message(f"  expert load: worst layer {worst} max/mean "
+                                    f"{load_summary(load[worst])['max_over_mean']:.2f} counts {[int(c) for c in load[worst]]}")
+        if t.eval_interval and iteration % t.eval_interval == 0 and data.valid is not None:
+            val = evaluate(job, model, data.valid, iteration // t.eval_interval - 1)
+            metrics_log.message(f"step {iteration} | validation loss {val:.4f}")
+            metrics_log.scalars(iteration, {"loss": val}, prefix="valid/")
+            last["valid_loss"] = val
+        stopping = stop.agreed()
+        if ck.save and (iteration % ck.save_interval == 0 or iteration == total_steps or stopping):
+            save_checkpoint(ck.save, iteration, model, optimizer, scheduler, job, consumed, ck.keep_last)
+        if stopping:
+            metrics_log.message(f"stop requested: checkpoint saved at step {iteration}; exiting")
+            break
+    metrics_log.close()
+    return last
+
+
+def configure_logging(verbose: bool) -> None:
+    """Our INFO lines (backends picked, checkpoints) always; megatron's only when verbose."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        logging.getLogger("megatron").setLevel(logging.WARNING)
+        # Expected without TE/apex (the kernels log which backend runs); also for the checkpoint
+        # writer's helper processes, which read PYTHONWARNINGS.
+        quiet = ["Transformer Engine and Apex are not installed", "Apex is not installed"]
+        for message in quiet:
+            warnings.filterwarnings("ignore", message=message)
+        os.environ["PYTHONWARNINGS"] = ",".join(f"ignore:{m}" for m in quiet)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.help_config:
+        print(describe())
+        return 0
+    job = load_config(args.config, args.overrides)
+    configure_logging(job.logging.verbose)
+    try:
+        final = train(job)
+    finally:
+        destroy()
+    print(f"done: step {final['iteration']}, loss {final['loss']:.4f}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""FLOPs per token for BlackMamba, counted on active parameters only, and MFU.
+
+Counts multiply-adds as 2 FLOPs. A training token costs 3x its forward FLOPs (backward = 2x).
+Per layer, forward, per token (h = hidden, di = expand*h, N = d_state, R = dt_rank, W = d_conv):
+
+  Mamba:  in_proj 2*h*2di + conv 2*di*W + x_proj 2*di*(R+2N) + dt_proj 2*R*di + out_proj 2*di*h
+          + selective scan 7*di*N (exp(dt*A), dt*B*u, h = dA*h + dBu, C.h) + 5*di (softplus-free
+          gating: D*u, silu(z), product) -- elementwise work, counted honestly though it is not GEMM
+  MoE:    router 2*h*E + ONE expert (top-1): GeLU 2*h*F*2, SwiGLU 2*h*2F + 2*F*h
+  Head:   output layer 2*h*V (embedding lookup is free)
+
+Inactive experts cost nothing per token, so MFU is measured against the model a token actually
+runs through, not the 1.5B/2.8B total.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from megatron_blackmamba.config import ModelConfig
+
+# bf16 dense tensor-core peaks (TFLOP/s) of the GPUs this project runs on.
+GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "GH200": 989.0}
+
+
+def mamba_layer_flops(m: ModelConfig) -> int:
+    h, di, n, r, w = m.hidden_size, m.expand * m.hidden_size, m.d_state, m.resolved_dt_rank(), m.d_conv
+    gemms = 2 * h * 2 * di + 2 * di * (r + 2 * n) + 2 * r * di + 2 * di * h
+    return gemms + 2 * di * w + 7 * di * n + 5 * di
+
+
+def moe_layer_flops(m: ModelConfig) -> int:
+    h, f, e = m.hidden_size, m.resolved_ffn_hidden_size(), m.num_experts
+    expert = 2 * h * 2 * f + 2 * f * h if m.activation == "swiglu" else 2 * h * f * 2
+    return 2 * h * e + m.moe_topk * expert
+
+
+def forward_flops_per_token(m: ModelConfig) -> int:
+    pattern = m.resolved_layer_pattern()
+    layers = pattern.count("M") * mamba_layer_flops(m) + pattern.count("E") * moe_layer_flops(m)
+    return layers + 2 * m.hidden_size * m.vocab_size
+
+
+def train_flops_per_token(m: ModelConfig) -> int:
+    return 3 * forward_flops_per_token(m)
+
+
+def device_peak_tflops(override: float = 0.0) -> tuple[float, str]:
+    """Peak FLOP/s of one device and where the number came from.
+
+    GPUs: the bf16 datasheet peak by name. CPUs have no datasheet number torch can see, so the
+    peak is *measured*: the best of a few fp32 GEMMs on this machine (MFU on CPU then reads as
+    "fraction of what matmul alone achieves here").
+    """
+    if override > 0:
+        return override, "configured"
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, peak in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return peak, f"{name} bf16 datasheet"
+        return 0.0, f"{name}: unknown peak, set logging.peak_tflops"
+    return _measured_cpu_gemm_tflops(), "measured CPU fp32 GEMM"
+
+
+def _measured_cpu_gemm_tflops(n: int = 768, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e12
