@@ -1,0 +1,29 @@
+"""Corpus readers, one module per published format, and the registry that names them."""
+
+from typing import Dict, Type
+
+from ..issues import InputError
+from .base import Document, Reader, Split
+from .pes2o import PeS2oReader
+from .pg19 import PG19Reader
+from .pile import PileReader
+from .proofpile import ProofPileReader
+from .slimpajama import SlimPajamaReader
+from .starcoder import StarcoderReader
+
+READERS: Dict[str, Type[Reader]] = {
+    cls.name: cls
+    for cls in (PileReader, SlimPajamaReader, StarcoderReader, PeS2oReader, ProofPileReader,
+                PG19Reader)
+}
+
+
+def get_reader(name: str) -> Reader:
+    """The reader registered under ``name``; a clear error lists the known ones otherwise."""
+    try:
+        return READERS[name]()
+    except KeyError:
+        raise InputError(f"unknown reader {name!r}; known readers: {', '.join(READERS)}") from None
+
+
+__all__ = ["READERS", "Document", "InputError", "Reader", "Split", "get_reader"]

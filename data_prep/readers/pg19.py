@@ -1,0 +1,79 @@
+"""PG-19: one ``<book_id>.txt`` per book in split folders (``train/``, ``validation/``,
+``test/``) next to ``metadata.csv`` (book_id, short_book_title, publication_date, url).
+
+Inputs are the split folders; a shard is a run of books (sorted by file name) of about
+``shard_bytes``. Each book is one document, its subset the split name; titles from
+``metadata.csv`` (when present) make messages about bad books readable.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import os
+from typing import Dict, Iterator, List
+
+from ..issues import InputError, Issue, IssueLog, Reason
+from .base import Document, Reader, Split
+
+
+class PG19Reader(Reader):
+    name = "pg19"
+    description = "PG-19 (split folders of <id>.txt books + metadata.csv; subset = split)"
+    suffixes = (".txt",)
+
+    def _inputs_at(self, path: str) -> List[str]:
+        if not os.path.isdir(path):
+            raise InputError(f"{path}: the pg19 reader takes split folders of <book_id>.txt "
+                             "files (e.g. pg19/train), not single files")
+        if not _books(path):
+            raise InputError(f"{path}: folder holds no .txt books")
+        return [path]
+
+    def split(self, path: str, shard_bytes: int, issues: IssueLog) -> Iterator[Split]:
+        group: List[str] = []
+        size = 0
+        for name in _books(path):
+            group.append(name)
+            size += os.path.getsize(os.path.join(path, name))
+            if size >= shard_bytes:
+                yield Split({"books": group})
+                group, size = [], 0
+        if group:
+            yield Split({"books": group})
+
+    def read(self, path: str, split: Split, issues: IssueLog) -> Iterator[Document]:
+        titles = _titles(path)
+        subset = os.path.basename(path)
+        for name in split.locator["books"]:
+            book = os.path.join(path, name)
+            title = titles.get(name[: -len(".txt")])
+            where = f"{title!r}" if title else ""
+            with open(book, "rb") as f:
+                data = f.read()
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as error:
+                issues.report(Issue(Reason.NON_UTF8, book, where,
+                                    f"byte 0x{data[error.start]:02x} at offset {error.start} "
+                                    "is not UTF-8"))
+                continue
+            if not text.strip():
+                issues.report(Issue(Reason.EMPTY, book, where, "the book file is empty"))
+                continue
+            yield Document(text, subset)
+
+
+def _books(folder: str) -> List[str]:
+    return sorted(name for name in os.listdir(folder) if name.endswith(".txt"))
+
+
+@functools.lru_cache(maxsize=8)
+def _titles(folder: str) -> Dict[str, str]:
+    """book_id -> title from metadata.csv in the split folder or its parent (optional)."""
+    for candidate in (os.path.join(folder, "metadata.csv"),
+                      os.path.join(os.path.dirname(folder), "metadata.csv")):
+        if os.path.isfile(candidate):
+            with open(candidate, newline="", encoding="utf-8", errors="replace") as f:
+                return {row[0]: row[1] for row in csv.reader(f) if len(row) >= 2}
+    return {}
