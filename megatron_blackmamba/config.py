@@ -40,8 +40,9 @@ class ModelConfig:
     num_experts: int = opt(8, "experts per MoE layer")
     moe_topk: int = opt(1, "experts per token (BlackMamba: 1)")
     ffn_hidden_size: int = opt(0, "expert MLP width; 0 = 4 * hidden_size")
-    activation: str = opt("gelu", "expert MLP activation: gelu | swiglu")
+    activation: str = opt("gelu", "expert MLP activation: gelu | swiglu | geglu (gelu-gated, as Zyphra's released code runs)")
     add_bias_linear: bool = opt(False, "biases on linear layers (experts, router, mamba projections)")
+    router_bias: bool = opt(False, "bias on the router logits even without add_bias_linear (Zyphra's released models)")
     routing: str = opt("sinkhorn", "router balancing: sinkhorn (paper) | aux_loss | none")
     sinkhorn_init: str = opt("paper", "sinkhorn start point: paper (one-iteration init) | uniform")
     sinkhorn_temperature: float = opt(2.0, "cost = exp(temperature * logits) inside sinkhorn")
@@ -49,7 +50,8 @@ class ModelConfig:
     sinkhorn_max_iters: int = opt(20, "hard cap on sinkhorn iterations")
     aux_loss_coeff: float = opt(0.0, "load-balancing loss weight when routing=aux_loss")
     moe_grouped_gemm: bool = opt(False, "use megatron's GroupedMLP (needs grouped_gemm / TE on CUDA)")
-    norm_epsilon: float = opt(1e-5, "RMSNorm epsilon")
+    norm_epsilon: float = opt(1e-5, "epsilon of every norm (RMSNorm, and the final LayerNorm when chosen)")
+    final_norm: str = opt("rmsnorm", "norm before the output layer: rmsnorm | layernorm (with bias, as in Zyphra's released models)")
     tie_embeddings: bool = opt(True, "share input embedding and output layer weights")
     init_method_std: float = opt(0.02, "std of the normal init for linear weights")
     max_seq_length: int = opt(2048, "longest training sequence")
@@ -113,7 +115,7 @@ class TrainingConfig:
     eval_interval: int = opt(1000, "steps between validation runs; 0 disables")
     eval_iters: int = opt(10, "micro-batches per validation run")
     log_interval: int = opt(10, "steps between log lines")
-    recompute_mamba: bool = opt(False, "recompute Mamba mixers in backward to save memory")
+    stop_after: int = opt(0, "save and exit after this many steps in this invocation (time-sliced jobs); 0 = run to the end")
 
     def resolved_train_iters(self) -> int:
         if self.train_iters:

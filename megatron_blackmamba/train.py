@@ -32,7 +32,7 @@ from megatron_blackmamba.training.expert_load import gather_expert_load, load_su
 from megatron_blackmamba.training.flops import device_peak_tflops, train_flops_per_token
 from megatron_blackmamba.training.loggers import MetricsLogger
 from megatron_blackmamba.training.setup import build_ddp_model, build_optimizer, build_scheduler, num_microbatches
-from megatron_blackmamba.training.step import broadcast_loss, device, forward_backward, train_step
+from megatron_blackmamba.training.step import device, forward_backward, global_loss, train_step
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 logger = logging.getLogger("megatron_blackmamba.train")
@@ -57,7 +57,8 @@ class StopRequest:
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/tiny.yaml)")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG),
+                        help="YAML config (default: configs/tiny.yaml); an empty value starts from the built-in defaults")
     parser.add_argument("--help-config", action="store_true", help="print every config field with its default and help")
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. parallel.tp=2")
     return parser.parse_args(argv)
@@ -76,10 +77,7 @@ def evaluate(job: JobConfig, model, dataset, eval_index: int) -> float:
                                 t.seq_length, t.micro_batch_size, forward_only=True)
     for chunk in model:
         chunk.train()
-    loss = broadcast_loss(loss)
-    t_loss = torch.tensor([loss], device=device())
-    dist.all_reduce(t_loss, group=parallel_state.get_data_parallel_group())
-    return float(t_loss.item()) / dp
+    return global_loss(loss)
 
 
 def train(job: JobConfig) -> dict:
@@ -121,6 +119,7 @@ def train(job: JobConfig) -> dict:
     tokens_per_step = t.global_batch_size * t.seq_length
     load_every = job.logging.expert_load_interval or t.log_interval
     last = {"loss": float("nan"), "iteration": iteration}
+    stop_at = iteration + t.stop_after if t.stop_after else total_steps
     while iteration < total_steps:
         start = time.perf_counter()
         loss, grad_norm, update_ok = train_step(model, optimizer, batches, n_micro, t.seq_length, t.micro_batch_size)
@@ -156,11 +155,11 @@ def train(job: JobConfig) -> dict:
             metrics_log.message(f"step {iteration} | validation loss {val:.4f}")
             metrics_log.scalars(iteration, {"loss": val}, prefix="valid/")
             last["valid_loss"] = val
-        stopping = stop.agreed()
+        stopping = stop.agreed() or stop_at <= iteration < total_steps
         if ck.save and (iteration % ck.save_interval == 0 or iteration == total_steps or stopping):
             save_checkpoint(ck.save, iteration, model, optimizer, scheduler, job, consumed, ck.keep_last)
         if stopping:
-            metrics_log.message(f"stop requested: checkpoint saved at step {iteration}; exiting")
+            metrics_log.message(f"stopping at step {iteration} (signal or training.stop_after); checkpoint saved")
             break
     metrics_log.close()
     return last
@@ -184,7 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.help_config:
         print(describe())
         return 0
-    job = load_config(args.config, args.overrides)
+    job = load_config(args.config or None, args.overrides)
     configure_logging(job.logging.verbose)
     try:
         final = train(job)

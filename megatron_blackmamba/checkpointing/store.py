@@ -35,7 +35,9 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "blackmamba_checkpoint.json"
 LATEST = "latest"
-OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
+# Layout-free optimizer state: "fully_reshardable" for the distributed optimizer, and no
+# "chained_N." prefix (dense and expert optimizers are chained only when EP > 1).
+OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 
 class CheckpointError(RuntimeError):

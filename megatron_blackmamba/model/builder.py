@@ -13,11 +13,14 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_blackmamba import compat
 from megatron_blackmamba.config import JobConfig
+from megatron_blackmamba.model.norm import LayerNorm
 from megatron_blackmamba.model.spec import blackmamba_stack_spec
 
 logger = logging.getLogger(__name__)
 
 _ROUTING = {"sinkhorn": "sinkhorn", "aux_loss": "aux_loss", "none": "none"}
+# Gate activation of the expert MLP; every choice but "gelu" is a gated linear unit.
+_ACTIVATIONS = {"gelu": F.gelu, "swiglu": F.silu, "geglu": F.gelu}
 
 
 def use_distributed_optimizer(job: JobConfig) -> bool:
@@ -44,8 +47,10 @@ def transformer_config(job: JobConfig) -> TransformerConfig:
     m, p = job.model, job.parallel
     if m.routing not in _ROUTING:
         raise ValueError(f"model.routing={m.routing!r}: choose one of {sorted(_ROUTING)}")
-    if m.activation not in ("gelu", "swiglu"):
-        raise ValueError(f"model.activation={m.activation!r}: choose gelu or swiglu")
+    if m.activation not in _ACTIVATIONS:
+        raise ValueError(f"model.activation={m.activation!r}: choose one of {sorted(_ACTIVATIONS)}")
+    if m.final_norm not in ("rmsnorm", "layernorm"):
+        raise ValueError(f"model.final_norm={m.final_norm!r}: choose rmsnorm or layernorm")
     if m.routing == "sinkhorn" and m.aux_loss_coeff:
         raise ValueError("model.aux_loss_coeff must be 0 with model.routing=sinkhorn (Sinkhorn balances instead)")
     cuda = torch.cuda.is_available()
@@ -66,8 +71,8 @@ def transformer_config(job: JobConfig) -> TransformerConfig:
         moe_token_dispatcher_type=compat.resolve_moe_dispatcher(p.moe_dispatcher),
         moe_grouped_gemm=m.moe_grouped_gemm,
         add_bias_linear=m.add_bias_linear,
-        gated_linear_unit=m.activation == "swiglu",
-        activation_func=F.silu if m.activation == "swiglu" else F.gelu,
+        gated_linear_unit=m.activation != "gelu",
+        activation_func=_ACTIVATIONS[m.activation],
         normalization="RMSNorm",
         layernorm_epsilon=m.norm_epsilon,
         hidden_dropout=0.0,
@@ -104,8 +109,9 @@ def build_model(
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
     m = job.model
-    return MambaModel(
-        config=transformer_config(job),
+    config = transformer_config(job)
+    model = MambaModel(
+        config=config,
         mamba_stack_spec=blackmamba_stack_spec(m),
         vocab_size=m.vocab_size,
         max_sequence_length=m.max_seq_length,
@@ -116,3 +122,7 @@ def build_model(
         position_embedding_type="none",
         pg_collection=pg_collection,
     )
+    if post_process and m.final_norm == "layernorm":
+        # megatron's MambaStack always builds its final norm from config.normalization (RMSNorm).
+        model.decoder.final_norm = LayerNorm(config, m.hidden_size, eps=m.norm_epsilon)
+    return model

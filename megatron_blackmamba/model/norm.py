@@ -18,3 +18,16 @@ class RMSNorm(torch.nn.RMSNorm):
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused) -> None:
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         self.weight.sequence_parallel = config.sequence_parallel
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """LayerNorm with bias, sequence-parallel aware like RMSNorm above.
+
+    Only used as the final norm (``model.final_norm=layernorm``): Zyphra's released BlackMamba
+    models end with a biased LayerNorm although every block norm is an RMSNorm.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused) -> None:
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        for param in (self.weight, self.bias):
+            param.sequence_parallel = config.sequence_parallel

@@ -20,8 +20,13 @@ from megatron_blackmamba.model.sinkhorn import sinkhorn
 
 class BlackMambaRouter(TopKRouter):
     def __init__(self, config, pg_collection=None, *, temperature: float = 2.0, init: str = "paper",
-                 tol: float = 1e-2, max_iters: int = 20) -> None:
+                 tol: float = 1e-2, max_iters: int = 20, bias: bool = False) -> None:
         super().__init__(config=config, pg_collection=pg_collection)
+        if bias and self.bias is None:
+            # megatron adds a router bias only with add_bias_linear; Zyphra's released routers are
+            # biased nn.Linear layers in models without linear biases. Zero-init = no bias.
+            self.bias = torch.nn.Parameter(torch.zeros(config.num_moe_experts, dtype=config.params_dtype))
+            self.bias.sequence_parallel = config.sequence_parallel
         self.sinkhorn_temperature = temperature
         self.sinkhorn_init = init
         self.sinkhorn_tol = tol

@@ -82,6 +82,7 @@ def moe_layer_spec(model: ModelConfig, backend: BackendSpecProvider, norm: type)
         init=model.sinkhorn_init,
         tol=model.sinkhorn_tol,
         max_iters=model.sinkhorn_max_iters,
+        bias=model.router_bias,
     )
     return ModuleSpec(
         module=MoETransformerLayer,

@@ -6,7 +6,7 @@ Per layer, forward, per token (h = hidden, di = expand*h, N = d_state, R = dt_ra
   Mamba:  in_proj 2*h*2di + conv 2*di*W + x_proj 2*di*(R+2N) + dt_proj 2*R*di + out_proj 2*di*h
           + selective scan 7*di*N (exp(dt*A), dt*B*u, h = dA*h + dBu, C.h) + 5*di (softplus-free
           gating: D*u, silu(z), product) -- elementwise work, counted honestly though it is not GEMM
-  MoE:    router 2*h*E + ONE expert (top-1): GeLU 2*h*F*2, SwiGLU 2*h*2F + 2*F*h
+  MoE:    router 2*h*E + ONE expert (top-1): GeLU 2*h*F*2, gated (SwiGLU/GeGLU) 2*h*2F + 2*F*h
   Head:   output layer 2*h*V (embedding lookup is free)
 
 Inactive experts cost nothing per token, so MFU is measured against the model a token actually
@@ -33,7 +33,8 @@ def mamba_layer_flops(m: ModelConfig) -> int:
 
 def moe_layer_flops(m: ModelConfig) -> int:
     h, f, e = m.hidden_size, m.resolved_ffn_hidden_size(), m.num_experts
-    expert = 2 * h * 2 * f + 2 * f * h if m.activation == "swiglu" else 2 * h * f * 2
+    gated = m.activation != "gelu"  # swiglu, geglu: fc1 produces gate and value
+    expert = 2 * h * 2 * f + 2 * f * h if gated else 2 * h * f * 2
     return 2 * h * e + m.moe_topk * expert
 
 

@@ -15,9 +15,22 @@ from megatron_blackmamba.model.builder import build_model, params_dtype, use_dis
 from megatron_blackmamba.training.step import device
 
 
+def _expert_weights_always_expert_parallel(model: torch.nn.Module) -> None:
+    """Give expert weights their own grad buffers and optimizer at every EP size.
+
+    megatron only separates them when EP > 1, which makes the optimizer a single one at EP=1 and a
+    chain of two at EP>1, so optimizer checkpoints would not load across EP sizes. At EP=1 the
+    expert-data-parallel group is the data-parallel group, so gradient reduction is unchanged.
+    """
+    for name, param in model.named_parameters():
+        if ".experts." in name:
+            param.allreduce = False
+
+
 def build_ddp_model(job: JobConfig) -> list[DistributedDataParallel]:
     """This rank's model chunk on its device, wrapped in megatron DDP (grad buffers, DP/EP reduce)."""
     model = build_model(job).to(device())
+    _expert_weights_always_expert_parallel(model)
     config = model.config
     use_dist_opt = use_distributed_optimizer(job)
     ddp = DistributedDataParallel(

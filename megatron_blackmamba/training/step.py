@@ -67,13 +67,14 @@ def forward_backward(
     return float(torch.stack([d["lm loss"] for d in losses]).mean())
 
 
-def broadcast_loss(loss: Optional[float]) -> float:
-    """The last stage's loss on every rank (for logging and early stopping on any rank)."""
+def global_loss(loss: Optional[float]) -> float:
+    """The step's loss on every rank: from the last pipeline stage, averaged over data-parallel
+    ranks (each saw different micro-batches), i.e. the loss of the whole global batch."""
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     t = torch.tensor([loss if loss is not None else 0.0], dtype=torch.float64, device=device())
-    last = parallel_state.get_pipeline_model_parallel_last_rank()
-    torch.distributed.broadcast(t, src=last, group=pp_group)
-    return float(t.item())
+    torch.distributed.broadcast(t, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=pp_group)
+    torch.distributed.all_reduce(t, group=parallel_state.get_data_parallel_group())
+    return float(t.item()) / parallel_state.get_data_parallel_world_size()
 
 
 def train_step(model, optimizer, data_iterator, num_microbatches, seq_length, micro_batch_size):
@@ -83,4 +84,4 @@ def train_step(model, optimizer, data_iterator, num_microbatches, seq_length, mi
     optimizer.zero_grad()
     loss = forward_backward(model, data_iterator, num_microbatches, seq_length, micro_batch_size)
     update_ok, grad_norm, _ = optimizer.step()
-    return broadcast_loss(loss), grad_norm, update_ok
+    return global_loss(loss), grad_norm, update_ok

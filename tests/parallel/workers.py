@@ -17,7 +17,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron_blackmamba.config import load_config
 from megatron_blackmamba.parallel.setup import destroy, init_distributed
 from megatron_blackmamba.training.setup import build_ddp_model
-from megatron_blackmamba.training.step import forward_backward
+from megatron_blackmamba.training.step import forward_backward, global_loss
 
 TINY = [
     "model.hidden_size=32", "model.num_layers=4", "model.vocab_size=128", "model.d_state=4",
@@ -72,12 +72,11 @@ def run_layout(workdir: str, layout: list[str], tag: str, save_weights: bool) ->
                                 job.training.seq_length, job.model.vocab_size)
     mine = batches[dp_rank * per_rank:(dp_rank + 1) * per_rank]
     model.zero_grad_buffer()
-    loss = forward_backward([model], iter(mine), per_rank, job.training.seq_length, job.training.micro_batch_size)
-    if loss is not None:
-        t = torch.tensor([loss], dtype=torch.float64)
-        torch.distributed.all_reduce(t, group=parallel_state.get_data_parallel_group())
-        if dp_rank == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:
-            (work / f"loss_{tag}.json").write_text(json.dumps({"loss": float(t) / dp}))
+    loss = global_loss(
+        forward_backward([model], iter(mine), per_rank, job.training.seq_length, job.training.micro_batch_size)
+    )
+    if torch.distributed.get_rank() == 0:
+        (work / f"loss_{tag}.json").write_text(json.dumps({"loss": loss}))
     with params_replaced_by_grads(model):
         _save(model, work / f"grads_{tag}")
     destroy()
