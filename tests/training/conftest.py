@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,3 +42,20 @@ def losses(run_dir: Path) -> dict[int, float]:
         row = json.loads(line)
         out[row["step"]] = row["loss"]
     return out
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def train_cli(overrides: list[str]) -> list[str]:
+    """The training entry point from built-in defaults plus ``overrides`` (no config file)."""
+    return [sys.executable, "-m", "megatron_blackmamba.train", "--config=", *overrides]
+
+
+def run_train(overrides: list[str]) -> subprocess.CompletedProcess:
+    """Run a training job to completion; on failure show its stderr, not just the exit code."""
+    result = subprocess.run(train_cli(overrides), cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "WANDB_SILENT": "true"})
+    if result.returncode != 0:
+        raise AssertionError(f"training exited {result.returncode}:\n{result.stderr[-4000:]}")
+    return result

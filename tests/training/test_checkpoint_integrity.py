@@ -5,25 +5,30 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from megatron_blackmamba.checkpointing.store import MANIFEST, find_resumable, verify
-from tests.training.conftest import tiny_overrides
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.training.conftest import run_train, tiny_overrides
 
 
 @pytest.fixture(scope="module")
 def saved_run(sample_cache, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("saved")
-    overrides = tiny_overrides(sample_cache, run, "training.train_iters=4")
-    subprocess.run([sys.executable, "-m", "megatron_blackmamba.train", "--config=", *overrides], cwd=REPO, check=True,
-                   capture_output=True)
+    overrides = tiny_overrides(
+        sample_cache, run, "training.train_iters=4", f"logging.tensorboard_dir={run / 'tb'}",
+        "logging.wandb_project=blackmamba-test", "logging.wandb_mode=offline", f"logging.wandb_dir={run / 'wandb'}",
+    )
+    run_train(overrides)
     return run / "ckpt"
+
+
+def test_loggers_wrote_offline(saved_run):
+    """tensorboard events and an offline wandb run exist, with no network."""
+    run = saved_run.parent
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert list((run / "wandb").rglob("offline-run-*")), "wandb offline run directory missing"
 
 
 def _copy(saved: Path, tmp_path: Path) -> Path:
@@ -69,7 +74,6 @@ def test_resume_skips_damaged_checkpoint(saved_run, sample_cache, tmp_path):
     shard = next((ckpt / "iter_0000004").glob("*.distcp"))
     shard.write_bytes(b"")
     overrides = tiny_overrides(sample_cache, tmp_path, "training.train_iters=4")
-    result = subprocess.run([sys.executable, "-m", "megatron_blackmamba.train", "--config=", *overrides], cwd=REPO,
-                            check=True, capture_output=True, text=True)
+    result = run_train(overrides)
     assert "skipping checkpoint" in result.stderr and "iter_0000004" in result.stderr
     assert "loaded checkpoint" in result.stderr and "iteration 2" in result.stderr

@@ -13,27 +13,20 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.multiproc import run_ranks
-from tests.training.conftest import losses, tiny_overrides
+from tests.training.conftest import REPO, losses, run_train, tiny_overrides, train_cli
 from tests.training.workers import train_job
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _cli(overrides: list[str]) -> list[str]:
-    return [sys.executable, "-m", "megatron_blackmamba.train", "--config=", *overrides]
 
 
 @pytest.fixture(scope="module")
 def reference_run(sample_cache, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("reference")
-    subprocess.run(_cli(tiny_overrides(sample_cache, run)), cwd=REPO, check=True, capture_output=True)
+    run_train(tiny_overrides(sample_cache, run))
     return run
 
 
@@ -46,7 +39,7 @@ def reference(reference_run) -> dict[int, float]:
 
 
 def test_kill_minus_9_then_resume_is_exact(sample_cache, reference, tmp_path):
-    cmd = _cli(tiny_overrides(sample_cache, tmp_path))
+    cmd = train_cli(tiny_overrides(sample_cache, tmp_path))
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     committed = tmp_path / "ckpt" / "iter_0000004" / "blackmamba_checkpoint.json"
     deadline = time.time() + 300
@@ -55,7 +48,7 @@ def test_kill_minus_9_then_resume_is_exact(sample_cache, reference, tmp_path):
     assert committed.exists(), "the run never committed its step-4 checkpoint"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    run_train(tiny_overrides(sample_cache, tmp_path))
     resumed = losses(tmp_path)
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     for step in (5, 6):
