@@ -55,7 +55,6 @@ class ModelConfig:
     tie_embeddings: bool = opt(True, "share input embedding and output layer weights")
     init_method_std: float = opt(0.02, "std of the normal init for linear weights")
     max_seq_length: int = opt(2048, "longest training sequence")
-    residual_in_fp32: bool = opt(True, "keep the Mamba residual stream in fp32 under bf16")
 
     def resolved_dt_rank(self) -> int:
         return self.dt_rank or math.ceil(self.hidden_size / 16)

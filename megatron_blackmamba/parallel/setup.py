@@ -50,13 +50,17 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int =
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if world == 1:
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
-        elif "MASTER_PORT" not in os.environ:
-            raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is unset: launch with torchrun or launch/*.sbatch")
+        launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ
+        if launched:
+            if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+                raise RuntimeError("MASTER_ADDR/MASTER_PORT unset: launch with torchrun, launch/local.sh or launch/*.sbatch")
+            init_method = "env://"
+        else:
+            # A plain single process: its own free port, never one inherited from a parent job.
+            init_method = f"tcp://127.0.0.1:{free_port()}"
         dist.init_process_group(
-            backend=backend, rank=rank, world_size=world, timeout=timedelta(minutes=timeout_minutes)
+            backend=backend, init_method=init_method, rank=rank, world_size=world,
+            timeout=timedelta(minutes=timeout_minutes),
         )
         logger.info("torch.distributed: rank %d/%d, backend %s", rank, world, backend)
     world = dist.get_world_size()

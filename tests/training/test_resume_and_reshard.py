@@ -40,13 +40,14 @@ def reference(reference_run) -> dict[int, float]:
 
 def test_kill_minus_9_then_resume_is_exact(sample_cache, reference, tmp_path):
     cmd = train_cli(tiny_overrides(sample_cache, tmp_path))
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Its own process group, killed whole like a scheduler kills a job (checkpoint writer included).
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     committed = tmp_path / "ckpt" / "iter_0000004" / "blackmamba_checkpoint.json"
     deadline = time.time() + 300
     while not committed.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert committed.exists(), "the run never committed its step-4 checkpoint"
-    os.kill(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     run_train(tiny_overrides(sample_cache, tmp_path))
     resumed = losses(tmp_path)

@@ -1,0 +1,1 @@
+"""Interoperability with other BlackMamba checkpoint formats (Zyphra's released models)."""
