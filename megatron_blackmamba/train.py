@@ -24,7 +24,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_blackmamba import kernels
-from megatron_blackmamba.checkpointing import find_resumable, load_checkpoint, save_checkpoint
+from megatron_blackmamba.checkpointing import load_checkpoint, save_checkpoint
 from megatron_blackmamba.config import JobConfig, describe, load_config
 from megatron_blackmamba.parallel.setup import destroy, init_distributed
 from megatron_blackmamba.training.data import build_datasets, micro_batches
@@ -93,11 +93,12 @@ def train(job: JobConfig) -> dict:
     optimizer = build_optimizer(job, model)
     scheduler = build_scheduler(job, optimizer)
     iteration, consumed = 0, 0
-    resume_from = ck.load or (ck.save if ck.save and find_resumable(ck.save) is not None else "")
-    if resume_from:
+    if ck.load or ck.save:
+        # An explicit checkpoint.load must exist; the save dir is only resumed from if it has one.
         weights_only = ck.finetune
-        state = load_checkpoint(resume_from, model, None if weights_only else optimizer, None if weights_only else scheduler)
-        if not weights_only:
+        state = load_checkpoint(ck.load or ck.save, model, None if weights_only else optimizer,
+                                None if weights_only else scheduler, required=bool(ck.load))
+        if state is not None and not weights_only:
             iteration, consumed = state["iteration"], state["consumed_samples"]
 
     eval_windows = (total_steps // t.eval_interval + 1) if t.eval_interval else 0

@@ -207,10 +207,13 @@ def load_checkpoint(
     model: list[torch.nn.Module],
     optimizer=None,
     scheduler=None,
-) -> dict[str, Any]:
+    required: bool = True,
+) -> Optional[dict[str, Any]]:
     """Collective. Loads the newest intact checkpoint; returns {"iteration", "consumed_samples", "path"}.
 
     ``load_dir`` may also name one ``iter_*`` directory. Model-only when ``optimizer`` is None.
+    With ``required=False`` an empty or missing ``load_dir`` returns None (a fresh start).
+    Rank 0 alone chooses the checkpoint, so skipped ones are reported once, not by every rank.
     """
     load_dir = Path(load_dir)
     chosen = [None]
@@ -225,6 +228,8 @@ def load_checkpoint(
             chosen[0] = str(found) if found else None
     dist.broadcast_object_list(chosen, src=0)
     if chosen[0] is None:
+        if not required:
+            return None
         raise CheckpointError(f"no intact checkpoint under {load_dir}")
     path = Path(chosen[0])
     manifest = json.loads((path / MANIFEST).read_text())

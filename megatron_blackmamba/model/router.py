@@ -32,7 +32,6 @@ class BlackMambaRouter(TopKRouter):
         self.sinkhorn_tol = tol
         self.sinkhorn_max_iters = max_iters
         self.register_buffer("load_counts", torch.zeros(config.num_moe_experts, dtype=torch.float64), persistent=False)
-        self.sinkhorn_iterations = 0
 
     def _gate(self, logits: torch.Tensor) -> torch.Tensor:
         if self.topk == 1:
@@ -47,7 +46,6 @@ class BlackMambaRouter(TopKRouter):
                 all_logits, temperature=self.sinkhorn_temperature, init=self.sinkhorn_init,
                 tol=self.sinkhorn_tol, max_iters=self.sinkhorn_max_iters,
             )
-            self.sinkhorn_iterations = result.iterations
             plan = result.plan[first:first + logits.shape[0]]
             _, indices = torch.topk(plan, k=self.topk, dim=1)
             gates = self._gate(logits)

@@ -66,7 +66,8 @@ def build_optimizer(job: JobConfig, model: list[DistributedDataParallel]):
         clip_grad=t.clip_grad,
         bf16=dtype == torch.bfloat16,
         params_dtype=dtype,
-        use_distributed_optimizer=use_distributed_optimizer(job),
+        # Whatever the DDP wrapper resolved (the distributed optimizer needs its grad buffers).
+        use_distributed_optimizer=model[0].ddp_config.use_distributed_optimizer,
     )
     overrides = {ParamKey(predicate=ParamPredicate(name="no_weight_decay", fn=_no_weight_decay)): {"wd_mult": 0.0}}
     return get_megatron_optimizer(config, model, config_overrides=overrides)
