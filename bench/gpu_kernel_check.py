@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from harness import REPO  # noqa: F401,I001  (puts the repo on sys.path)
 from megatron_blackmamba.kernels import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
 from megatron_blackmamba.kernels import cuda as kernels_cuda
 

@@ -11,6 +11,19 @@ Without Transformer Engine (CPU or CUDA):
   * ``moe_utils`` only binds ``te_general_gemm`` inside its TE import branch, yet the router
     gating reads the name -> bind it to ``None`` so the plain ``torch.mm`` path runs.
 
+Without the ``grouped_gemm`` package (CPU or CUDA):
+  * megatron's ``GroupedMLP`` (``model.moe_grouped_gemm=true``) needs it -> kernels/grouped_gemm.py,
+    the same op on ``torch._grouped_mm`` (or a per-expert loop where that kernel does not apply).
+
+Without apex or Transformer Engine (CPU or CUDA), i.e. where megatron falls back to its local
+multi-tensor helpers:
+  * ``local_multi_tensor_l2_norm`` (gradient-norm for clipping) reads every tensor's norm back to
+    the host, one device sync per parameter -> one ``torch._foreach_norm`` with no host sync.
+  * ``local_multi_tensor_scale`` (main -> model param copies, grad clipping) launches two kernels
+    per tensor -> ``torch._foreach_mul`` + ``torch._foreach_copy_``.
+  (megatron's torch AdamW fallback is switched to its fused kernel by
+  ``training.setup.build_optimizer``.)
+
 Without CUDA:
   * ``torch.cuda.current_device()`` is used as a device for buffers (global memory buffer, router
     weights, MoE token counters, DDP grad buffers) -> returns the CPU device.
@@ -61,6 +74,8 @@ def apply() -> list[str]:
     patches: list[str] = []
     if not have_transformer_engine():
         patches += _patch_no_te()
+    patches += _patch_local_multi_tensor_ops()
+    patches += _patch_grouped_gemm()
     if not torch.cuda.is_available():
         patches += _patch_no_cuda()
     if patches:
@@ -79,6 +94,49 @@ def _patch_no_te() -> list[str]:
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
     return ["mamba_block.TENorm->RMSNorm", "moe_utils.te_general_gemm=None"]
+
+
+def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Drop-in for amp_C.multi_tensor_l2norm (no per-tensor norms): ([total L2 norm] fp32, None)."""
+    norms = torch._foreach_norm(tensor_lists[0])
+    return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
+
+
+def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale) -> None:
+    """Drop-in for amp_C.multi_tensor_scale: dst = src * scale, list-wise (dst may be src)."""
+    src, dst = tensor_lists[0], tensor_lists[1]
+    if all(a is b for a, b in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
+
+
+def _patch_grouped_gemm() -> list[str]:
+    from megatron.core.transformer.moe import grouped_gemm_util
+
+    if grouped_gemm_util.grouped_gemm_is_available():
+        return []
+    from megatron_blackmamba.kernels import grouped_gemm
+
+    grouped_gemm_util.grouped_gemm = grouped_gemm.package
+    grouped_gemm_util.ops = grouped_gemm.ops
+    return ["grouped_gemm->torch._grouped_mm"]
+
+
+def _patch_local_multi_tensor_ops() -> list[str]:
+    from megatron.core import utils as megatron_utils
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as megatron_optimizer
+
+    patched = []
+    if clip_grads.l2_norm_impl is megatron_utils.local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = _foreach_l2_norm
+        patched.append("clip_grads.l2_norm_impl->foreach")
+    for module in (clip_grads, megatron_optimizer):
+        if module.multi_tensor_scale_impl is megatron_utils.local_multi_tensor_scale:
+            module.multi_tensor_scale_impl = _foreach_scale
+            patched.append(f"{module.__name__.rsplit('.', 1)[-1]}.multi_tensor_scale_impl->foreach")
+    return patched
 
 
 def _cpu_current_device() -> torch.device:

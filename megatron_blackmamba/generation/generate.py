@@ -25,7 +25,7 @@ from megatron_blackmamba.generation.sampling import SamplingParams, sample
 from megatron_blackmamba.model.recurrent_state import LayerState, RecurrentState
 
 
-def _forward(model: MambaModel, tokens: torch.Tensor, state: RecurrentState) -> torch.Tensor:
+def advance(model: MambaModel, tokens: torch.Tensor, state: RecurrentState) -> torch.Tensor:
     """tokens [b, s] -> last-position logits [b, V] (fp32); advances ``state`` by s tokens."""
     logits = model(tokens, None, None, inference_context=state, runtime_gather_output=True)
     state.sequence_len_offset += tokens.shape[1]
@@ -35,7 +35,7 @@ def _forward(model: MambaModel, tokens: torch.Tensor, state: RecurrentState) -> 
 def prefill(model: MambaModel, tokens: torch.Tensor, max_sequence_length: int) -> tuple[RecurrentState, torch.Tensor]:
     """Full-sequence pass over equal-length prompts tokens [b, s]: (their state, last logits [b, V])."""
     state = RecurrentState(tokens.shape[0], max_sequence_length)
-    return state, _forward(model, tokens, state)
+    return state, advance(model, tokens, state)
 
 
 def stack_states(states: Sequence[RecurrentState], order: torch.Tensor, max_sequence_length: int) -> RecurrentState:
@@ -103,5 +103,5 @@ def generate(
             done |= tokens == eos_id
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        next_logits = _forward(model, tokens.unsqueeze(1), state)
+        next_logits = advance(model, tokens.unsqueeze(1), state)
     return outputs

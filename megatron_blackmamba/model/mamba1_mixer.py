@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import (
     copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
     reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
 )
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.transformer.module import MegatronModule
@@ -58,6 +59,15 @@ def _mark_tp_sharded(param: nn.Parameter, partition_dim: int) -> None:
     param.partition_stride = 1
 
 
+def _channels_major_linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """weight [out, in] applied to x [b, in, s] -> [b, out, s], contiguous.
+
+    One batched GEMM; ``x`` may be any view whose [in, s] matrices have a unit stride (the
+    [s, b, h] -> [b, h, s] permutation included), so nothing is transposed in memory.
+    """
+    return torch.bmm(weight.unsqueeze(0).expand(x.shape[0], -1, -1), x)
+
+
 class TPReducedLinear(nn.Module):
     """y = x_local @ W_local^T, summed over TP ranks: a linear whose *input* dim is TP-sharded.
 
@@ -71,8 +81,9 @@ class TPReducedLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features_local, dtype=dtype))
         _mark_tp_sharded(self.weight, partition_dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = F.linear(x, self.weight)
+    def channels_major(self, x: torch.Tensor) -> torch.Tensor:
+        """x [b, in_local, s] -> [b, out, s]."""
+        partial = _channels_major_linear(self.weight, x)
         if self.tp_group.size() == 1:
             return partial
         return reduce_from_tensor_model_parallel_region(partial, group=self.tp_group)
@@ -159,9 +170,6 @@ class Mamba1Mixer(MegatronModule):
             tp_comm_buffer_name=None,
             tp_group=self.tp_group,
         )
-        # dt arrives full-length and replicated (x_proj all-reduces), so dt_proj must not gather
-        # the sequence even under sequence parallelism.
-        self.dt_proj.sequence_parallel = False
         with torch.no_grad(), get_cuda_rng_tracker().fork():
             # softplus(bias) log-uniform in [dt_min, dt_max]: Mamba-1's dt initialisation.
             dt = torch.exp(
@@ -192,6 +200,13 @@ class Mamba1Mixer(MegatronModule):
         )
 
     # ------------------------------------------------------------------ forward
+    # The scan and conv kernels want channels-major [b, d, s] tensors with the sequence
+    # contiguous, while megatron's stack passes [s, b, h]. Running the projections as batched
+    # GEMMs whose *outputs* are channels-major (as mamba-ssm's mamba_inner_fn does) avoids
+    # transposing the wide d_inner activations; only the narrow [s, b, h] ends are re-laid out.
+    # megatron's linear modules still own the weights, their init and TP metadata; their
+    # communication (sequence-parallel gather / reduce-scatter, TP copy / all-reduce) is applied
+    # here with the same megatron primitives they use.
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -202,27 +217,24 @@ class Mamba1Mixer(MegatronModule):
         if isinstance(inference_context, RecurrentState) and inference_context.seqlen_offset > 0:
             return self._decode(hidden_states, inference_context)
 
-        seqlen = hidden_states.shape[0]
-        xz, _ = self.in_proj(hidden_states)  # [s, b, 2*d_local]
-        xz = xz.permute(1, 2, 0)  # [b, 2*d_local, s]: channels-major, as the scan kernels want
+        xz = self._in_proj(hidden_states)  # [b, 2*d_local, s]
         x, z = xz.chunk(2, dim=1)
 
         state = None
         if isinstance(inference_context, RecurrentState):
             state = inference_context.layer_state(self, batch_size=x.shape[0], dtype=x.dtype)
-            keep = min(self.d_conv, seqlen)
+            keep = min(self.d_conv, x.shape[-1])
             state.conv.zero_()
             state.conv[..., -keep:] = x[..., -keep:]
 
         x = kernels.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
-
-        dt, B, C = self._project_dt_B_C(x.permute(2, 0, 1))  # [s, b, *]
+        dt, B, C = self._project_dt_B_C(x)
         y = kernels.selective_scan(
             x,
-            dt.permute(1, 2, 0),
+            dt,
             -torch.exp(self.A_log.float()),
-            B.permute(1, 2, 0),
-            C.permute(1, 2, 0),
+            B,
+            C,
             self.D.float(),
             z=z,
             delta_bias=self.dt_proj.bias.float(),
@@ -232,35 +244,56 @@ class Mamba1Mixer(MegatronModule):
         if state is not None:
             y, last = y
             state.ssm.copy_(last)
-        out, out_bias = self.out_proj(y.permute(2, 0, 1))
-        assert out.shape[0] == seqlen
-        return out, out_bias
+        return self._out_proj(y)
+
+    def _in_proj(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[s, b, h] (sequence-parallel shard under SP) -> [b, 2*d_local, s_full], sequence contiguous."""
+        proj = self.in_proj
+        if getattr(proj, "sequence_parallel", self.config.sequence_parallel):
+            hidden_states = gather_from_sequence_parallel_region(hidden_states, group=self.tp_group)
+        elif self.tp_group.size() > 1:
+            hidden_states = copy_to_tensor_model_parallel_region(hidden_states, group=self.tp_group)
+        xz = _channels_major_linear(proj.weight, hidden_states.permute(1, 2, 0))
+        if getattr(proj, "bias", None) is not None and not getattr(proj, "skip_bias_add", False):
+            xz = xz + proj.bias[:, None]
+        return xz
+
+    def _out_proj(self, y: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """y [b, d_local, s] -> ([s, b, h] summed over TP (reduce-scattered under SP), bias or None)."""
+        proj = self.out_proj
+        out = torch.matmul(y.transpose(1, 2), proj.weight.t())  # [b, s, h]: GEMM reads y transposed
+        out = out.transpose(0, 1).contiguous()
+        if getattr(proj, "sequence_parallel", self.config.sequence_parallel):
+            out = reduce_scatter_to_sequence_parallel_region(out, group=self.tp_group)
+        elif self.tp_group.size() > 1:
+            out = reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
+        return out, getattr(proj, "bias", None)
 
     def _project_dt_B_C(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [..., d_local] -> dt [..., d_local] (pre-bias), B and C [..., N], replicated over TP.
+        """x [b, d_local, s] -> dt [b, d_local, s] (pre-bias), B and C [b, N, s], replicated over TP.
 
         Backward: every rank's channels consume the shared B and C, so their gradients are
-        partial sums that copy_to_tensor_model_parallel_region all-reduces; dt's gradient is
-        all-reduced inside the column-parallel dt_proj.
+        partial sums that copy_to_tensor_model_parallel_region all-reduces; so is dt's, which
+        fans out to this rank's channels through dt_proj (column-parallel on a replicated input).
         """
-        x_dbl = self.x_proj(x)  # summed over TP
-        dt, BC = torch.split(x_dbl, [self.dt_rank, 2 * self.d_state], dim=-1)
+        x_dbl = self.x_proj.channels_major(x)  # summed over TP
+        dt, BC = torch.split(x_dbl, [self.dt_rank, 2 * self.d_state], dim=1)
         if self.tp_group.size() > 1:
             BC = copy_to_tensor_model_parallel_region(BC, group=self.tp_group)
-        B, C = BC.chunk(2, dim=-1)
-        dt, _ = self.dt_proj(dt)  # bias skipped: it goes into the scan's softplus
+            dt = copy_to_tensor_model_parallel_region(dt, group=self.tp_group)
+        B, C = BC.chunk(2, dim=1)
+        dt = _channels_major_linear(self.dt_proj.weight, dt)  # bias goes into the scan's softplus
         return dt, B, C
 
     def _decode(self, hidden_states: torch.Tensor, ctx: RecurrentState):
         """One token per sequence: O(1) work and memory in the context length."""
         assert hidden_states.shape[0] == 1, "decode steps take one token at a time"
-        xz, _ = self.in_proj(hidden_states)  # [1, b, 2*d_local]
-        x, z = xz[0].chunk(2, dim=-1)  # [b, d_local]
+        x, z = self._in_proj(hidden_states)[..., 0].chunk(2, dim=1)  # [b, d_local] each
         state = ctx.layer_state(self, batch_size=x.shape[0], dtype=x.dtype)
         x = kernels.causal_conv1d_update(
             x, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu"
         )
-        dt, B, C = self._project_dt_B_C(x)
+        dt, B, C = (t[..., 0] for t in self._project_dt_B_C(x.unsqueeze(-1)))
         y = kernels.selective_state_update(
             state.ssm,
             x,
@@ -273,7 +306,7 @@ class Mamba1Mixer(MegatronModule):
             dt_bias=self.dt_proj.bias.float(),
             dt_softplus=True,
         )
-        return self.out_proj(y.unsqueeze(0))
+        return self._out_proj(y.unsqueeze(-1))
 
     def state_shapes(self, batch_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(conv_state, ssm_state) shapes for this rank: constant in the context length."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-
+from typing import Callable
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -27,9 +27,11 @@ def _expert_weights_always_expert_parallel(model: torch.nn.Module) -> None:
             param.allreduce = False
 
 
-def build_ddp_model(job: JobConfig) -> list[DistributedDataParallel]:
-    """This rank's model chunk on its device, wrapped in megatron DDP (grad buffers, DP/EP reduce)."""
-    model = build_model(job).to(device())
+def build_ddp_model(job: JobConfig, build: Callable[[JobConfig], torch.nn.Module] = build_model) -> list[DistributedDataParallel]:
+    """This rank's model chunk on its device, wrapped in megatron DDP (grad buffers, DP/EP reduce).
+
+    ``build`` makes the bare model (benchmarks pass baselines built from the same config)."""
+    model = build(job).to(device())
     _expert_weights_always_expert_parallel(model)
     config = model.config
     use_dist_opt = use_distributed_optimizer(job)
@@ -70,7 +72,21 @@ def build_optimizer(job: JobConfig, model: list[DistributedDataParallel]):
         use_distributed_optimizer=model[0].ddp_config.use_distributed_optimizer,
     )
     overrides = {ParamKey(predicate=ParamPredicate(name="no_weight_decay", fn=_no_weight_decay)): {"wd_mult": 0.0}}
-    return get_megatron_optimizer(config, model, config_overrides=overrides)
+    optimizer = get_megatron_optimizer(config, model, config_overrides=overrides)
+    _use_fused_torch_adam(optimizer)
+    return optimizer
+
+
+def _use_fused_torch_adam(optimizer) -> None:
+    """Without apex/TE megatron falls back to torch's AdamW in its default multi-tensor (foreach)
+    mode; its single fused kernel (CUDA and CPU) does the same update in one pass over the state."""
+    from megatron.core import optimizer as megatron_optim
+
+    if not megatron_optim.USING_PYTORCH_OPTIMIZER:
+        return
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for group in inner.optimizer.param_groups:
+            group["fused"], group["foreach"] = True, False
 
 
 def build_scheduler(job: JobConfig, optimizer) -> OptimizerParamScheduler:

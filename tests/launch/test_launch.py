@@ -359,10 +359,11 @@ def test_paper_configs_match_the_released_models(path):
 @pytest.mark.parametrize("path", sorted(PAPER_CONFIGS))
 @pytest.mark.parametrize("nnodes", [1, 2, 4, 16])
 def test_paper_layouts_are_valid_on_8_gpu_nodes(path, nnodes):
-    errors, warnings, info = print_layout.check_layout(load_config(REPO / path), nnodes, 8)
+    job = load_config(REPO / path)
+    errors, warnings, info = print_layout.check_layout(job, nnodes, 8)
     assert errors == [] and warnings == []
     assert info["dp"] == 8 * nnodes and info["expert_dp"] == nnodes and info["local_experts"] == 1
-    assert info["microbatches"] == 1024 // (4 * 8 * nnodes)
+    assert info["microbatches"] == 1024 // (job.training.micro_batch_size * 8 * nnodes)
 
 
 def test_layout_check_catches_what_the_trainer_would_reject():

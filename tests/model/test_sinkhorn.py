@@ -14,9 +14,10 @@ argmax routing is 2-5x imbalanced), at the released temperature 2:
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from megatron_blackmamba.model.sinkhorn import sinkhorn, sinkhorn_steps, stable_cost
+from megatron_blackmamba.model.sinkhorn import row_marginal_error, sinkhorn, sinkhorn_steps, stable_cost
 
 
 def _imbalanced_logits(seed: int, tokens: int = 4096, experts: int = 8, std: float = 1.0) -> torch.Tensor:
@@ -103,3 +104,15 @@ def test_degenerate_logits_give_no_nan():
     torch.testing.assert_close(equal.plan, torch.full((t, e), 1.0 / (t * e)))
     masked = sinkhorn(cases["-inf expert"])
     assert not (masked.plan.argmax(1) == 3).any(), "an expert with -inf logits must never be chosen"
+
+
+@pytest.mark.parametrize("init", ["paper", "uniform"])
+def test_reported_row_error_is_the_returned_plans(init: str):
+    """The loop's stopping test uses d0_k / d0_k+1; it must equal the plan's own marginal error."""
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(300, 8, generator=g, dtype=torch.float64)
+    logits[5] = float("-inf")  # a dead row is excluded from both
+    for max_iters in (1, 2, 5):
+        result = sinkhorn(logits, init=init, tol=0.0, max_iters=max_iters)
+        assert result.iterations == max_iters
+        assert abs(result.row_error - row_marginal_error(result.plan)) <= 1e-9

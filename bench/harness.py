@@ -1,0 +1,153 @@
+"""What the GPU benchmarks share: the model variants they compare and one way to build and time them.
+
+A variant is a name, a scan backend and config overrides on top of the benchmark's base config:
+
+  blackmamba-cuda   the model with mamba-ssm / causal-conv1d kernels, experts one GEMM pair each
+  blackmamba-grouped  the same with all experts in two grouped GEMMs (model.moe_grouped_gemm=true)
+  blackmamba-torch  the same model with the PyTorch scan and conv (BLACKMAMBA_KERNEL_BACKEND=torch)
+  dense-mamba       an all-Mamba stack with about the same active parameters (no MoE)
+  gpt-dense         megatron-core's GPTModel with about the same active parameters (bench/gpt_baseline.py)
+
+Every variant trains through the project's own path (megatron DDP, optimizer, pipeline schedule),
+so the numbers compare models, not training loops.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+
+@dataclass(frozen=True)
+class Variant:
+    kernels: str  # BLACKMAMBA_KERNEL_BACKEND
+    overrides: tuple[str, ...] = ()
+    gpt: bool = False  # build megatron's GPTModel instead of BlackMamba
+
+
+VARIANTS = {
+    "blackmamba-cuda": Variant("cuda"),
+    "blackmamba-grouped": Variant("cuda", ("model.moe_grouped_gemm=true",)),
+    "blackmamba-torch": Variant("torch"),
+    # 34 Mamba layers at hidden 1152 ~ the 344M active of BlackMamba-340M/1.5B.
+    "dense-mamba": Variant("cuda", ("model.layer_pattern=" + "M" * 34, "model.num_layers=34")),
+    "gpt-dense": Variant("cuda", gpt=True),
+}
+
+
+def check_variants(names: list[str]) -> None:
+    unknown = set(names) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {sorted(VARIANTS)}")
+
+
+def synthetic_batches(vocab: int, mbs: int, seq: int, seed: int = 0) -> Iterator[dict]:
+    """Random tokens (a fixed seed, so every variant sees the same stream)."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        tokens = torch.randint(0, vocab, (mbs, seq + 1), generator=g)
+        yield {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(mbs, seq)}
+
+
+@dataclass
+class Trainer:
+    """One variant, ready to step: ``step()`` runs one optimizer step and returns the loss."""
+
+    name: str
+    job: object
+    model: list
+    optimizer: object
+    num_microbatches: int
+    batches: Iterator[dict]
+    flops_per_token: int
+
+    def step(self) -> float:
+        from megatron_blackmamba.training.step import train_step
+
+        t = self.job.training
+        loss, _, _ = train_step(self.model, self.optimizer, self.batches, self.num_microbatches,
+                                t.seq_length, t.micro_batch_size)
+        return loss
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.job.training.global_batch_size * self.job.training.seq_length
+
+
+def build_trainer(name: str, config: Optional[str], overrides: list[str]) -> Trainer:
+    from megatron.core import parallel_state
+
+    from megatron_blackmamba.config import load_config
+    from megatron_blackmamba.parallel.setup import init_distributed
+    from megatron_blackmamba.training.flops import train_flops_per_token
+    from megatron_blackmamba.training.setup import build_ddp_model, build_optimizer, num_microbatches
+
+    variant = VARIANTS[name]
+    os.environ["BLACKMAMBA_KERNEL_BACKEND"] = variant.kernels
+    job = load_config(config, list(overrides) + list(variant.overrides))
+    init_distributed(job.parallel, job.training.seed)
+    if variant.gpt:
+        import gpt_baseline
+
+        model = build_ddp_model(job, build=gpt_baseline.build_gpt)
+        flops = gpt_baseline.train_flops_per_token(job)
+    else:
+        model = build_ddp_model(job)
+        flops = train_flops_per_token(job.model)
+    optimizer = build_optimizer(job, model)
+    t = job.training
+    n_micro = num_microbatches(job, parallel_state.get_data_parallel_world_size())
+    return Trainer(name, job, model, optimizer, n_micro,
+                   synthetic_batches(job.model.vocab_size, t.micro_batch_size, t.seq_length), flops)
+
+
+def release(trainer: Trainer) -> None:
+    from megatron_blackmamba.parallel.setup import destroy
+
+    trainer.model.clear()
+    del trainer.optimizer
+    destroy()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int) -> tuple[float, object]:
+    """Median wall time of ``fn`` (device-synchronised) over ``repeats`` after ``warmup`` calls."""
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        result = fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2], result
+
+
+def device_line() -> str:
+    versions = [f"torch {torch.__version__}"]
+    for package in ("megatron.core", "mamba_ssm", "causal_conv1d", "transformer_engine"):
+        try:
+            module = __import__(package, fromlist=["_"])
+            versions.append(f"{package} {getattr(module, '__version__', '?')}")
+        except Exception:
+            versions.append(f"{package} absent")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return f"device: {device}; " + ", ".join(versions)
