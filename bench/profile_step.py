@@ -5,8 +5,8 @@ profiled step to ``$OUT/trace_<variant>.json.gz`` (open in chrome://tracing or P
 
 1. phases: the whole optimizer step vs forward+backward alone vs the optimizer update alone
    (medians, device-synchronised), so fixed per-step costs show up separately from per-token ones;
-2. forward time per module kind (Mamba mixer, router, experts, MoE dispatch = MoE layer minus
-   router and experts, norms, embedding), from profiler ranges around each module's forward:
+2. forward time per module kind (Mamba mixer, router, experts, whole MoE layer, norms,
+   embedding), from profiler ranges around each module's forward:
    the device time of the kernels that ran inside the range;
 3. kernel classes over one whole step, forward and backward (scan, conv, GEMM, elementwise, ...),
    with GPU busy time vs wall time: a large gap means the GPU waits on the host (launch overhead,
@@ -188,10 +188,6 @@ def main() -> int:
               f"| optimizer.step() | {1e3 * opt_s:.1f} | |", ""]
     lines += ["| module (forward only) | device ms | calls |", "|---|---|---|"]
     lines += [f"| {k} | {v[0] / 1e3:.1f} | {v[1]} |" for k, v in modules]
-    by_kind = dict(modules)
-    if "MoE layer (total)" in by_kind:
-        rest = by_kind["MoE layer (total)"][0] - sum(by_kind.get(k, [0.0])[0] for k in ("router (+sinkhorn)", "experts"))
-        lines.append(f"| MoE dispatch + combine (total - router - experts) | {rest / 1e3:.1f} | |")
     busy = sum(us for _, us in classes) / 1e3
     lines += ["", f"profiled step: wall {1e3 * wall:.1f} ms, GPU busy {busy:.1f} ms ({100 * busy / (1e3 * wall):.0f}%)", "",
               "| kernel class (fwd+bwd+optimizer) | device ms | share |", "|---|---|---|"]

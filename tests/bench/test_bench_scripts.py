@@ -16,6 +16,7 @@ DRY_RUNS = {
     "generation_latency.py": "contexts [1024, 4096, 16384, 65536]",
     "grouped_gemm_check.py": "fc1 (geglu)",
     "gpu_kernel_check.py": "340m-b2",
+    "mixer_gpu_check.py": "cuda vs torch kernels",
 }
 
 
