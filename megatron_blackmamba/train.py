@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -190,7 +191,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         final = train(job)
     finally:
         destroy()
-    print(f"done: step {final['iteration']}, loss {final['loss']:.4f}", file=sys.stderr)
+    if math.isnan(final["loss"]):  # resumed at the last step: nothing left to train
+        print(f"done: already at step {final['iteration']} (nothing to train; raise training.train_iters "
+              "or use a new checkpoint.save folder)", file=sys.stderr)
+    else:
+        print(f"done: step {final['iteration']}, loss {final['loss']:.4f}", file=sys.stderr)
     return 0
 
 
