@@ -25,11 +25,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import torch
 
-from harness import device_line, median_seconds, sync
+from harness import append_table, device_line, median_seconds, sync
 
 CONTEXTS = (1024, 4096, 16384, 65536)
 PREFILL_CHUNK = 4096
@@ -121,10 +120,7 @@ def main() -> int:
         "| context | BlackMamba ms/token | state MiB | peak GiB | transformer ms/token | KV cache MiB | peak GiB | transformer/BlackMamba |",
         "|---|---|---|---|---|---|---|---|", *rows])
     print(text)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        with open(Path(args.out) / "generation_latency.md", "a") as f:
-            f.write(text + "\n\n")
+    append_table(args.out, "generation_latency.md", text)
     return 0
 
 

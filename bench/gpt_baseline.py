@@ -84,10 +84,6 @@ def train_flops_per_token(job) -> int:
     return 3 * (2 * weights + LAYERS * 2 * s * h)
 
 
-def parameter_count(job) -> int:
-    h, v = job.model.hidden_size, job.model.vocab_size
-    return LAYERS * (4 * h * h + 2 * h * FFN_MULT * h) + 2 * h * v
-
 
 if __name__ == "__main__":  # quick CPU smoke: python bench/gpt_baseline.py
     from megatron_blackmamba.config import load_config

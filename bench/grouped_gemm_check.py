@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from harness import REPO, device_line  # noqa: F401  (puts the repo on sys.path)
+from harness import device_line  # also puts the repo on sys.path
 from megatron_blackmamba.kernels.grouped_gemm import gmm
 
 SHAPES = {"fc1 (geglu)": (1152, 2 * 3072), "fc2": (3072, 1152)}

@@ -141,6 +141,15 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int) -> tuple
     return sorted(times)[len(times) // 2], result
 
 
+def append_table(out_dir: str, filename: str, text: str) -> None:
+    """Append ``text`` to ``out_dir/filename`` (the GPU run's $OUT); no-op without a folder."""
+    if not out_dir:
+        return
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(out_dir) / filename, "a") as f:
+        f.write(text + "\n\n")
+
+
 def device_line() -> str:
     versions = [f"torch {torch.__version__}"]
     for package in ("megatron.core", "mamba_ssm", "causal_conv1d", "transformer_engine"):

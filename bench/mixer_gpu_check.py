@@ -16,9 +16,7 @@ import sys
 
 import torch
 
-from harness import REPO, device_line
-
-sys.path.insert(0, str(REPO))
+from harness import device_line  # also puts the repo (and so tests/) on sys.path
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -42,7 +40,6 @@ def main() -> int:
     if args.dry_run:
         print("mixer: cuda vs torch kernels (hidden 1152, seq 512, batch 2, fp32) and vs float64 (hidden 64, seq 24)")
         return 0
-    from megatron_blackmamba.generation import generate  # noqa: F401
     from megatron_blackmamba.model.recurrent_state import RecurrentState
     from megatron_blackmamba.parallel.setup import destroy, init_distributed
     from megatron_blackmamba.config import load_config

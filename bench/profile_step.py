@@ -26,12 +26,13 @@ import os
 import re
 import shutil
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from harness import VARIANTS, build_trainer, check_variants, device_line, median_seconds, release
+from harness import VARIANTS, append_table, build_trainer, check_variants, device_line, median_seconds, release, sync
 
 # First match wins; names are lower-cased kernel names.
 KERNEL_CLASSES = [
@@ -104,10 +105,6 @@ def profile(trainer, out_dir: str) -> tuple[list, list, float, list]:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    import time
-
-    from harness import sync
-
     with torch.profiler.profile(activities=activities) as prof:
         sync()
         start = time.perf_counter()
@@ -196,10 +193,7 @@ def main() -> int:
     lines += [f"| {name[:90]} | {n} | {us / 1e3:.1f} |" for name, (us, n) in top]
     text = "\n".join(lines)
     print(text, flush=True)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        with open(Path(args.out) / f"profile_{args.variant}.md", "a") as f:
-            f.write(text + "\n\n")
+    append_table(args.out, f"profile_{args.variant}.md", text)
     release(trainer)
     return 0
 

@@ -17,11 +17,10 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from harness import VARIANTS, build_trainer, check_variants, device_line, median_seconds, release
+from harness import VARIANTS, append_table, build_trainer, check_variants, device_line, median_seconds, release
 from megatron_blackmamba.training.flops import device_peak_tflops
 
 
@@ -80,10 +79,7 @@ def main() -> int:
         print(f"{name}: {results[-1]}", flush=True)
     text = f"{device_line()}\nconfig {args.config} {' '.join(args.overrides)}\n" + table(results)
     print(text)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        with open(Path(args.out) / "train_throughput.md", "a") as f:
-            f.write(text + "\n\n")
+    append_table(args.out, "train_throughput.md", text)
     return 0
 
 

@@ -46,4 +46,4 @@ def gmm(a: Tensor, b: Tensor, batch_sizes: Tensor, trans_b: bool = False) -> Ten
 
 # What megatron reads from the grouped_gemm package: ``grouped_gemm.ops.gmm``.
 ops = types.SimpleNamespace(gmm=gmm)
-package = types.SimpleNamespace(ops=ops, __name__="megatron_blackmamba.kernels.grouped_gemm")
+package = types.SimpleNamespace(ops=ops)
