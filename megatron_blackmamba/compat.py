@@ -24,6 +24,13 @@ multi-tensor helpers:
   (megatron's torch AdamW fallback is switched to its fused kernel by
   ``training.setup.build_optimizer``.)
 
+Everywhere (a host sync in megatron's unfused token permutation):
+  * ``moe_utils.permute`` finds each expert's tokens with ``masked_select``, whose output size is
+    data-dependent, so every MoE layer's forward waited twice for the GPU. Dropless dispatchers
+    already pass the output size (tokens x top-k) -> ``torch.nonzero_static`` with that size, the
+    same indices in the same order, no sync. Other calls (token dropping, fused, padded) are
+    unchanged.
+
 Without CUDA:
   * ``torch.cuda.current_device()`` is used as a device for buffers (global memory buffer, router
     weights, MoE token counters, DDP grad buffers) -> returns the CPU device.
@@ -76,6 +83,7 @@ def apply() -> list[str]:
         patches += _patch_no_te()
     patches += _patch_local_multi_tensor_ops()
     patches += _patch_grouped_gemm()
+    patches += _patch_sync_free_permute()
     if not torch.cuda.is_available():
         patches += _patch_no_cuda()
     if patches:
@@ -121,6 +129,34 @@ def _patch_grouped_gemm() -> list[str]:
     grouped_gemm_util.grouped_gemm = grouped_gemm.package
     grouped_gemm_util.ops = grouped_gemm.ops
     return ["grouped_gemm->torch._grouped_mm"]
+
+
+def permute_known_size(tokens, routing_map, probs=None, num_out_tokens=None, fused=False, drop_and_pad=False):
+    """megatron's ``permute`` (same signature and results) without a host sync when the dropless
+    output size ``num_out_tokens`` is a Python int; anything else goes to megatron's version."""
+    if fused or drop_and_pad or not isinstance(num_out_tokens, int):
+        return _MEGATRON_PERMUTE(tokens, routing_map, probs, num_out_tokens, fused, drop_and_pad)
+    num_tokens = routing_map.shape[0]
+    # Row-major nonzeros of the [experts, tokens] mask: expert by expert, tokens in order, exactly
+    # what megatron's masked_select yields.
+    flat = torch.nonzero_static(routing_map.bool().T.contiguous().view(-1), size=num_out_tokens).view(-1)
+    sorted_indices = flat % num_tokens
+    permuted_probs = None if probs is None else probs.T.contiguous().view(-1).index_select(0, flat)
+    return tokens.index_select(0, sorted_indices), permuted_probs, sorted_indices
+
+
+_MEGATRON_PERMUTE = None  # megatron's own permute, for the calls permute_known_size passes on
+
+
+def _patch_sync_free_permute() -> list[str]:
+    global _MEGATRON_PERMUTE
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if moe_utils.permute is permute_known_size:
+        return []
+    _MEGATRON_PERMUTE = moe_utils.permute
+    moe_utils.permute = token_dispatcher.permute = permute_known_size
+    return ["moe_utils.permute->nonzero_static (no host sync)"]
 
 
 def _patch_local_multi_tensor_ops() -> list[str]:

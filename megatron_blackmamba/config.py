@@ -46,7 +46,7 @@ class ModelConfig:
     routing: str = opt("sinkhorn", "router balancing: sinkhorn (paper) | aux_loss | none")
     sinkhorn_init: str = opt("paper", "sinkhorn start point: paper (one-iteration init) | uniform")
     sinkhorn_temperature: float = opt(2.0, "cost = exp(temperature * logits) inside sinkhorn")
-    sinkhorn_tol: float = opt(1e-4, "sinkhorn stops when mean |d1 - d1_old| < tol")
+    sinkhorn_tol: float = opt(1e-4, "sinkhorn stops when max_i |T * rowsum_i - 1| < tol (max relative token-marginal error)")
     sinkhorn_max_iters: int = opt(20, "hard cap on sinkhorn iterations")
     aux_loss_coeff: float = opt(0.0, "load-balancing loss weight when routing=aux_loss")
     moe_grouped_gemm: bool = opt(False, "use megatron's GroupedMLP (needs grouped_gemm / TE on CUDA)")

@@ -261,8 +261,10 @@ class Mamba1Mixer(MegatronModule):
     def _out_proj(self, y: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """y [b, d_local, s] -> ([s, b, h] summed over TP (reduce-scattered under SP), bias or None)."""
         proj = self.out_proj
-        out = torch.matmul(y.transpose(1, 2), proj.weight.t())  # [b, s, h]: GEMM reads y transposed
-        out = out.transpose(0, 1).contiguous()
+        # [b, h, s] by one batched GEMM, then one transpose of the narrow output to [s, b, h]. The
+        # backward then hands the scan a contiguous dy; a [b, s, h] GEMM on y's transpose instead
+        # copied y (2x wider than the output) forward and dy backward (bench/results, profile).
+        out = _channels_major_linear(proj.weight, y).permute(2, 0, 1).contiguous()
         if getattr(proj, "sequence_parallel", self.config.sequence_parallel):
             out = reduce_scatter_to_sequence_parallel_region(out, group=self.tp_group)
         elif self.tp_group.size() > 1:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megatron_blackmamba.model.sinkhorn import sinkhorn
+from megatron_blackmamba.model.sinkhorn import sinkhorn_replayed
 
 
 class BlackMambaRouter(TopKRouter):
@@ -42,7 +42,7 @@ class BlackMambaRouter(TopKRouter):
         assert self.config.moe_aux_loss_coeff == 0, "Sinkhorn routing does not use an aux loss"
         if self.training:
             all_logits, first = self._micro_batch_logits(logits.detach())
-            result = sinkhorn(
+            result = sinkhorn_replayed(
                 all_logits, temperature=self.sinkhorn_temperature, init=self.sinkhorn_init,
                 tol=self.sinkhorn_tol, max_iters=self.sinkhorn_max_iters,
             )

@@ -11,7 +11,14 @@ softmax-normalised over the tokens, so the first row update lands close to the b
 Stopping rule. The released code stops when mean |d1 - d1_old| < tol. That number depends on the
 *scale* of d1, which the initialisation itself changes by a factor of ~T*E, so it is not a fair
 yardstick between initialisations. Here the loop stops on a scale-free quantity: the largest
-relative error of the token marginals, max_i |T * rowsum_i - 1| (one pass over a T x E plan). Both rules are measured side by side in tests/model/test_sinkhorn.py.
+relative error of the token marginals, max_i |T * rowsum_i - 1| (one pass over a T x E plan).
+Both rules are measured side by side in tests/model/test_sinkhorn.py.
+
+No host syncs. Reading the stopping test back to the host would drain the CUDA queue once per
+iteration (6-20 times per MoE layer per forward) and leave GPU training host-bound, so the loop
+keeps its "converged" flag on the device and freezes the iterates once it is set: the plan is
+bit-identical to stopping at the first iteration whose error < tol, at the price of always
+running max_iters iterations of small device ops.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 
 INITS = ("paper", "uniform")
@@ -26,9 +34,12 @@ INITS = ("paper", "uniform")
 
 @dataclass
 class SinkhornResult:
+    """``iterations`` and ``row_error`` are 0-d tensors on the plan's device: reading them (int(),
+    float(), .item()) syncs with the device, so only tests and logging should."""
+
     plan: torch.Tensor  # (T, E) balanced transport plan, fp32 or fp64
-    iterations: int
-    row_error: float  # max_i |T * rowsum_i - 1| of the returned plan
+    iterations: torch.Tensor  # 0-d int64: iterations run to produce the plan (1..max_iters)
+    row_error: torch.Tensor  # 0-d, plan's dtype: max_i |T * rowsum_i - 1| of the returned plan
 
 
 def stable_cost(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -49,16 +60,17 @@ def _initial_d1(cost: torch.Tensor, init: str) -> torch.Tensor:
     return torch.ones(cost.shape[1], dtype=cost.dtype, device=cost.device)
 
 
+# (1/n) / (x + tiny) as three kernels, in place on a fresh tensor (what ``(1/n) / tensor`` runs anyway).
 def _row_scale(cost: torch.Tensor, d1: torch.Tensor, row_mass: torch.Tensor | None = None) -> torch.Tensor:
-    """d0 that gives every token (row) mass 1/T for column scaling d1 (``row_mass`` = cost @ d1)."""
+    """d0 that gives every token (row) mass 1/T for column scaling d1 (``row_mass`` = cost @ d1, not modified)."""
     if row_mass is None:
         row_mass = cost @ d1
-    return (1.0 / cost.shape[0]) / (row_mass + torch.finfo(cost.dtype).tiny)
+    return (row_mass + torch.finfo(cost.dtype).tiny).reciprocal_().mul_(1.0 / cost.shape[0])
 
 
 def _col_scale(cost: torch.Tensor, d0: torch.Tensor) -> torch.Tensor:
     """d1 that gives every expert (column) mass 1/E for row scaling d0."""
-    return (1.0 / cost.shape[1]) / (d0 @ cost + torch.finfo(cost.dtype).tiny)
+    return (d0 @ cost).add_(torch.finfo(cost.dtype).tiny).reciprocal_().mul_(1.0 / cost.shape[1])
 
 
 def sinkhorn_steps(cost: torch.Tensor, init: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -77,6 +89,30 @@ def row_marginal_error(plan: torch.Tensor) -> float:
     return float(err.max()) if err.numel() else 0.0
 
 
+def _rounded_up_tol(tol: float, dtype: torch.dtype) -> float:
+    """``tol`` rounded up to ``dtype``: for every x of ``dtype``, x < result exactly when x < tol.
+
+    ``err < tol`` on a float32 tensor rounds tol to the nearest float32, which would flip the test
+    for an error within half an ulp of tol; the test must match ``float(err) < tol`` in float64.
+    """
+    if dtype == torch.float64:
+        return float(tol)
+    with np.errstate(over="ignore"):
+        rounded = np.float32(tol)
+    if float(rounded) < tol:
+        rounded = np.nextafter(rounded, np.float32(np.inf))
+    return float(rounded)
+
+
+def _iteration(cost: torch.Tensor, d0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Iteration k from d0_k: (d1_k, d0_k+1, row_marginal_error of the plan (d0_k, d1_k)); 14 kernels."""
+    d1 = _col_scale(cost, d0)
+    row_mass = cost @ d1
+    d0_next = _row_scale(cost, d1, row_mass)
+    err = (d0 / d0_next).sub_(1).abs_().masked_fill_(row_mass <= 0, 0.0).max()
+    return d1, d0_next, err
+
+
 @torch.no_grad()
 def sinkhorn(
     logits: torch.Tensor,
@@ -85,22 +121,70 @@ def sinkhorn(
     tol: float = 1e-2,
     max_iters: int = 20,
 ) -> SinkhornResult:
-    """Balanced plan for (T, E) router logits; runs at least one and at most ``max_iters`` iterations.
+    """Balanced plan for (T, E) router logits, T >= 1; the plan of the first iteration whose error
+    is < ``tol``, or of iteration ``max_iters``.
 
     Same iterates as ``sinkhorn_steps``, arranged so the stopping test costs no extra pass: after
     iteration k, T * rowsum_i of the plan (d0_k, d1_k) equals d0_k,i / d0_k+1,i, and d0_k+1 is
-    the next iteration's first half anyway. One host sync per iteration (the test itself).
+    the next iteration's first half anyway. Never syncs with the device: always runs
+    ``max_iters`` iterations (14 kernels each, plus 5 of bookkeeping after the first), and from the
+    first converged one on, ``done`` freezes d0, d1, the error and the iteration count with
+    ``torch.where``; the arithmetic is the early-stopping loop's, op for op.
     """
     if max_iters < 1:
         raise ValueError("sinkhorn max_iters must be >= 1")
+    if logits.shape[0] == 0:
+        raise ValueError("sinkhorn needs at least one token")
     cost = stable_cost(logits.to(torch.float32 if logits.dtype != torch.float64 else torch.float64), temperature)
+    tol = _rounded_up_tol(tol, cost.dtype)
     d0 = _row_scale(cost, _initial_d1(cost, init))
-    for iterations in range(1, max_iters + 1):
-        d1 = _col_scale(cost, d0)
-        row_mass = cost @ d1
-        d0_next = _row_scale(cost, d1, row_mass)
-        err = float((d0 / d0_next - 1).abs().masked_fill(row_mass <= 0, 0.0).max()) if d0.numel() else 0.0
-        if err < tol or iterations == max_iters:
-            return SinkhornResult(plan=d0.unsqueeze(1) * cost * d1, iterations=iterations, row_error=err)
-        d0 = d0_next
-    raise AssertionError("unreachable")
+    d1, d0_next, err = _iteration(cost, d0)
+    frozen = torch.zeros((), dtype=torch.int64, device=cost.device)  # iterations after convergence
+    for _ in range(max_iters - 1):
+        done = err < tol  # err stays frozen below tol once converged, so done stays set
+        torch.where(done, d0, d0_next, out=d0)
+        d1_new, d0_next, err_new = _iteration(cost, d0)
+        torch.where(done, d1, d1_new, out=d1)
+        torch.where(done, err, err_new, out=err)
+        frozen.add_(done)
+    return SinkhornResult(plan=d0.unsqueeze(1) * cost * d1, iterations=max_iters - frozen, row_error=err)
+
+
+# (shape, dtype, device, sinkhorn kwargs) -> (static input, captured graph, static result)
+_GRAPHS: dict[tuple, tuple[torch.Tensor, "torch.cuda.CUDAGraph", SinkhornResult]] = {}
+
+
+def _capture(logits: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, "torch.cuda.CUDAGraph", SinkhornResult]:
+    static_in = logits.clone()
+    side = torch.cuda.Stream(device=logits.device)
+    side.wait_stream(torch.cuda.current_stream(logits.device))
+    with torch.cuda.stream(side):  # warm-up off the capture: cuBLAS handles and workspaces
+        sinkhorn(static_in, **kwargs)
+    torch.cuda.current_stream(logits.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = sinkhorn(static_in, **kwargs)
+    return static_in, graph, static_out
+
+
+@torch.no_grad()
+def sinkhorn_replayed(logits: torch.Tensor, **kwargs) -> SinkhornResult:
+    """``sinkhorn(logits, **kwargs)``, replayed from a CUDA graph when ``logits`` is on a GPU.
+
+    The loop launches ~19 small kernels per iteration, max_iters times per MoE layer: eager, the
+    host spends longer launching them than the GPU spends running them (8 ms of host time per
+    layer in bench/results/h100_profile_step.md). The loop never syncs and its shapes are fixed
+    per (tokens, experts), so it is captured once per shape and replayed as one launch; the
+    replayed kernels are the eager ones, so the plan is bit-identical. Elsewhere (CPU, or while
+    another graph is being captured) it is a plain call. The result is copied out of the graph's
+    static buffers, so it stays valid after later replays.
+    """
+    if logits.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return sinkhorn(logits, **kwargs)
+    key = (tuple(logits.shape), logits.dtype, logits.device, tuple(sorted(kwargs.items())))
+    if key not in _GRAPHS:
+        _GRAPHS[key] = _capture(logits, kwargs)
+    static_in, graph, out = _GRAPHS[key]
+    static_in.copy_(logits)
+    graph.replay()
+    return SinkhornResult(plan=out.plan.clone(), iterations=out.iterations.clone(), row_error=out.row_error.clone())

@@ -74,3 +74,37 @@ def test_grouped_mlp_on_gmm_matches_sequential_mlp_and_float64(single_rank):
     for got in (got_seq, got_grp):
         assert torch.linalg.norm(got.double() - want) <= 2e-2 * torch.linalg.norm(want)
     assert torch.linalg.norm(got_grp.double() - got_seq.double()) <= 2e-2 * torch.linalg.norm(want)
+
+
+@pytest.mark.parametrize("topk", [1, 2])
+@pytest.mark.parametrize("with_probs", [True, False])
+def test_sync_free_permute_matches_megatron(topk: int, with_probs: bool):
+    """Same permuted tokens, probs and indices as megatron's masked_select version, on fresh maps."""
+    compat.apply()
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    num_tokens, num_experts, hidden = 37, 8, 5
+    tokens = torch.randn(num_tokens, hidden, generator=g)
+    scores = torch.rand(num_tokens, num_experts, generator=g)
+    scores[:, 3] = -1.0  # an expert nobody chooses
+    routing_map = torch.zeros(num_tokens, num_experts, dtype=torch.bool).scatter(1, scores.topk(topk, dim=1).indices, True)
+    probs = torch.rand(num_tokens, num_experts, generator=g) * routing_map if with_probs else None
+    size = num_tokens * topk
+    got = compat.permute_known_size(tokens, routing_map, probs, num_out_tokens=size)
+    want = compat._MEGATRON_PERMUTE(tokens, routing_map, probs, num_out_tokens=size)
+    for g_t, w_t in zip(got, want):
+        if w_t is None:
+            assert g_t is None
+        else:
+            assert torch.equal(g_t, w_t)
+
+
+def test_permute_without_a_known_size_is_megatrons():
+    compat.apply()
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    assert moe_utils.permute is compat.permute_known_size and token_dispatcher.permute is compat.permute_known_size
+    routing_map = torch.eye(4, dtype=torch.bool)
+    tokens = torch.arange(8.0).view(4, 2)
+    for size in (None, torch.tensor(4)):  # megatron's path: masked_select
+        out, _, idx = compat.permute_known_size(tokens, routing_map, num_out_tokens=size)
+        assert torch.equal(out, tokens) and torch.equal(idx, torch.arange(4))
