@@ -10,7 +10,9 @@ profiled step to ``$OUT/trace_<variant>.json.gz`` (open in chrome://tracing or P
    the device time of the kernels that ran inside the range;
 3. kernel classes over one whole step, forward and backward (scan, conv, GEMM, elementwise, ...),
    with GPU busy time vs wall time: a large gap means the GPU waits on the host (launch overhead,
-   host syncs).
+   host syncs);
+4. host syncs of one whole step by source line (``torch.cuda.set_sync_debug_mode``): each one
+   drains the GPU queue, so the host can no longer run ahead of the kernels.
 
     python bench/profile_step.py --variant blackmamba-cuda --config configs/blackmamba-340m-1.5b.yaml \
         parallel.ep=1 training.micro_batch_size=4 training.global_batch_size=4
@@ -27,8 +29,10 @@ import re
 import shutil
 import sys
 import time
-from collections import defaultdict
+import warnings
+from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -144,6 +148,27 @@ def profile(trainer, out_dir: str) -> tuple[list, list, float, list]:
     return sorted(classes.items(), key=lambda kv: -kv[1]), sorted(modules.items(), key=lambda kv: -kv[1][0]), wall, top
 
 
+def host_syncs(step: Callable[[], object]) -> Counter:
+    """Synchronising CUDA calls made during ``step()``, counted by the Python line that made them."""
+    if not torch.cuda.is_available():
+        return Counter()
+    sites: Counter = Counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            sync()
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            path = Path(w.filename)
+            short = "/".join(path.parts[-3:]) if "site-packages" in path.parts else path.name
+            sites[f"{short}:{w.lineno}"] += 1
+    return sites
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="base config (default: built-in defaults)")
@@ -175,6 +200,7 @@ def main() -> int:
     fb_s, _ = median_seconds(fwd_bwd, args.repeats, 1)
     opt_s, _ = median_seconds(lambda: trainer.optimizer.step(), args.repeats, 1)
     classes, modules, wall, top = profile(trainer, args.out)
+    syncs = host_syncs(trainer.step)
 
     lines = [device_line(), f"variant {args.variant}: mbs {t.micro_batch_size}, gbs {t.global_batch_size}, "
              f"seq {t.seq_length}, {trainer.num_microbatches} micro-batches/step, loss {loss:.3f}", ""]
@@ -191,6 +217,8 @@ def main() -> int:
     lines += [f"| {k} | {us / 1e3:.1f} | {100 * us / 1e3 / max(busy, 1e-9):.0f}% |" for k, us in classes]
     lines += ["", "| top kernels | calls | device ms |", "|---|---|---|"]
     lines += [f"| {name[:90]} | {n} | {us / 1e3:.1f} |" for name, (us, n) in top]
+    lines += ["", f"host syncs in one step: {sum(syncs.values())}", "", "| sync site | count |", "|---|---|"]
+    lines += [f"| {site} | {n} |" for site, n in syncs.most_common(12)]
     text = "\n".join(lines)
     print(text, flush=True)
     append_table(args.out, f"profile_{args.variant}.md", text)
