@@ -58,6 +58,7 @@ def test_grouped_mlp_on_gmm_matches_sequential_mlp_and_float64(single_rank):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(T, h, generator=g).bfloat16()
     probs = torch.rand(T, generator=g)
+    x, probs = x.to(grp.weight1.device), probs.to(grp.weight1.device)  # weights are on the GPU when there is one
     sizes = torch.tensor([12, 0, 20, 8])
 
     def ref64() -> torch.Tensor:
