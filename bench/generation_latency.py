@@ -13,8 +13,10 @@ conv state, or KV cache) and peak memory during decoding.
   layers of 18 heads, SwiGLU 3072 = the parameters of a 4 x hidden GeLU MLP, vocab 50304), SDPA
   attention, its standard dynamic KV cache; prefilled in chunks so no 64k x 64k mask is built.
 
-Both run eager PyTorch (no CUDA graphs; ``--batch`` sequences at once, default 1), so per-step host overhead is part of both
-numbers; the trend with context is the point (the paper's claim: flat for BlackMamba).
+Each model runs twice per context, ``--batch`` sequences at once (default 1): eager, where the
+host's per-kernel launch overhead is part of the number, and with the decode step replayed from
+one CUDA graph, where the GPU's work is what remains. The trend with context is the point (the
+paper's claim: flat for BlackMamba); a mode that fails to run is reported as nan.
 
     python bench/generation_latency.py --config configs/blackmamba-340m-1.5b.yaml
     python bench/generation_latency.py --dry-run
@@ -36,7 +38,7 @@ PREFILL_CHUNK = 4096
 
 def blackmamba(config: str | None, overrides: list[str]):
     from megatron_blackmamba.config import load_config
-    from megatron_blackmamba.generation.generate import advance, prefill
+    from megatron_blackmamba.generation import DecodeStep, prefill
     from megatron_blackmamba.model.builder import build_model
     from megatron_blackmamba.parallel.setup import init_distributed
 
@@ -44,19 +46,30 @@ def blackmamba(config: str | None, overrides: list[str]):
     init_distributed(job.parallel, job.training.seed)
     model = build_model(job).cuda().eval()
 
-    def run(prompt: torch.Tensor, steps: int):
+    def run(prompt: torch.Tensor, steps: int, graph: bool):
         state, logits = prefill(model, prompt, prompt.shape[1] + steps + 8)
         token = logits.argmax(-1, keepdim=True)
-
-        def step():
-            return advance(model, token, state)
-
-        return step, state.state_bytes()
+        step = DecodeStep(model, state, use_graph=graph)
+        assert step.backend == ("cuda-graph" if graph else "eager"), step.backend
+        return (lambda: step(token)), state.state_bytes()
 
     return job, run
 
 
+def _static_cache(config, batch: int, max_len: int):
+    """transformers' StaticCache across its constructor changes (eager-allocated vs lazy)."""
+    from transformers import StaticCache
+
+    try:
+        return StaticCache(config=config, max_batch_size=batch, max_cache_len=max_len, device="cuda", dtype=torch.bfloat16)
+    except TypeError:
+        return StaticCache(config=config, max_cache_len=max_len)
+
+
 def transformer(vocab: int, max_len: int):
+    """Eager: the standard dynamic KV cache. Graph: a StaticCache sized to the context, one
+    decode step captured as a CUDA graph (what transformers' compiled generation does, minus
+    the compiler), attending over the whole static cache as it does."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=vocab, hidden_size=1152, intermediate_size=3072, num_hidden_layers=18,
@@ -64,29 +77,50 @@ def transformer(vocab: int, max_len: int):
                          attn_implementation="sdpa", tie_word_embeddings=True)
     model = LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16).eval()
 
-    def run(prompt: torch.Tensor, steps: int):
-        cache = None
-        for start in range(0, prompt.shape[1], PREFILL_CHUNK):
-            out = model(prompt[:, start:start + PREFILL_CHUNK], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    def run(prompt: torch.Tensor, steps: int, graph: bool):
+        batch, context = prompt.shape
+        cache = _static_cache(config, batch, context + steps + 8) if graph else None
+        for start in range(0, context, PREFILL_CHUNK):
+            chunk = prompt[:, start:start + PREFILL_CHUNK]
+            position = torch.arange(start, start + chunk.shape[1], device="cuda")
+            out = model(chunk, past_key_values=cache, use_cache=True, logits_to_keep=1, cache_position=position)
             cache = out.past_key_values
         token = out.logits[:, -1].argmax(-1, keepdim=True)
+        position = torch.tensor([context], device="cuda")
 
         def step():
-            return model(token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            return model(token, past_key_values=cache, use_cache=True, logits_to_keep=1, cache_position=position).logits
 
         kv_bytes = 2 * config.num_hidden_layers * prompt.numel() * config.hidden_size * 2
-        return step, kv_bytes
+        if not graph:
+            return step, kv_bytes
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            step()
+        return captured.replay, kv_bytes
 
     return run
 
 
-def measure(run, context: int, vocab: int, steps: int, batch: int) -> tuple[float, int, float]:
+def measure(run, context: int, vocab: int, steps: int, batch: int, graph: bool) -> tuple[float, int, float]:
+    """(ms per decode step, bytes carried between steps, peak GiB); NaN ms where the mode fails."""
     prompt = torch.randint(0, vocab, (batch, context), device="cuda")
-    with torch.no_grad():
-        step, carried = run(prompt, steps)
-        sync()
-        torch.cuda.reset_peak_memory_stats()
-        seconds, _ = median_seconds(step, steps, warmup=4)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        with torch.no_grad():
+            step, carried = run(prompt, steps, graph)
+            sync()
+            seconds, _ = median_seconds(step, steps, warmup=4)
+    except Exception as error:  # noqa: BLE001 - a baseline mode that cannot run is reported, not fatal
+        print(f"context {context} {'graph' if graph else 'eager'}: {type(error).__name__}: {error}"[:400], flush=True)
+        return float("nan"), 0, float("nan")
     return 1e3 * seconds, carried, torch.cuda.max_memory_allocated() / 2**30
 
 
@@ -110,15 +144,23 @@ def main() -> int:
     tf = transformer(vocab, max(contexts) + args.steps + 64)
     rows = []
     for context in contexts:
-        bm_ms, bm_bytes, bm_peak = measure(bm, context, vocab, args.steps, args.batch)
-        tf_ms, tf_bytes, tf_peak = measure(tf, context, vocab, args.steps, args.batch)
-        rows.append(f"| {context:,} | {bm_ms:.2f} | {bm_bytes / 2**20:.1f} | {bm_peak:.2f} | "
-                    f"{tf_ms:.2f} | {tf_bytes / 2**20:,.0f} | {tf_peak:.2f} | {tf_ms / bm_ms:.2f}x |")
+        bm_eager, bm_bytes, bm_peak = measure(bm, context, vocab, args.steps, args.batch, graph=False)
+        bm_graph, _, _ = measure(bm, context, vocab, args.steps, args.batch, graph=True)
+        tf_eager, tf_bytes, tf_peak = measure(tf, context, vocab, args.steps, args.batch, graph=False)
+        tf_graph, _, _ = measure(tf, context, vocab, args.steps, args.batch, graph=True)
+        rows.append(f"| {context:,} | {bm_eager:.2f} | {bm_graph:.2f} | {bm_bytes / 2**20:.1f} | {bm_peak:.2f} | "
+                    f"{tf_eager:.2f} | {tf_graph:.2f} | {tf_bytes / 2**20:,.0f} | {tf_peak:.2f} | "
+                    f"{tf_eager / bm_eager:.2f}x | {tf_graph / bm_graph:.2f}x |")
         print(rows[-1], flush=True)
+    import transformers
+
     text = "\n".join([
-        device_line(), f"batch {args.batch}, bf16, eager; ms = median per decode step after prefill",
-        "| context | BlackMamba ms/token | state MiB | peak GiB | transformer ms/token | KV cache MiB | peak GiB | transformer/BlackMamba |",
-        "|---|---|---|---|---|---|---|---|", *rows])
+        device_line(), f"transformers {transformers.__version__}; batch {args.batch}, bf16; ms = median per decode "
+        "step after prefill; graph = the step replayed from one CUDA graph (BlackMamba: generation/decode_graph.py; "
+        "transformer: StaticCache); peak = peak memory of the eager run",
+        "| context | BlackMamba eager ms | BlackMamba graph ms | state MiB | peak GiB | transformer eager ms | "
+        "transformer graph ms | KV cache MiB | peak GiB | transformer/BlackMamba eager | graph |",
+        "|---|---|---|---|---|---|---|---|---|---|---|", *rows])
     print(text)
     append_table(args.out, "generation_latency.md", text)
     return 0

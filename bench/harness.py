@@ -4,6 +4,7 @@ A variant is a name, a scan backend and config overrides on top of the benchmark
 
   blackmamba-cuda   the model with mamba-ssm / causal-conv1d kernels, experts one GEMM pair each
   blackmamba-grouped  the same with all experts in two grouped GEMMs (model.moe_grouped_gemm=true)
+  blackmamba-alltoall  blackmamba-grouped on megatron's alltoall dispatcher instead of the local one
   blackmamba-torch  the same model with the PyTorch scan and conv (BLACKMAMBA_KERNEL_BACKEND=torch)
   dense-mamba       an all-Mamba stack with about the same active parameters (no MoE)
   gpt-dense         megatron-core's GPTModel with about the same active parameters (bench/gpt_baseline.py)
@@ -14,6 +15,7 @@ so the numbers compare models, not training loops.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import time
@@ -38,6 +40,8 @@ class Variant:
 VARIANTS = {
     "blackmamba-cuda": Variant("cuda"),
     "blackmamba-grouped": Variant("cuda", ("model.moe_grouped_gemm=true",)),
+    # megatron's alltoall dispatcher (a host sync per MoE layer) in place of the local one at ep=1.
+    "blackmamba-alltoall": Variant("cuda", ("model.moe_grouped_gemm=true", "parallel.moe_dispatcher=alltoall")),
     "blackmamba-torch": Variant("torch"),
     # 34 Mamba layers at hidden 1152 ~ the 344M active of BlackMamba-340M/1.5B.
     "dense-mamba": Variant("cuda", ("model.layer_pattern=" + "M" * 34, "model.num_layers=34")),
@@ -117,6 +121,7 @@ def release(trainer: Trainer) -> None:
     trainer.model.clear()
     del trainer.optimizer
     destroy()
+    gc.collect()  # model objects in reference cycles would otherwise hold their GPU memory
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

@@ -12,7 +12,9 @@ profiled step to ``$OUT/trace_<variant>.json.gz`` (open in chrome://tracing or P
    with GPU busy time vs wall time: a large gap means the GPU waits on the host (launch overhead,
    host syncs);
 4. host syncs of one whole step by source line (``torch.cuda.set_sync_debug_mode``): each one
-   drains the GPU queue, so the host can no longer run ahead of the kernels.
+   drains the GPU queue, so the host can no longer run ahead of the kernels;
+5. host vs device time per forward module and per backward autograd node: where the host takes
+   longer to launch a range's kernels than the GPU takes to run them, the GPU waits there.
 
     python bench/profile_step.py --variant blackmamba-cuda --config configs/blackmamba-340m-1.5b.yaml \
         parallel.ep=1 training.micro_batch_size=4 training.global_batch_size=4
@@ -61,6 +63,7 @@ MODULE_KINDS = {
     "GroupedMLP": "experts",
     "TEGroupedMLP": "experts",
     "MoELayer": "MoE layer (total)",
+    "LocalDispatchMoELayer": "MoE layer (total)",
     "RMSNorm": "norm",
     "LayerNorm": "norm",
     "WrappedTorchNorm": "norm",
@@ -104,7 +107,26 @@ def _is_annotation(event) -> bool:
     return bool(getattr(event, "is_user_annotation", False)) or event.name.startswith("module:") or "#" in event.name
 
 
-def profile(trainer, out_dir: str) -> tuple[list, list, float, list]:
+def host_vs_device(events) -> list[tuple[str, int, float, float]]:
+    """(range, calls, host us, device us) for forward module ranges and backward autograd nodes."""
+    totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
+    for e in events:
+        if e.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        if e.name.startswith("module:"):
+            name = "fwd " + e.name[7:]
+        elif e.name.startswith("autograd::engine::evaluate_function: "):
+            name = "bwd " + e.name.split(": ", 1)[1]
+        else:
+            continue
+        row = totals[name]
+        row[0] += 1
+        row[1] += e.cpu_time_total
+        row[2] += e.device_time_total
+    return sorted(((k, int(v[0]), v[1], v[2]) for k, v in totals.items()), key=lambda r: -(r[2] - r[3]))
+
+
+def profile(trainer, out_dir: str) -> tuple[list, list, float, list, list]:
     handles = add_module_ranges(trainer.model[0])
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
@@ -145,7 +167,8 @@ def profile(trainer, out_dir: str) -> tuple[list, list, float, list]:
         modules[a.name[7:]][0] += inside
         modules[a.name[7:]][1] += 1
     top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:15]
-    return sorted(classes.items(), key=lambda kv: -kv[1]), sorted(modules.items(), key=lambda kv: -kv[1][0]), wall, top
+    ranked = (sorted(classes.items(), key=lambda kv: -kv[1]), sorted(modules.items(), key=lambda kv: -kv[1][0]))
+    return *ranked, wall, top, host_vs_device(prof.events())
 
 
 def host_syncs(step: Callable[[], object]) -> Counter:
@@ -199,7 +222,7 @@ def main() -> int:
 
     fb_s, _ = median_seconds(fwd_bwd, args.repeats, 1)
     opt_s, _ = median_seconds(lambda: trainer.optimizer.step(), args.repeats, 1)
-    classes, modules, wall, top = profile(trainer, args.out)
+    classes, modules, wall, top, host_rows = profile(trainer, args.out)
     syncs = host_syncs(trainer.step)
 
     lines = [device_line(), f"variant {args.variant}: mbs {t.micro_batch_size}, gbs {t.global_batch_size}, "
@@ -217,6 +240,8 @@ def main() -> int:
     lines += [f"| {k} | {us / 1e3:.1f} | {100 * us / 1e3 / max(busy, 1e-9):.0f}% |" for k, us in classes]
     lines += ["", "| top kernels | calls | device ms |", "|---|---|---|"]
     lines += [f"| {name[:90]} | {n} | {us / 1e3:.1f} |" for name, (us, n) in top]
+    lines += ["", "| range (host longer than device first) | calls | host ms | device ms |", "|---|---|---|---|"]
+    lines += [f"| {name[:80]} | {n} | {h / 1e3:.1f} | {d / 1e3:.1f} |" for name, n, h, d in host_rows[:15]]
     lines += ["", f"host syncs in one step: {sum(syncs.values())}", "", "| sync site | count |", "|---|---|"]
     lines += [f"| {site} | {n} |" for site, n in syncs.most_common(12)]
     text = "\n".join(lines)

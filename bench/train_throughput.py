@@ -14,6 +14,7 @@ the optimizer step as a real run does.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from dataclasses import dataclass
@@ -75,7 +76,13 @@ def main() -> int:
         return 0
     results = []
     for name in names:
-        results.append(run_variant(name, args.config, args.overrides, args.steps, args.warmup))
+        try:
+            results.append(run_variant(name, args.config, args.overrides, args.steps, args.warmup))
+        except torch.OutOfMemoryError as error:  # reported as a row of nan; the next variant still runs
+            print(f"{name}: out of memory: {str(error).splitlines()[0]}", flush=True)
+            results.append(Result(name, *[float("nan")] * 5))
+            gc.collect()
+            torch.cuda.empty_cache()
         print(f"{name}: {results[-1]}", flush=True)
     text = f"{device_line()}\nconfig {args.config} {' '.join(args.overrides)}\n" + table(results)
     print(text)

@@ -238,13 +238,27 @@ def _patch_no_cuda() -> list[str]:
     ]
 
 
-def resolve_moe_dispatcher(requested: str) -> str:
-    """'auto' -> alltoall on CUDA (megatron's fast path), allgather on CPU (alltoall needs streams)."""
+def resolve_moe_dispatcher(requested: str, experts_local: bool) -> str:
+    """The token dispatcher to build: 'local', 'allgather' or 'alltoall'.
+
+    'auto' -> 'local' (model/local_dispatcher.py: no communication, no host syncs) when every
+    expert is on this rank (``experts_local``: EP = expert-TP = 1), else megatron's alltoall on
+    CUDA and allgather on CPU (alltoall needs CUDA streams).
+    """
     if requested == "auto":
+        if experts_local:
+            return "local"
         return "alltoall" if torch.cuda.is_available() else "allgather"
+    if requested == "local" and not experts_local:
+        raise ValueError(
+            "parallel.moe_dispatcher=local needs every expert on this rank (parallel.ep=1 and tp=1); "
+            "use parallel.moe_dispatcher=auto"
+        )
     if requested == "alltoall" and not torch.cuda.is_available():
         raise ValueError(
             "parallel.moe_dispatcher=alltoall needs CUDA (megatron creates torch.cuda streams); "
             "use parallel.moe_dispatcher=allgather or auto on CPU"
         )
+    if requested not in ("local", "allgather", "alltoall"):
+        raise ValueError(f"parallel.moe_dispatcher={requested!r}: choose auto, local, allgather or alltoall")
     return requested

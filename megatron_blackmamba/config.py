@@ -79,7 +79,9 @@ class ParallelConfig:
     ep: int = opt(1, "expert-parallel size (experts spread over ranks)")
     etp: int = opt(0, "expert tensor-parallel size; 0 = same as tp (required when ep == 1)")
     sequence_parallel: bool = opt(False, "megatron sequence parallelism; always on when tp > 1 (megatron MoE needs it)")
-    moe_dispatcher: str = opt("auto", "token dispatcher: auto | allgather | alltoall (alltoall: CUDA)")
+    moe_dispatcher: str = opt(
+        "auto", "token dispatcher: auto | local | allgather | alltoall (auto: local, sync-free, when ep=tp=1; "
+        "else alltoall on CUDA, allgather on CPU)")
     distributed_optimizer: bool = opt(True, "shard optimizer state across data-parallel ranks")
     backend: str = opt("auto", "torch.distributed backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo")
 

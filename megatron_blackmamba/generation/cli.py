@@ -53,6 +53,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
     parser.add_argument("--stop-token", help="stop a sequence after this token (e.g. '<|endoftext|>')")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--no-cuda-graph", action="store_true",
+                        help="decode eagerly on a GPU instead of replaying each step from a CUDA graph")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. training.precision=fp32")
     return parser.parse_args(argv)
 
@@ -83,6 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         completions = generate(
             model, [tokenizer.encode(t).ids for t in texts], args.max_new_tokens, params,
             eos_id=eos_id, vocab_size=tokenizer.get_vocab_size(), generator=generator,
+            cuda_graph=False if args.no_cuda_graph else None,
         )
     finally:
         destroy()

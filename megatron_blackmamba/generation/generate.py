@@ -3,7 +3,8 @@
 Each prompt is *prefilled* with one full-sequence forward pass (the parallel scan), which leaves
 every Mamba layer's final conv window and SSM state in a ``RecurrentState``. Generation then feeds
 one token per step; each Mamba layer advances its state in O(1) (``Mamba1Mixer._decode``) and the
-MoE layers route that one token (plain top-1 in eval mode). Nothing grows with the context.
+MoE layers route that one token (plain top-1 in eval mode). Nothing grows with the context. On a
+GPU the decode step is replayed from a CUDA graph (generation/decode_graph.py).
 
 Batches of prompts with different lengths: padding is wrong for an SSM. There is no attention
 mask, so pad tokens on the left would flow through the recurrence and change the state the prompt
@@ -21,8 +22,11 @@ from typing import Optional, Sequence
 import torch
 from megatron.core.models.mamba import MambaModel
 
+from megatron_blackmamba.generation.decode_graph import DecodeStep
 from megatron_blackmamba.generation.sampling import SamplingParams, sample
 from megatron_blackmamba.model.recurrent_state import LayerState, RecurrentState
+
+EOS_CHECK_INTERVAL = 16  # decode steps between host-side "all sequences stopped?" checks
 
 
 def advance(model: MambaModel, tokens: torch.Tensor, state: RecurrentState) -> torch.Tensor:
@@ -63,10 +67,12 @@ def generate(
     eos_id: Optional[int] = None,
     vocab_size: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
+    cuda_graph: Optional[bool] = None,
 ) -> list[list[int]]:
     """New token ids for each prompt (up to ``max_new_tokens``, stopping after ``eos_id``).
 
     ``vocab_size`` (the tokenizer's) keeps the model's padded vocabulary rows from being sampled.
+    ``cuda_graph``: replay decode steps from a CUDA graph (default: when the model is on a GPU).
     """
     if model.training:
         raise ValueError("call model.eval() first: in training mode the router balances experts over the batch")
@@ -91,17 +97,21 @@ def generate(
     state = stack_states(states, order, max_len)
     next_logits = torch.cat(logits)[order]
 
-    outputs: list[list[int]] = [[] for _ in prompts]
+    step = DecodeStep(model, state, use_graph=cuda_graph) if max_new_tokens > 1 else None
+    generated: list[torch.Tensor] = []
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
+    for i in range(max_new_tokens):
         if vocab_size is not None:
             next_logits[:, vocab_size:] = float("-inf")
         tokens = sample(next_logits, params, generator)
-        for i in torch.nonzero(~done).flatten().tolist():
-            outputs[i].append(int(tokens[i]))
+        generated.append(tokens)
         if eos_id is not None:
             done |= tokens == eos_id
-        if bool(done.all()) or step == max_new_tokens - 1:
-            break
-        next_logits = advance(model, tokens.unsqueeze(1), state)
-    return outputs
+            # Reading `done` syncs with the GPU, so only every few tokens: the host keeps queueing
+            # steps ahead of the GPU, and the few extra tokens are trimmed below.
+            if (i + 1) % EOS_CHECK_INTERVAL == 0 and bool(done.all()):
+                break
+        if i < max_new_tokens - 1:
+            next_logits = step(tokens.unsqueeze(1))
+    rows = torch.stack(generated, dim=1).tolist()
+    return [row[:row.index(eos_id) + 1] if eos_id in row else row for row in rows]

@@ -55,6 +55,7 @@ def transformer_config(job: JobConfig) -> TransformerConfig:
         raise ValueError("model.aux_loss_coeff must be 0 with model.routing=sinkhorn (Sinkhorn balances instead)")
     cuda = torch.cuda.is_available()
     dtype = params_dtype(job)
+    dispatcher = moe_dispatcher(job)
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -68,7 +69,9 @@ def transformer_config(job: JobConfig) -> TransformerConfig:
         # Post-softmax top-1 would gate every token with weight 1.0; megatron needs pre-softmax.
         moe_router_pre_softmax=m.moe_topk == 1 and m.routing != "sinkhorn",
         moe_router_dtype="fp32",
-        moe_token_dispatcher_type=compat.resolve_moe_dispatcher(p.moe_dispatcher),
+        # The local dispatcher replaces megatron's inside LocalDispatchMoELayer; allgather is the
+        # cheap, device-agnostic one megatron builds first.
+        moe_token_dispatcher_type="allgather" if dispatcher == "local" else dispatcher,
         moe_grouped_gemm=m.moe_grouped_gemm,
         add_bias_linear=m.add_bias_linear,
         gated_linear_unit=m.activation != "gelu",
@@ -94,6 +97,12 @@ def transformer_config(job: JobConfig) -> TransformerConfig:
     )
 
 
+def moe_dispatcher(job: JobConfig) -> str:
+    """'local', 'allgather' or 'alltoall' for this job's parallel layout (compat.resolve_moe_dispatcher)."""
+    p = job.parallel
+    return compat.resolve_moe_dispatcher(p.moe_dispatcher, experts_local=p.ep == 1 and p.resolved_etp() == 1)
+
+
 def build_model(
     job: JobConfig,
     pre_process: bool | None = None,
@@ -112,7 +121,7 @@ def build_model(
     config = transformer_config(job)
     model = MambaModel(
         config=config,
-        mamba_stack_spec=blackmamba_stack_spec(m),
+        mamba_stack_spec=blackmamba_stack_spec(m, local_dispatch=moe_dispatcher(job) == "local"),
         vocab_size=m.vocab_size,
         max_sequence_length=m.max_seq_length,
         pre_process=pre_process,

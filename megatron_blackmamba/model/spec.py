@@ -2,7 +2,7 @@
 
 megatron's ``MambaStack`` already interleaves layer types from a pattern string ('M' Mamba,
 'E' MoE), splits them across pipeline stages and hosts the final norm; BlackMamba only swaps in
-the Mamba-1 mixer and the Sinkhorn router. Linear classes come from megatron's backend providers
+the Mamba-1 mixer, the Sinkhorn router and, when all experts are local, a sync-free dispatcher. Linear classes come from megatron's backend providers
 (Transformer Engine where it is installed, megatron's local modules otherwise); the norm is TE's or
 this project's sequence-parallel-aware torch RMSNorm.
 """
@@ -22,6 +22,7 @@ from megatron.core.transformer.transformer_layer import MoETransformerLayer, Tra
 
 from megatron_blackmamba.compat import have_transformer_engine
 from megatron_blackmamba.config import ModelConfig
+from megatron_blackmamba.model.local_dispatcher import LocalDispatchMoELayer
 from megatron_blackmamba.model.mamba1_mixer import Mamba1Mixer, Mamba1MixerSubmodules
 from megatron_blackmamba.model.norm import RMSNorm
 from megatron_blackmamba.model.router import BlackMambaRouter
@@ -72,10 +73,12 @@ def mamba_layer_spec(model: ModelConfig, backend: BackendSpecProvider, norm: typ
     )
 
 
-def moe_layer_spec(model: ModelConfig, backend: BackendSpecProvider, norm: type) -> ModuleSpec:
+def moe_layer_spec(model: ModelConfig, backend: BackendSpecProvider, norm: type, local_dispatch: bool) -> ModuleSpec:
     moe = get_moe_module_spec_for_backend(
         backend, num_experts=model.num_experts, moe_grouped_gemm=model.moe_grouped_gemm
     )
+    if local_dispatch:
+        moe.module = LocalDispatchMoELayer
     moe.submodules.router = partial(
         BlackMambaRouter,
         temperature=model.sinkhorn_temperature,
@@ -92,14 +95,15 @@ def moe_layer_spec(model: ModelConfig, backend: BackendSpecProvider, norm: type)
     )
 
 
-def blackmamba_stack_spec(model: ModelConfig, use_te: bool | None = None) -> ModuleSpec:
-    """The stack spec; ``use_te=None`` picks Transformer Engine modules when TE imports."""
+def blackmamba_stack_spec(model: ModelConfig, use_te: bool | None = None, local_dispatch: bool = False) -> ModuleSpec:
+    """The stack spec; ``use_te=None`` picks Transformer Engine modules when TE imports;
+    ``local_dispatch``: MoE layers use the sync-free LocalTokenDispatcher (all experts local)."""
     if use_te is None:
         use_te = have_transformer_engine()
     backend, norm = backend_provider(use_te), norm_module(use_te)
     return ModuleSpec(
         module=MambaStack,
         submodules=MambaStackSubmodules(
-            mamba_layer=mamba_layer_spec(model, backend, norm), moe_layer=moe_layer_spec(model, backend, norm)
+            mamba_layer=mamba_layer_spec(model, backend, norm), moe_layer=moe_layer_spec(model, backend, norm, local_dispatch)
         ),
     )

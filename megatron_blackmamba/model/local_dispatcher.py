@@ -1,0 +1,79 @@
+"""Token dispatch when every expert lives on this rank: no communication, so no host syncs.
+
+With expert parallelism and expert tensor parallelism both 1 (single GPU, or data parallelism
+only), megatron's alltoall dispatcher still copies the per-expert token counts to the host and
+waits on that copy in every MoE layer (an event sync, which ``torch.cuda.set_sync_debug_mode`` does
+not report), then re-sorts the tokens by local expert, an identity copy with one rank. Each wait
+drains the GPU queue, so the host can never run ahead of the kernels, and the wait also makes the
+layer impossible to capture in a CUDA graph. Here the layer permutes once (dropless, so the output
+size is known: ``compat.permute_known_size``), hands the counts to the grouped GEMM on the device
+(``kernels/grouped_gemm.py`` turns them into offsets there), and unpermutes. Expert weights, the
+router and the layer's checkpoint format are megatron's MoELayer's, unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection, unpermute
+from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
+
+from megatron_blackmamba.compat import permute_known_size
+
+
+class LocalTokenDispatcher(MoETokenDispatcher):
+    """megatron's dispatcher interface for EP = expert-TP = 1, dropless routing."""
+
+    def __init__(self, num_local_experts: int, config, pg_collection) -> None:
+        super().__init__(config=config, pg_collection=pg_collection)
+        if self.ep_size != 1 or self.tp_size != 1:
+            raise ValueError(
+                f"the local token dispatcher needs expert-parallel and expert-tensor-parallel size 1 "
+                f"(got ep={self.ep_size}, expert tp={self.tp_size}); use parallel.moe_dispatcher=alltoall"
+            )
+        if config.moe_expert_capacity_factor is not None or config.moe_router_padding_for_quantization:
+            raise ValueError("the local token dispatcher is dropless: unset the expert capacity factor and padding")
+        self.num_local_experts = num_local_experts
+
+    def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
+        self.hidden_shape = hidden_states.shape
+        self.routing_map = routing_map
+        tokens = hidden_states.view(-1, hidden_states.shape[-1])
+        self.tokens_per_expert = routing_map.sum(dim=0).long()  # stays on the device
+        permuted, permuted_probs, self.reverse_map = permute_known_size(
+            tokens, routing_map, probs=probs, num_out_tokens=routing_map.shape[0] * self.config.moe_router_topk
+        )
+        return permuted, permuted_probs
+
+    def token_dispatch(self, hidden_states: torch.Tensor, probs: torch.Tensor):
+        return hidden_states, probs
+
+    def dispatch_postprocess(self, hidden_states: torch.Tensor, probs: torch.Tensor):
+        tokens_per_expert, self.tokens_per_expert = self.tokens_per_expert, None
+        return hidden_states, tokens_per_expert, probs
+
+    def combine_preprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states
+
+    def token_combine(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states
+
+    def combine_postprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        restore_shape = (self.routing_map.shape[0], self.hidden_shape[-1])
+        output = unpermute(hidden_states, self.reverse_map, restore_shape=restore_shape, routing_map=self.routing_map)
+        self.routing_map = self.reverse_map = None
+        return output.view(self.hidden_shape)
+
+
+class LocalDispatchMoELayer(MoELayer):
+    """megatron's MoELayer whose token dispatcher is the sync-free ``LocalTokenDispatcher``.
+
+    megatron picks its dispatcher from ``config.moe_token_dispatcher_type``; the builder sets that
+    to ``allgather`` (cheap to construct, device-agnostic) and this layer replaces it.
+    """
+
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None) -> None:
+        if pg_collection is None:  # what MoELayer itself falls back to
+            pg_collection = get_default_pg_collection()
+        super().__init__(config, submodules, layer_number=layer_number, pg_collection=pg_collection)
+        self.token_dispatcher = LocalTokenDispatcher(self.num_local_experts, config, pg_collection)

@@ -1,0 +1,93 @@
+"""The CUDA-graph decode step against eager decode steps, and its eager fallback.
+
+On a GPU the replayed graph runs the eager kernels, so logits and carried state must be
+bit-identical to eager steps from the same prefilled state, on fresh random prompts and tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_blackmamba.config import load_config
+from megatron_blackmamba.generation import DecodeStep, generate, prefill, stack_states
+from megatron_blackmamba.generation.decode_graph import graph_blocker
+from megatron_blackmamba.generation.generate import EOS_CHECK_INTERVAL, advance
+from megatron_blackmamba.model.builder import build_model
+from megatron_blackmamba.parallel.setup import init_distributed
+from tests.generation.test_generate import GREEDY, TINY, VOCAB, model  # noqa: F401  (fixture)
+
+
+def two_prefilled_states(model, batch: int, seed: int):
+    device = next(model.parameters()).device
+    prompt = torch.randint(0, VOCAB, (batch, 7), device=device, generator=torch.Generator(device).manual_seed(seed))
+    state, logits = prefill(model, prompt, 64)
+    return state, stack_states([state], torch.arange(batch, device=device), 64), logits  # a copy
+
+
+def test_cpu_step_is_eager_and_equals_advance(model):
+    eager, stepped, logits = two_prefilled_states(model, batch=3, seed=11)
+    step = DecodeStep(model, stepped)
+    assert step.backend == "eager"
+    token = logits.argmax(-1, keepdim=True)
+    for _ in range(4):
+        expected = advance(model, token, eager)
+        got = step(token)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        token = got.argmax(-1, keepdim=True)
+    assert stepped.sequence_len_offset == eager.sequence_len_offset
+
+
+def test_step_refuses_unprefilled_state_graph_on_cpu_and_wrong_shape(model):
+    from megatron_blackmamba.model.recurrent_state import RecurrentState
+
+    with pytest.raises(ValueError, match="prefill"):
+        DecodeStep(model, RecurrentState(2, 16))
+    _, state, _ = two_prefilled_states(model, batch=2, seed=1)
+    with pytest.raises(ValueError, match="model on cpu"):
+        DecodeStep(model, state, use_graph=True)
+    with pytest.raises(ValueError, match=r"\(2, 1\)"):
+        DecodeStep(model, state)(torch.zeros(3, 1, dtype=torch.long))
+
+
+def test_stop_token_trims_rows_past_the_check_interval(model):
+    prompts = [[1, 2, 3], [9, 8]]
+    free = generate(model, prompts, 2 * EOS_CHECK_INTERVAL + 3, GREEDY)
+    eos = free[0][2]
+    stopped = generate(model, prompts, 2 * EOS_CHECK_INTERVAL + 3, GREEDY, eos_id=eos)
+    for row, full in zip(stopped, free):
+        expected = full[:full.index(eos) + 1] if eos in full else full
+        assert row == expected
+
+
+def test_graph_blockers_are_named():
+    job = load_config(None, TINY + ["parallel.moe_dispatcher=allgather"])
+    init_distributed(job.parallel, seed=3)
+    assert "dispatcher" in graph_blocker(build_model(job))
+    job = load_config(None, TINY)
+    init_distributed(job.parallel, seed=3)
+    assert "moe_grouped_gemm" in graph_blocker(build_model(job))
+    job = load_config(None, [o for o in TINY if "precision" not in o] + ["model.moe_grouped_gemm=true", "training.precision=bf16"])
+    init_distributed(job.parallel, seed=3)
+    assert graph_blocker(build_model(job)) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph replay needs a GPU")
+def test_graph_replay_is_bit_identical_to_eager_steps():
+    # megatron's GroupedMLP (the capturable experts) runs in bf16 only.
+    job = load_config(None, [o for o in TINY if "precision" not in o] + ["model.moe_grouped_gemm=true", "training.precision=bf16"])
+    init_distributed(job.parallel, seed=3)
+    model = build_model(job).cuda().eval()
+    with torch.no_grad():
+        eager, graphed, logits = two_prefilled_states(model, batch=4, seed=torch.seed() % 2**31)
+        step = DecodeStep(model, graphed)
+        assert step.backend == "cuda-graph"
+        tokens = torch.randint(0, VOCAB, (12, 4, 1), device="cuda")  # fresh tokens, not the model's choices
+        for token in tokens:
+            expected = advance(model, token, eager)
+            assert torch.equal(step(token), expected)
+        for layer, s in eager.layers.items():
+            assert torch.equal(graphed.layers[layer].ssm, s.ssm)
+            assert torch.equal(graphed.layers[layer].conv, s.conv)
+        prompts = [[5, 6, 7], [1, 2]]
+        assert generate(model, prompts, 10, GREEDY, cuda_graph=True) == generate(model, prompts, 10, GREEDY, cuda_graph=False)
