@@ -150,40 +150,77 @@ def sinkhorn(
     return SinkhornResult(plan=d0.unsqueeze(1) * cost * d1, iterations=max_iters - frozen, row_error=err)
 
 
-# (shape, dtype, device, sinkhorn kwargs) -> (static input, captured graph, static result)
+@torch.no_grad()
+def sinkhorn_fused(
+    logits: torch.Tensor,
+    temperature: float = 2.0,
+    init: str = "paper",
+    tol: float = 1e-2,
+    max_iters: int = 20,
+) -> SinkhornResult:
+    """``sinkhorn`` with the iteration loop in one Triton kernel (kernels/sinkhorn_triton.py):
+    same iterates and stopping rule, fp32 on a GPU; sums in another order, so equal to rounding."""
+    from megatron_blackmamba.kernels import sinkhorn_triton
+
+    if max_iters < 1:
+        raise ValueError("sinkhorn max_iters must be >= 1")
+    if logits.shape[0] == 0:
+        raise ValueError("sinkhorn needs at least one token")
+    cost = stable_cost(logits.float(), temperature).contiguous()
+    d0, d1, iterations, err = sinkhorn_triton.sinkhorn_loop(
+        cost, _initial_d1(cost, init), _rounded_up_tol(tol, cost.dtype), max_iters
+    )
+    return SinkhornResult(plan=d0.unsqueeze(1) * cost * d1, iterations=iterations, row_error=err)
+
+
+def _fused_applies(logits: torch.Tensor) -> bool:
+    """The Triton loop's domain: fp32 logits on a GPU, experts a power of two, triton importable."""
+    experts = logits.shape[1]
+    if not (logits.is_cuda and logits.dtype == torch.float32 and experts > 0 and experts & (experts - 1) == 0):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# (solver, shape, dtype, device, sinkhorn kwargs) -> (static input, captured graph, static result)
 _GRAPHS: dict[tuple, tuple[torch.Tensor, "torch.cuda.CUDAGraph", SinkhornResult]] = {}
 
 
-def _capture(logits: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, "torch.cuda.CUDAGraph", SinkhornResult]:
+def _capture(solver, logits: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, "torch.cuda.CUDAGraph", SinkhornResult]:
     static_in = logits.clone()
     side = torch.cuda.Stream(device=logits.device)
     side.wait_stream(torch.cuda.current_stream(logits.device))
-    with torch.cuda.stream(side):  # warm-up off the capture: cuBLAS handles and workspaces
-        sinkhorn(static_in, **kwargs)
+    with torch.cuda.stream(side):  # warm-up off the capture: cuBLAS handles, Triton compiles
+        solver(static_in, **kwargs)
     torch.cuda.current_stream(logits.device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_out = sinkhorn(static_in, **kwargs)
+        static_out = solver(static_in, **kwargs)
     return static_in, graph, static_out
 
 
 @torch.no_grad()
 def sinkhorn_replayed(logits: torch.Tensor, **kwargs) -> SinkhornResult:
-    """``sinkhorn(logits, **kwargs)``, replayed from a CUDA graph when ``logits`` is on a GPU.
+    """The Sinkhorn plan of ``logits``, replayed from a CUDA graph when ``logits`` is on a GPU.
 
-    The loop launches ~19 small kernels per iteration, max_iters times per MoE layer: eager, the
-    host spends longer launching them than the GPU spends running them (8 ms of host time per
-    layer in bench/results/h100_profile_step.md). The loop never syncs and its shapes are fixed
-    per (tokens, experts), so it is captured once per shape and replayed as one launch; the
-    replayed kernels are the eager ones, so the plan is bit-identical. Elsewhere (CPU, or while
-    another graph is being captured) it is a plain call. The result is copied out of the graph's
-    static buffers, so it stays valid after later replays.
+    The torch loop launches ~19 small kernels per iteration, max_iters times per MoE layer: eager,
+    the host spends longer launching them than the GPU spends running them (8 ms of host time per
+    layer in bench/results/h100_profile_step.md). It never syncs and its shapes are fixed per
+    (tokens, experts), so it is captured once per shape and replayed as one launch; where the
+    fused Triton loop applies (``sinkhorn_fused``: fp32 logits, which megatron's router produces)
+    the graph holds that instead, a handful of nodes rather than ~380. Elsewhere (CPU, or while
+    another graph is being captured) it is a plain ``sinkhorn`` call. The result is copied out of
+    the graph's static buffers, so it stays valid after later replays.
     """
     if logits.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return sinkhorn(logits, **kwargs)
-    key = (tuple(logits.shape), logits.dtype, logits.device, tuple(sorted(kwargs.items())))
+    solver = sinkhorn_fused if _fused_applies(logits) else sinkhorn
+    key = (solver.__name__, tuple(logits.shape), logits.dtype, logits.device, tuple(sorted(kwargs.items())))
     if key not in _GRAPHS:
-        _GRAPHS[key] = _capture(logits, kwargs)
+        _GRAPHS[key] = _capture(solver, logits, kwargs)
     static_in, graph, out = _GRAPHS[key]
     static_in.copy_(logits)
     graph.replay()

@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from megatron_blackmamba.model.sinkhorn import (
     row_marginal_error,
     sinkhorn,
+    sinkhorn_fused,
     sinkhorn_replayed,
     sinkhorn_steps,
     stable_cost,
@@ -251,12 +252,39 @@ def test_replayed_is_the_plain_call_on_cpu():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph replay needs a GPU")
 def test_replayed_graph_is_bit_identical_to_eager_on_fresh_inputs():
-    """One capture per shape, then every replay equals the eager call on new logits."""
-    for scale in (0.1, 1.0, 4.0):
-        for _ in range(3):
-            logits = scale * torch.randn(4096, 8, device="cuda")
-            got = sinkhorn_replayed(logits, temperature=2.0, tol=1e-4, max_iters=20)
-            want = sinkhorn(logits, temperature=2.0, tol=1e-4, max_iters=20)
-            assert torch.equal(got.plan, want.plan)
-            assert int(got.iterations) == int(want.iterations)
-            assert torch.equal(got.row_error, want.row_error)
+    """One capture per shape, then every replay equals the eager call of the solver it holds
+    (the fused Triton loop for fp32 logits, the torch loop for fp64) on new logits."""
+    for dtype, solver in ((torch.float32, sinkhorn_fused), (torch.float64, sinkhorn)):
+        for scale in (0.1, 1.0, 4.0):
+            for _ in range(3):
+                logits = scale * torch.randn(4096, 8, device="cuda", dtype=dtype)
+                got = sinkhorn_replayed(logits, temperature=2.0, tol=1e-4, max_iters=20)
+                want = solver(logits, temperature=2.0, tol=1e-4, max_iters=20)
+                assert torch.equal(got.plan, want.plan)
+                assert int(got.iterations) == int(want.iterations)
+                assert torch.equal(got.row_error, want.row_error)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton loop runs on GPUs")
+def test_fused_loop_matches_float64_early_stopping_reference():
+    """Fresh logits of several scales, both inits, tolerances and caps, ragged token counts: the
+    fused loop's plan is within fp32 rounding of the float64 plain loop's, and it stops at the same
+    iteration unless the float64 error is within fp32 rounding of tol (1e-3 relative + 1e-6), where
+    fp32 may decide either way."""
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    checked = 0
+    for tokens in (1, 37, 4096, 32768):
+        for std in (0.02, 1.0, 4.0):
+            logits = (torch.randn(tokens, 8, generator=g, dtype=torch.float64) * std).float()
+            for init in ("paper", "uniform"):
+                for tol, max_iters in ((1e-2, 20), (1e-4, 20), (0.0, 6), (0.5, 1)):
+                    plan, iterations, err = _early_stopping_reference(logits.double(), 2.0, init, tol, max_iters)
+                    got = sinkhorn_fused(logits.cuda(), temperature=2.0, init=init, tol=tol, max_iters=max_iters)
+                    if abs(err - tol) <= 1e-3 * tol + 1e-6:
+                        continue
+                    case = f"T={tokens} std={std} init={init} tol={tol} max_iters={max_iters}"
+                    assert int(got.iterations) == iterations, case
+                    torch.testing.assert_close(got.plan.double().cpu(), plan, rtol=1e-4, atol=1e-9, msg=case)
+                    assert abs(float(got.row_error) - err) <= 1e-5 + 1e-3 * err, case
+                    checked += 1
+    assert checked >= 70
