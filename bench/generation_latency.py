@@ -112,11 +112,11 @@ def measure(run, context: int, vocab: int, steps: int, batch: int, graph: bool) 
     """(ms per decode step, bytes carried between steps, peak GiB); NaN ms where the mode fails."""
     prompt = torch.randint(0, vocab, (batch, context), device="cuda")
     torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
     try:
         with torch.no_grad():
             step, carried = run(prompt, steps, graph)
             sync()
+            torch.cuda.reset_peak_memory_stats()  # decoding's peak, not prefill's
             seconds, _ = median_seconds(step, steps, warmup=4)
     except Exception as error:  # noqa: BLE001 - a baseline mode that cannot run is reported, not fatal
         print(f"context {context} {'graph' if graph else 'eager'}: {type(error).__name__}: {error}"[:400], flush=True)

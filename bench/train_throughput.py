@@ -42,7 +42,8 @@ def run_variant(name: str, config: str | None, overrides: list[str], steps: int,
     step_s, loss = median_seconds(trainer.step, steps, warmup)
     tokens_per_s = trainer.tokens_per_step / step_s
     peak, _ = device_peak_tflops(trainer.job.logging.peak_tflops)
-    mfu = tokens_per_s * trainer.flops_per_token / (peak * 1e12) if peak else 0.0
+    gpus = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    mfu = tokens_per_s * trainer.flops_per_token / (gpus * peak * 1e12) if peak else 0.0  # per GPU
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     release(trainer)
     return Result(name, tokens_per_s, step_s, mfu, peak_gib, loss)
