@@ -72,6 +72,8 @@ def transformer(vocab: int, max_len: int):
     the compiler), attending over the whole static cache as it does."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from megatron_blackmamba.cuda_graph import capture
+
     config = LlamaConfig(vocab_size=vocab, hidden_size=1152, intermediate_size=3072, num_hidden_layers=18,
                          num_attention_heads=18, num_key_value_heads=18, max_position_embeddings=max_len,
                          attn_implementation="sdpa", tie_word_embeddings=True)
@@ -94,15 +96,7 @@ def transformer(vocab: int, max_len: int):
         kv_bytes = 2 * config.num_hidden_layers * prompt.numel() * config.hidden_size * 2
         if not graph:
             return step, kv_bytes
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        captured = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(captured):
-            step()
+        captured, _ = capture(step, torch.device("cuda"), warmup=2)
         return captured.replay, kv_bytes
 
     return run

@@ -23,6 +23,7 @@ from megatron.core.models.mamba import MambaModel
 from megatron.core.transformer.moe.experts import GroupedMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
+from megatron_blackmamba.cuda_graph import capture
 from megatron_blackmamba.model.local_dispatcher import LocalTokenDispatcher
 from megatron_blackmamba.model.recurrent_state import RecurrentState
 
@@ -68,8 +69,11 @@ class DecodeStep:
                     f"CUDA-graph capture of the decode step failed: {error}. Decode eagerly instead: "
                     "generate(..., cuda_graph=False) or blackmamba-generate --no-cuda-graph."
                 ) from error
-        self.backend = "cuda-graph" if self.graph is not None else "eager"
         logger.info("decode step backend: %s%s", self.backend, f" ({blocker})" if blocker else "")
+
+    @property
+    def backend(self) -> str:
+        return "cuda-graph" if self.graph is not None else "eager"
 
     def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
         logits = self.model(tokens, None, None, inference_context=self.state, runtime_gather_output=True)
@@ -80,20 +84,11 @@ class DecodeStep:
         mutated = [t for s in self.state.layers.values() for t in (s.conv, s.ssm)] + list(self.model.buffers())
         saved = [t.clone() for t in mutated]
         self.tokens = torch.zeros(self.batch_size, 1, dtype=torch.long, device=device)
-        side = torch.cuda.Stream(device=device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up off the capture: Triton compiles, cuBLAS workspaces
-            for _ in range(2):
-                self._forward(self.tokens)
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
-                self.logits = self._forward(self.tokens)
+            self.graph, self.logits = capture(lambda: self._forward(self.tokens), device, warmup=2)
         finally:
             for tensor, value in zip(mutated, saved):
                 tensor.copy_(value)
-        self.graph = graph
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:

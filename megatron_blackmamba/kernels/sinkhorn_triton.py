@@ -85,7 +85,7 @@ def sinkhorn_loop(cost: torch.Tensor, d1: torch.Tensor, tol: float, max_iters: i
     return final, d1, out[0].long(), out[1]
 
 
-def applies(cost: torch.Tensor) -> bool:
-    """The kernel's domain: fp32 on a GPU, experts a power of two (a Triton block dimension)."""
-    E = cost.shape[1]
-    return cost.is_cuda and cost.dtype == torch.float32 and E > 0 and (E & (E - 1)) == 0
+def applies(logits: torch.Tensor) -> bool:
+    """The kernel's domain: fp32 (T, E) on a GPU, E a power of two (a Triton block dimension)."""
+    E = logits.shape[1]
+    return logits.is_cuda and logits.dtype == torch.float32 and E > 0 and (E & (E - 1)) == 0

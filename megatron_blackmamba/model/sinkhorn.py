@@ -29,6 +29,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from megatron_blackmamba.cuda_graph import capture
+
 INITS = ("paper", "uniform")
 
 
@@ -113,6 +115,13 @@ def _iteration(cost: torch.Tensor, d0: torch.Tensor) -> tuple[torch.Tensor, torc
     return d1, d0_next, err
 
 
+def _check_args(logits: torch.Tensor, max_iters: int) -> None:
+    if max_iters < 1:
+        raise ValueError("sinkhorn max_iters must be >= 1")
+    if logits.shape[0] == 0:
+        raise ValueError("sinkhorn needs at least one token")
+
+
 @torch.no_grad()
 def sinkhorn(
     logits: torch.Tensor,
@@ -131,10 +140,7 @@ def sinkhorn(
     first converged one on, ``done`` freezes d0, d1, the error and the iteration count with
     ``torch.where``; the arithmetic is the early-stopping loop's, op for op.
     """
-    if max_iters < 1:
-        raise ValueError("sinkhorn max_iters must be >= 1")
-    if logits.shape[0] == 0:
-        raise ValueError("sinkhorn needs at least one token")
+    _check_args(logits, max_iters)
     cost = stable_cost(logits.to(torch.float32 if logits.dtype != torch.float64 else torch.float64), temperature)
     tol = _rounded_up_tol(tol, cost.dtype)
     d0 = _row_scale(cost, _initial_d1(cost, init))
@@ -162,10 +168,7 @@ def sinkhorn_fused(
     same iterates and stopping rule, fp32 on a GPU; sums in another order, so equal to rounding."""
     from megatron_blackmamba.kernels import sinkhorn_triton
 
-    if max_iters < 1:
-        raise ValueError("sinkhorn max_iters must be >= 1")
-    if logits.shape[0] == 0:
-        raise ValueError("sinkhorn needs at least one token")
+    _check_args(logits, max_iters)
     cost = stable_cost(logits.float(), temperature).contiguous()
     d0, d1, iterations, err = sinkhorn_triton.sinkhorn_loop(
         cost, _initial_d1(cost, init), _rounded_up_tol(tol, cost.dtype), max_iters
@@ -174,15 +177,12 @@ def sinkhorn_fused(
 
 
 def _fused_applies(logits: torch.Tensor) -> bool:
-    """The Triton loop's domain: fp32 logits on a GPU, experts a power of two, triton importable."""
-    experts = logits.shape[1]
-    if not (logits.is_cuda and logits.dtype == torch.float32 and experts > 0 and experts & (experts - 1) == 0):
-        return False
+    """Whether the Triton loop can take ``logits``: triton importable and its domain (fp32, GPU, ...)."""
     try:
-        import triton  # noqa: F401
+        from megatron_blackmamba.kernels import sinkhorn_triton
     except ImportError:
         return False
-    return True
+    return sinkhorn_triton.applies(logits)
 
 
 # (solver, shape, dtype, device, sinkhorn kwargs) -> (static input, captured graph, static result)
@@ -191,14 +191,7 @@ _GRAPHS: dict[tuple, tuple[torch.Tensor, "torch.cuda.CUDAGraph", SinkhornResult]
 
 def _capture(solver, logits: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, "torch.cuda.CUDAGraph", SinkhornResult]:
     static_in = logits.clone()
-    side = torch.cuda.Stream(device=logits.device)
-    side.wait_stream(torch.cuda.current_stream(logits.device))
-    with torch.cuda.stream(side):  # warm-up off the capture: cuBLAS handles, Triton compiles
-        solver(static_in, **kwargs)
-    torch.cuda.current_stream(logits.device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = solver(static_in, **kwargs)
+    graph, static_out = capture(lambda: solver(static_in, **kwargs), logits.device)
     return static_in, graph, static_out
 
 
