@@ -25,6 +25,7 @@ from megatron_blackmamba.generation.sampling import SamplingParams
 from megatron_blackmamba.model.builder import build_model
 from megatron_blackmamba.parallel.setup import destroy, init_distributed
 from megatron_blackmamba.train import configure_logging
+from megatron_blackmamba.training.step import device
 
 
 def load_model(ckpt: str | Path, config: str | Path, overrides: Sequence[str] = ()) -> MambaModel:
@@ -32,8 +33,7 @@ def load_model(ckpt: str | Path, config: str | Path, overrides: Sequence[str] = 
     job = load_config(config, overrides)
     job.parallel = ParallelConfig()
     init_distributed(job.parallel, job.training.seed)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    model = build_model(job).to(device)
+    model = build_model(job).to(device())
     load_checkpoint(ckpt, [model])
     return model.eval()
 
@@ -80,8 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"error: {args.tokenizer} has {tokenizer.get_vocab_size()} tokens, the model only "
                   f"{model.vocab_size}", file=sys.stderr)
             return 2
-        device = next(model.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(args.seed)
+        generator = torch.Generator(device=device()).manual_seed(args.seed)
         completions = generate(
             model, [tokenizer.encode(t).ids for t in texts], args.max_new_tokens, params,
             eos_id=eos_id, vocab_size=tokenizer.get_vocab_size(), generator=generator,

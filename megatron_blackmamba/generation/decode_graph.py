@@ -42,6 +42,13 @@ def graph_blocker(model: MambaModel) -> Optional[str]:
     return None
 
 
+def last_logits(model: MambaModel, tokens: torch.Tensor, state: RecurrentState) -> torch.Tensor:
+    """tokens [b, s] -> last-position logits [b, V] (fp32), updating ``state``'s layers in place
+    (the caller advances ``state.sequence_len_offset``)."""
+    logits = model(tokens, None, None, inference_context=state, runtime_gather_output=True)
+    return logits[:, -1].float()
+
+
 class DecodeStep:
     """``step(tokens [b, 1]) -> logits [b, V] (fp32)``, advancing ``state`` by one token.
 
@@ -75,17 +82,13 @@ class DecodeStep:
     def backend(self) -> str:
         return "cuda-graph" if self.graph is not None else "eager"
 
-    def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        logits = self.model(tokens, None, None, inference_context=self.state, runtime_gather_output=True)
-        return logits[:, -1].float()
-
     def _capture(self, device: torch.device) -> None:
         """Capture one step; the warm-up steps' effects on the state (and router counters) are undone."""
         mutated = [t for s in self.state.layers.values() for t in (s.conv, s.ssm)] + list(self.model.buffers())
         saved = [t.clone() for t in mutated]
         self.tokens = torch.zeros(self.batch_size, 1, dtype=torch.long, device=device)
         try:
-            self.graph, self.logits = capture(lambda: self._forward(self.tokens), device, warmup=2)
+            self.graph, self.logits = capture(lambda: last_logits(self.model, self.tokens, self.state), device, warmup=2)
         finally:
             for tensor, value in zip(mutated, saved):
                 tensor.copy_(value)
@@ -95,7 +98,7 @@ class DecodeStep:
         if tokens.shape != (self.batch_size, 1):
             raise ValueError(f"decode step takes tokens of shape ({self.batch_size}, 1), got {tuple(tokens.shape)}")
         if self.graph is None:
-            logits = self._forward(tokens)
+            logits = last_logits(self.model, tokens, self.state)
         else:
             self.tokens.copy_(tokens)
             self.graph.replay()

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 from megatron.core.models.mamba import MambaModel
 
-from megatron_blackmamba.generation.decode_graph import DecodeStep
+from megatron_blackmamba.generation.decode_graph import DecodeStep, last_logits
 from megatron_blackmamba.generation.sampling import SamplingParams, sample
 from megatron_blackmamba.model.recurrent_state import LayerState, RecurrentState
 
@@ -31,9 +31,9 @@ EOS_CHECK_INTERVAL = 16  # decode steps between host-side "all sequences stopped
 
 def advance(model: MambaModel, tokens: torch.Tensor, state: RecurrentState) -> torch.Tensor:
     """tokens [b, s] -> last-position logits [b, V] (fp32); advances ``state`` by s tokens."""
-    logits = model(tokens, None, None, inference_context=state, runtime_gather_output=True)
+    logits = last_logits(model, tokens, state)
     state.sequence_len_offset += tokens.shape[1]
-    return logits[:, -1].float()
+    return logits
 
 
 def prefill(model: MambaModel, tokens: torch.Tensor, max_sequence_length: int) -> tuple[RecurrentState, torch.Tensor]:
