@@ -24,13 +24,11 @@ paper's claim: flat for BlackMamba); a mode that fails to run is reported as nan
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
 import torch
 
-from harness import append_table, device_line, median_seconds, sync
+from harness import append_table, bench_parser, device_line, median_seconds, sync
 
 CONTEXTS = (1024, 4096, 16384, 65536)
 PREFILL_CHUNK = 4096
@@ -119,14 +117,10 @@ def measure(run, context: int, vocab: int, steps: int, batch: int, graph: bool) 
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="BlackMamba config (default: built-in defaults)")
+    p = bench_parser(__doc__)
     p.add_argument("--contexts", default=",".join(map(str, CONTEXTS)), help="comma-separated context lengths")
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per point (median)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
-    p.add_argument("--out", default=os.environ.get("OUT", ""), help="folder to append the table to")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
-    p.add_argument("overrides", nargs="*", help="section.field=value overrides for BlackMamba")
     args = p.parse_args()
     contexts = [int(c) for c in args.contexts.split(",")]
     if args.dry_run:

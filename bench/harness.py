@@ -15,6 +15,7 @@ so the numbers compare models, not training loops.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import os
 import sys
@@ -144,6 +145,16 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int) -> tuple
         sync()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2], result
+
+
+def bench_parser(description: str) -> argparse.ArgumentParser:
+    """The options every model benchmark takes: a base config with overrides, --out, --dry-run."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="base config (default: built-in defaults)")
+    p.add_argument("--out", default=os.environ.get("OUT", ""), help="folder for the tables (default: $OUT)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    return p
 
 
 def append_table(out_dir: str, filename: str, text: str) -> None:

@@ -23,10 +23,8 @@ profiled step to ``$OUT/trace_<variant>.json.gz`` (open in chrome://tracing or P
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import gzip
-import os
 import re
 import shutil
 import sys
@@ -38,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from harness import VARIANTS, append_table, build_trainer, check_variants, device_line, median_seconds, release, sync
+from harness import VARIANTS, append_table, bench_parser, build_trainer, check_variants, device_line, median_seconds, release, sync
 
 # First match wins; names are lower-cased kernel names.
 KERNEL_CLASSES = [
@@ -193,14 +191,10 @@ def host_syncs(step: Callable[[], object]) -> Counter:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="base config (default: built-in defaults)")
+    p = bench_parser(__doc__)
     p.add_argument("--variant", default="blackmamba-cuda", help=f"one of {sorted(VARIANTS)}")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per phase (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--out", default=os.environ.get("OUT", ""), help="folder for the trace and tables")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
-    p.add_argument("overrides", nargs="*", help="section.field=value overrides")
     args = p.parse_args()
     check_variants([args.variant])
     if args.dry_run:

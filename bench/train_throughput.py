@@ -13,15 +13,13 @@ the optimizer step as a real run does.
 
 from __future__ import annotations
 
-import argparse
 import gc
-import os
 import sys
 from dataclasses import dataclass
 
 import torch
 
-from harness import VARIANTS, append_table, build_trainer, check_variants, device_line, median_seconds, release
+from harness import VARIANTS, append_table, bench_parser, build_trainer, check_variants, device_line, median_seconds, release
 from megatron_blackmamba.training.flops import device_peak_tflops
 
 
@@ -59,14 +57,10 @@ def table(results: list[Result]) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="base config (default: built-in defaults)")
+    p = bench_parser(__doc__)
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variant names")
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--out", default=os.environ.get("OUT", ""), help="folder to append the table to")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
-    p.add_argument("overrides", nargs="*", help="section.field=value overrides")
     args = p.parse_args()
     names = args.variants.split(",")
     check_variants(names)
