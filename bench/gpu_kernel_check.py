@@ -30,14 +30,13 @@ import argparse
 import math
 import os
 import secrets
-import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from harness import REPO  # noqa: F401,I001  (puts the repo on sys.path)
+from harness import time_ms  # noqa: I001  (importing harness puts the repo on sys.path)
 from megatron_blackmamba.kernels import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
 from megatron_blackmamba.kernels import cuda as kernels_cuda
 
@@ -174,22 +173,6 @@ def forward_backward(call: Callable, tensors: Tensors, grads: tuple[str, ...], b
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref).norm() / ref.norm()).item()
-
-
-def time_ms(fn: Callable[[], object], warmup: int, repeats: int) -> float:
-    """Median of ``repeats`` CUDA-event timings after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 # ---------------------------------------------------------------- report

@@ -5,6 +5,7 @@ A variant is a name, a scan backend and config overrides on top of the benchmark
   blackmamba-cuda   the model with mamba-ssm / causal-conv1d kernels, experts one GEMM pair each
   blackmamba-grouped  the same with all experts in two grouped GEMMs (model.moe_grouped_gemm=true)
   blackmamba-alltoall  blackmamba-grouped on megatron's alltoall dispatcher instead of the local one
+  blackmamba-compiled-glu  blackmamba-grouped with megatron's torch.compile'd gated activation
   blackmamba-torch  the same model with the PyTorch scan and conv (BLACKMAMBA_KERNEL_BACKEND=torch)
   dense-mamba       an all-Mamba stack with about the same active parameters (no MoE)
   gpt-dense         megatron-core's GPTModel with about the same active parameters (bench/gpt_baseline.py)
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -43,6 +45,8 @@ VARIANTS = {
     "blackmamba-grouped": Variant("cuda", ("model.moe_grouped_gemm=true",)),
     # megatron's alltoall dispatcher (a host sync per MoE layer) in place of the local one at ep=1.
     "blackmamba-alltoall": Variant("cuda", ("model.moe_grouped_gemm=true", "parallel.moe_dispatcher=alltoall")),
+    # the experts' gated activation as megatron compiles it instead of kernels/glu.py's Triton kernels.
+    "blackmamba-compiled-glu": Variant("cuda", ("model.moe_grouped_gemm=true", "model.fused_glu=false")),
     "blackmamba-torch": Variant("torch"),
     # 34 Mamba layers at hidden 1152 ~ the 344M active of BlackMamba-340M/1.5B.
     "dense-mamba": Variant("cuda", ("model.layer_pattern=" + "M" * 34, "model.num_layers=34")),
@@ -145,6 +149,23 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int) -> tuple
         sync()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2], result
+
+
+def time_ms(fn: Callable[[], object], warmup: int, repeats: int) -> float:
+    """Median of ``repeats`` CUDA-event timings after ``warmup`` untimed calls: device time of
+    sub-millisecond kernels, without the host round trip a wall-clock timer adds."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def bench_parser(description: str) -> argparse.ArgumentParser:

@@ -80,7 +80,9 @@ def sinkhorn_loop(cost: torch.Tensor, d1: torch.Tensor, tol: float, max_iters: i
     d1 = d1.clone()
     d0 = torch.empty(2, T, dtype=torch.float32, device=cost.device)
     out = torch.empty(3, dtype=torch.float32, device=cost.device)
-    _sinkhorn_loop[(1,)](cost, d1, d0, out, T, tol, max_iters, _TINY, E=E, BLOCK_T=512, num_warps=8)
+    # 2048-row tiles over 16 warps: 2-3x faster than 512 x 8 warps at T = 32k (0.33 -> 0.12-0.17 ms
+    # on an H100; bench/results/h100_session5_experiments.md): more loads in flight per sweep.
+    _sinkhorn_loop[(1,)](cost, d1, d0, out, T, tol, max_iters, _TINY, E=E, BLOCK_T=2048, num_warps=16)
     final = d0.index_select(0, out[2:3].long()).view(T)
     return final, d1, out[0].long(), out[1]
 

@@ -2,9 +2,10 @@
 
 megatron's ``MambaStack`` already interleaves layer types from a pattern string ('M' Mamba,
 'E' MoE), splits them across pipeline stages and hosts the final norm; BlackMamba only swaps in
-the Mamba-1 mixer, the Sinkhorn router and, when all experts are local, a sync-free dispatcher. Linear classes come from megatron's backend providers
-(Transformer Engine where it is installed, megatron's local modules otherwise); the norm is TE's or
-this project's sequence-parallel-aware torch RMSNorm.
+the Mamba-1 mixer, the Sinkhorn router, the grouped experts' fused gated activation and, when
+all experts are local, a sync-free dispatcher. Linear classes come from megatron's backend
+providers (Transformer Engine where it is installed, megatron's local modules otherwise); the
+norm is TE's or this project's sequence-parallel-aware torch RMSNorm.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_ba
 from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
 from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
 from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.transformer.moe.experts import GroupedMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import MoETransformerLayer, TransformerLayerSubmodules
 
 from megatron_blackmamba.compat import have_transformer_engine
 from megatron_blackmamba.config import ModelConfig
+from megatron_blackmamba.model.experts import FusedGLUGroupedMLP
 from megatron_blackmamba.model.local_dispatcher import LocalDispatchMoELayer
 from megatron_blackmamba.model.mamba1_mixer import Mamba1Mixer, Mamba1MixerSubmodules
 from megatron_blackmamba.model.norm import RMSNorm
@@ -79,6 +82,8 @@ def moe_layer_spec(model: ModelConfig, backend: BackendSpecProvider, norm: type,
     )
     if local_dispatch:
         moe.module = LocalDispatchMoELayer
+    if model.fused_glu and moe.submodules.experts.module is GroupedMLP:
+        moe.submodules.experts.module = FusedGLUGroupedMLP
     moe.submodules.router = partial(
         BlackMambaRouter,
         temperature=model.sinkhorn_temperature,

@@ -1,0 +1,130 @@
+"""The MoE layer's own kernels, side by side in one run, at one micro-batch of the 340M config
+(16 x 2048 = 32768 tokens, 8 experts, expert width 3072, GeGLU):
+
+* the Sinkhorn routing plan of [T, E] fp32 logits: the torch loop eager, the torch loop replayed
+  as a CUDA graph, and the Triton loop (kernels/sinkhorn_triton.py), with the iterations run;
+* the experts' gated activation x routing probability over [T, 2F] bf16: the expression megatron's
+  GroupedMLP compiles with torch.compile, and kernels/glu.py's Triton kernels; forward and
+  forward+backward, against the floor of their HBM bytes at --bandwidth.
+
+Every row gives ||out - ref|| / ||ref|| against float64 (for the backward, the largest over the
+input gradients). Times are medians of CUDA-event timings.
+
+    python bench/moe_kernels.py [--tokens 32768] [--experts 8] [--ffn 3072] [--out DIR] [--dry-run]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from harness import append_table, device_line, time_ms  # noqa: I001  (importing harness puts the repo on sys.path)
+from megatron_blackmamba.config import ModelConfig
+from megatron_blackmamba.cuda_graph import capture
+from megatron_blackmamba.kernels.glu import glu_with_probs
+from megatron_blackmamba.model.sinkhorn import sinkhorn, sinkhorn_fused
+
+HEADER = ["| op | implementation | fwd ms | fwd+bwd ms | bytes floor ms (fwd / fwd+bwd) | rel err vs fp64 | note |",
+          "|---|---|---|---|---|---|---|"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=32768, help="tokens per micro-batch (rows of both ops)")
+    p.add_argument("--experts", type=int, default=8, help="columns of the Sinkhorn cost matrix")
+    p.add_argument("--ffn", type=int, default=3072, help="expert width F (the activation reads [T, 2F])")
+    p.add_argument("--logit-std", type=float, default=1.0, help="std of the random router logits")
+    p.add_argument("--bandwidth", type=float, default=3.0e12, help="HBM bytes/s for the floors (H100: ~3.0e12)")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per row (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls first (compiles, graph capture)")
+    p.add_argument("--out", default=os.environ.get("OUT", ""), help="folder for the table (default: $OUT)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    return p.parse_args(argv)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float(torch.linalg.norm(got.double() - want) / torch.linalg.norm(want))
+
+
+def sinkhorn_rows(args: argparse.Namespace) -> list[str]:
+    m = ModelConfig()
+    kwargs = dict(temperature=m.sinkhorn_temperature, init=m.sinkhorn_init, tol=m.sinkhorn_tol,
+                  max_iters=m.sinkhorn_max_iters)
+    logits = args.logit_std * torch.randn(args.tokens, args.experts, device="cuda")
+    want = sinkhorn(logits.double(), **kwargs)
+    static = logits.clone()
+    graph, graphed = capture(lambda: sinkhorn(static, **kwargs), logits.device)
+    solvers = {
+        "torch loop, eager": lambda: sinkhorn(logits, **kwargs),
+        "torch loop, CUDA graph": lambda: (graph.replay(), graphed)[1],
+        "Triton loop": lambda: sinkhorn_fused(logits, **kwargs),
+    }
+    rows = []
+    for name, solve in solvers.items():
+        ms = time_ms(solve, args.warmup, args.repeats)
+        got = solve()
+        err = rel_err(got.plan, want.plan)
+        rows.append(f"| sinkhorn [{args.tokens}, {args.experts}] | {name} | {ms:.3f} | | | {err:.1e} "
+                    f"| {int(got.iterations)} iterations (fp64: {int(want.iterations)}) |")
+    return rows
+
+
+def megatron_glu(x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """GroupedMLP.activation_func_with_probs with its glu, as megatron-core 0.16.1 writes them."""
+    gate, value = torch.chunk(x, 2, dim=-1)
+    return (F.gelu(gate) * value * probs).to(x.dtype)
+
+
+def glu_rows(args: argparse.Namespace) -> list[str]:
+    T, Fw = args.tokens, args.ffn
+    x = torch.randn(T, 2 * Fw, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    probs = torch.rand(T, 1, device="cuda", requires_grad=True)
+    dy = torch.randn(T, Fw, device="cuda", dtype=torch.bfloat16)
+    x64, p64 = x.detach().double().requires_grad_(), probs.detach().double().requires_grad_()
+    gate, value = x64.chunk(2, dim=-1)
+    want = F.gelu(gate) * value * p64
+    want.backward(dy.double())
+    impls = {"megatron (torch.compile)": torch.compile(megatron_glu), "kernels/glu.py (Triton)": glu_with_probs}
+    io = 2  # bytes per bf16 element
+    floor_fwd = T * 3 * Fw * io / args.bandwidth * 1e3  # read [T, 2F], write [T, F]
+    floor_bwd = T * 5 * Fw * io / args.bandwidth * 1e3  # read [T, 2F] and dy [T, F], write dx [T, 2F]
+    rows = []
+    for name, fn in impls.items():
+        def fwd_bwd(fn=fn):
+            return torch.autograd.grad(fn(x, probs), (x, probs), dy)
+
+        fwd_ms = time_ms(lambda fn=fn: fn(x, probs), args.warmup, args.repeats)
+        both_ms = time_ms(fwd_bwd, args.warmup, args.repeats)
+        y = fn(x, probs)
+        dx, dp = fwd_bwd()
+        err_y = rel_err(y, want.detach())
+        err_grad = max(rel_err(dx, x64.grad), rel_err(dp, p64.grad))
+        rows.append(f"| gelu(x1) * x2 * p [{T}, {2 * Fw}] bf16 | {name} | {fwd_ms:.3f} | {both_ms:.3f} | "
+                    f"{floor_fwd:.3f} / {floor_fwd + floor_bwd:.3f} | y {err_y:.1e}, grads {err_grad:.1e} | |")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    plan = (f"moe kernels: sinkhorn [{args.tokens}, {args.experts}] (torch eager, torch graph, Triton); "
+            f"gated activation [{args.tokens}, {2 * args.ffn}] bf16 (megatron compiled, Triton); "
+            f"median of {args.repeats} after {args.warmup} warm-up")
+    if args.dry_run:
+        print(plan)
+        return 0
+    if not torch.cuda.is_available():
+        print("moe_kernels: no CUDA device (use --dry-run to see the plan)", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    text = "\n".join([plan, device_line(), *HEADER, *sinkhorn_rows(args), *glu_rows(args)])
+    print(text)
+    append_table(args.out, "moe_kernels.md", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
