@@ -1,16 +1,23 @@
-"""The whole Sinkhorn loop as one Triton kernel, for the router on GPUs.
+"""The Sinkhorn loop as a fixed sequence of Triton launches, for the router on GPUs.
 
 Why: the torch loop (model/sinkhorn.py) is ~19 small kernels per iteration, always max_iters
-iterations. Replayed from a CUDA graph it still costs ~0.6 ms of host time per MoE layer just to
-launch the graph's ~380 nodes (bench/results/h100_profile_step.md), more than the GPU needs to
-run them. Here one program sweeps the (T, E) cost matrix once per iteration (it stays in L2:
-T x E fp32 is 1 MiB at T = 32k, E = 8), fusing the row update of iteration k with the column
-sums of iteration k + 1, and stops in the kernel at the first iteration whose error < tol: the
-early-stopping rule of ``model.sinkhorn.sinkhorn``, with no host sync and one launch.
+iterations; replayed from a CUDA graph its ~380 nodes still cost more to launch than to run. A
+single-program kernel (session 3) fixed the launches but swept the (T, E) cost matrix from one
+SM: 0.29 ms for 6 iterations at T = 32k on an H100, latency-bound. This sequence takes 0.057 ms
+(graph replay; bench/results/h100_session5_experiments.md).
 
-Same iterates and stopping rule as ``sinkhorn``; the sums run in a different order, so the plan
-agrees to fp32 rounding rather than bit for bit (tests/model/test_sinkhorn.py compares both with
-the float64 reference on GPUs).
+Here each iteration is one launch of ``PROGRAMS`` programs, each owning a contiguous slice of the
+tokens: it updates its rows' d0, their largest marginal error and its partial column sums, and
+stores them in its own slot. The next launch reads all slots (a fixed-order sum: deterministic,
+no atomics), so the column scaling needs no grid-wide barrier. The stopping test runs at the
+start of the following launch: once an iteration's error is < tol (or the cap is reached), that
+launch writes the result and raises a flag on which every later launch returns at once. There
+are always max_iters + 2 launches, so the sequence has fixed shape and is captured into the
+router's CUDA graph (model/sinkhorn.sinkhorn_replayed), with no host sync.
+
+Same iterates and stopping rule as ``model.sinkhorn.sinkhorn``; sums run in a different order, so
+the plan agrees to fp32 rounding rather than bit for bit (tests/model/test_sinkhorn.py compares
+both with the float64 reference on GPUs).
 """
 
 from __future__ import annotations
@@ -20,69 +27,101 @@ import triton
 import triton.language as tl
 
 _TINY = float(torch.finfo(torch.float32).tiny)
+PROGRAMS = 128  # token slices per launch: 256 rows each at T = 32k
 
 
 @triton.jit
-def _sinkhorn_loop(cost_ptr, d1_ptr, d0_ptr, out_ptr, T, tol, max_iters, tiny,
-                   E: tl.constexpr, BLOCK_T: tl.constexpr):
-    """cost [T, E] fp32; d1 [E] in: initial column scaling, out: final; d0 [2, T] scratch;
-    out [3] fp32: (iterations, row error, which d0 row is final)."""
+def _row_slice(T, P: tl.constexpr):
+    rows_per = tl.cdiv(T, P)
+    start = tl.program_id(0) * rows_per
+    return start, tl.minimum(start + rows_per, T)
+
+
+@triton.jit
+def _sinkhorn_start(cost_ptr, d1_ptr, d0_ptr, col_ptr, flag_ptr, T, tiny,
+                    E: tl.constexpr, P: tl.constexpr, BLOCK_T: tl.constexpr):
+    """d0_0 = row scaling for the initial d1 into d0[0]; this slice's column sums into col[0, pid]."""
     cols = tl.arange(0, E)
     d1 = tl.load(d1_ptr + cols)
-    inv_t = 1.0 / T
-    inv_e = 1.0 / E
-    # d0 = row scaling for the initial d1, and the column sums it gives.
+    lo, hi = _row_slice(T, P)
     colsum = tl.zeros([E], dtype=tl.float32)
-    for start in range(0, T, BLOCK_T):
+    for start in range(lo, hi, BLOCK_T):
         rows = start + tl.arange(0, BLOCK_T)
-        valid = rows < T
+        valid = rows < hi
         c = tl.load(cost_ptr + rows[:, None] * E + cols[None, :], mask=valid[:, None], other=0.0)
-        d0 = inv_t / (tl.sum(c * d1[None, :], axis=1) + tiny)
+        d0 = (1.0 / T) / (tl.sum(c * d1[None, :], axis=1) + tiny)
         tl.store(d0_ptr + rows, d0, mask=valid)
         colsum += tl.sum(tl.where(valid[:, None], c * d0[:, None], 0.0), axis=0)
-    it = 0
-    cur = 0
-    err = 0.0
-    running = 1
-    while running > 0:
-        it += 1
-        d1 = inv_e / (colsum + tiny)
+    tl.store(col_ptr + tl.program_id(0) * E + cols, colsum)
+    if tl.program_id(0) == 0:
+        tl.store(flag_ptr, 0)
+
+
+@triton.jit(do_not_specialize=["k"])  # one compile for every launch index
+def _sinkhorn_iteration(cost_ptr, d1_ptr, d0_ptr, col_ptr, err_ptr, flag_ptr, out_ptr, T, tol, max_iters, k, tiny,
+                        E: tl.constexpr, P: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Launch k >= 1: stop on iteration k - 1's error, else run iteration k.
+
+    Buffers alternate by parity: iteration k reads d0[(k-1) % 2] and col[(k-1) % 2] (the column
+    sums of d0_k, written by launch k - 1), writes d0[k % 2], col[k % 2, pid] and err[k % 2, pid].
+    out [3] fp32: (iterations, row error, which d0 row is final); d1 [E]: final column scaling.
+    """
+    cols = tl.arange(0, E)
+    slots = tl.arange(0, P)
+    prev, cur = (k + 1) % 2, k % 2
+    running = tl.load(flag_ptr) == 0
+    err_prev = tl.max(tl.load(err_ptr + prev * P + slots), axis=0)  # unset at k = 1, and unused
+    stop = (k > 1) & ((err_prev < tol) | (k - 1 >= max_iters))
+    if running & stop & (tl.program_id(0) == 0):
+        # Iteration k - 1 is final: its d1 came from the column sums launch k - 1 read.
+        colsum = tl.sum(tl.load(col_ptr + cur * P * E + slots[:, None] * E + cols[None, :]), axis=0)
+        tl.store(d1_ptr + cols, (1.0 / E) / (colsum + tiny))
+        tl.store(out_ptr, (k - 1).to(tl.float32))
+        tl.store(out_ptr + 1, err_prev)
+        tl.store(out_ptr + 2, cur.to(tl.float32))
+        tl.store(flag_ptr, 1)
+    if running & ~stop:
+        colsum = tl.sum(tl.load(col_ptr + prev * P * E + slots[:, None] * E + cols[None, :]), axis=0)
+        d1 = (1.0 / E) / (colsum + tiny)
+        lo, hi = _row_slice(T, P)
         colsum = tl.zeros([E], dtype=tl.float32)
         err = 0.0
-        for start in range(0, T, BLOCK_T):
+        for start in range(lo, hi, BLOCK_T):
             rows = start + tl.arange(0, BLOCK_T)
-            valid = rows < T
+            valid = rows < hi
             c = tl.load(cost_ptr + rows[:, None] * E + cols[None, :], mask=valid[:, None], other=0.0)
-            d0 = tl.load(d0_ptr + cur * T + rows, mask=valid, other=1.0)
+            d0 = tl.load(d0_ptr + prev * T + rows, mask=valid, other=1.0)
             row_mass = tl.sum(c * d1[None, :], axis=1)
-            d0_next = inv_t / (row_mass + tiny)
+            d0_next = (1.0 / T) / (row_mass + tiny)
             row_err = tl.where(valid & (row_mass > 0), tl.abs(d0 / d0_next - 1.0), 0.0)
             err = tl.maximum(err, tl.max(row_err, axis=0))
-            tl.store(d0_ptr + (1 - cur) * T + rows, d0_next, mask=valid)
+            tl.store(d0_ptr + cur * T + rows, d0_next, mask=valid)
             colsum += tl.sum(tl.where(valid[:, None], c * d0_next[:, None], 0.0), axis=0)
-        if (err < tol) or (it >= max_iters):
-            running = 0
-        else:
-            cur = 1 - cur
-    tl.store(d1_ptr + cols, d1)
-    tl.store(out_ptr, it.to(tl.float32))
-    tl.store(out_ptr + 1, err)
-    tl.store(out_ptr + 2, cur.to(tl.float32))
+        tl.store(col_ptr + cur * P * E + tl.program_id(0) * E + cols, colsum)
+        tl.store(err_ptr + cur * P + tl.program_id(0), err)
 
 
-def sinkhorn_loop(cost: torch.Tensor, d1: torch.Tensor, tol: float, max_iters: int):
+def sinkhorn_loop(cost: torch.Tensor, d1: torch.Tensor, tol: float, max_iters: int,
+                  programs: int = PROGRAMS, block_t: int = 256):
     """(d0, d1, iterations, row_error) of the first iteration with row error < ``tol`` (or the last).
 
     ``cost`` [T, E] fp32 contiguous on a GPU, E a power of two; ``d1`` [E] the initial column
-    scaling; ``tol`` already rounded up to fp32 (model.sinkhorn._rounded_up_tol).
+    scaling; ``tol`` already rounded up to fp32 (model.sinkhorn._rounded_up_tol). ``programs``
+    (a power of two) and ``block_t`` only change speed.
     """
     T, E = cost.shape
+    dev = cost.device
     d1 = d1.clone()
-    d0 = torch.empty(2, T, dtype=torch.float32, device=cost.device)
-    out = torch.empty(3, dtype=torch.float32, device=cost.device)
-    # 2048-row tiles over 16 warps: 2-3x faster than 512 x 8 warps at T = 32k (0.33 -> 0.12-0.17 ms
-    # on an H100; bench/results/h100_session5_experiments.md): more loads in flight per sweep.
-    _sinkhorn_loop[(1,)](cost, d1, d0, out, T, tol, max_iters, _TINY, E=E, BLOCK_T=2048, num_warps=16)
+    d0 = torch.empty(2, T, dtype=torch.float32, device=dev)
+    col = torch.empty(2, programs, E, dtype=torch.float32, device=dev)
+    err = torch.empty(2, programs, dtype=torch.float32, device=dev)
+    flag = torch.empty(1, dtype=torch.int32, device=dev)
+    out = torch.empty(3, dtype=torch.float32, device=dev)
+    grid = (programs,)
+    _sinkhorn_start[grid](cost, d1, d0, col, flag, T, _TINY, E=E, P=programs, BLOCK_T=block_t, num_warps=4)
+    for k in range(1, max_iters + 2):
+        _sinkhorn_iteration[grid](cost, d1, d0, col, err, flag, out, T, tol, max_iters, k, _TINY,
+                                  E=E, P=programs, BLOCK_T=block_t, num_warps=4)
     final = d0.index_select(0, out[2:3].long()).view(T)
     return final, d1, out[0].long(), out[1]
 

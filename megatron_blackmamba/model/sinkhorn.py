@@ -164,8 +164,9 @@ def sinkhorn_fused(
     tol: float = 1e-2,
     max_iters: int = 20,
 ) -> SinkhornResult:
-    """``sinkhorn`` with the iteration loop in one Triton kernel (kernels/sinkhorn_triton.py):
-    same iterates and stopping rule, fp32 on a GPU; sums in another order, so equal to rounding."""
+    """``sinkhorn`` with the iteration loop as max_iters + 2 Triton launches of many programs each
+    (kernels/sinkhorn_triton.py): same iterates and stopping rule, fp32 on a GPU; sums in another
+    order, so equal to rounding."""
     from megatron_blackmamba.kernels import sinkhorn_triton
 
     _check_args(logits, max_iters)
@@ -204,7 +205,7 @@ def sinkhorn_replayed(logits: torch.Tensor, **kwargs) -> SinkhornResult:
     layer in bench/results/h100_profile_step.md). It never syncs and its shapes are fixed per
     (tokens, experts), so it is captured once per shape and replayed as one launch; where the
     fused Triton loop applies (``sinkhorn_fused``: fp32 logits, which megatron's router produces)
-    the graph holds that instead, a handful of nodes rather than ~380. Elsewhere (CPU, or while
+    the graph holds that instead, max_iters + 2 kernel nodes rather than ~380. Elsewhere (CPU, or while
     another graph is being captured) it is a plain ``sinkhorn`` call. The result is copied out of
     the graph's static buffers, so it stays valid after later replays.
     """
