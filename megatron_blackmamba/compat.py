@@ -131,17 +131,22 @@ def _patch_grouped_gemm() -> list[str]:
     return ["grouped_gemm->torch._grouped_mm"]
 
 
+def dropless_order(routing_map: torch.Tensor, num_out_tokens: int, probs: torch.Tensor | None = None):
+    """(token index, its prob or None) of every routed (token, expert) pair, expert by expert and
+    tokens in order within an expert: megatron's permute order, without a host sync."""
+    num_tokens = routing_map.shape[0]
+    # Row-major nonzeros of the [experts, tokens] mask, exactly what megatron's masked_select yields.
+    flat = torch.nonzero_static(routing_map.bool().T.contiguous().view(-1), size=num_out_tokens).view(-1)
+    permuted_probs = None if probs is None else probs.T.contiguous().view(-1).index_select(0, flat)
+    return flat % num_tokens, permuted_probs
+
+
 def permute_known_size(tokens, routing_map, probs=None, num_out_tokens=None, fused=False, drop_and_pad=False):
     """megatron's ``permute`` (same signature and results) without a host sync when the dropless
     output size ``num_out_tokens`` is a Python int; anything else goes to megatron's version."""
     if fused or drop_and_pad or not isinstance(num_out_tokens, int):
         return _MEGATRON_PERMUTE(tokens, routing_map, probs, num_out_tokens, fused, drop_and_pad)
-    num_tokens = routing_map.shape[0]
-    # Row-major nonzeros of the [experts, tokens] mask: expert by expert, tokens in order, exactly
-    # what megatron's masked_select yields.
-    flat = torch.nonzero_static(routing_map.bool().T.contiguous().view(-1), size=num_out_tokens).view(-1)
-    sorted_indices = flat % num_tokens
-    permuted_probs = None if probs is None else probs.T.contiguous().view(-1).index_select(0, flat)
+    sorted_indices, permuted_probs = dropless_order(routing_map, num_out_tokens, probs)
     return tokens.index_select(0, sorted_indices), permuted_probs, sorted_indices
 
 

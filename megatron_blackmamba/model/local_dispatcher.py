@@ -9,6 +9,10 @@ layer impossible to capture in a CUDA graph. Here the layer permutes once (dropl
 size is known: ``compat.permute_known_size``), hands the counts to the grouped GEMM on the device
 (``kernels/grouped_gemm.py`` turns them into offsets there), and unpermutes. Expert weights, the
 router and the layer's checkpoint format are megatron's MoELayer's, unchanged.
+
+With top-1 routing (BlackMamba's) every token goes to exactly one expert, so the permutation is
+invertible and both directions are row gathers (``_PermuteRows``), forward and backward; megatron's
+general path backs the gather with an atomic index_add and unpermutes by scatter_add.
 """
 
 from __future__ import annotations
@@ -18,7 +22,25 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection, unpermute
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
-from megatron_blackmamba.compat import permute_known_size
+from megatron_blackmamba.compat import dropless_order, permute_known_size
+
+
+class _PermuteRows(torch.autograd.Function):
+    """y = x[order] for a permutation ``order`` of x's rows; dx = dy[inverse]: a gather each way.
+
+    index_select's own backward is an index_add with atomics: 0.33 ms per MoE layer at 32k bf16
+    tokens on an H100 (bench/results/h100_profile_step.md), several times a gather of the same rows.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return dy.index_select(0, inverse), None, None
 
 
 class LocalTokenDispatcher(MoETokenDispatcher):
@@ -34,14 +56,21 @@ class LocalTokenDispatcher(MoETokenDispatcher):
         if config.moe_expert_capacity_factor is not None or config.moe_router_padding_for_quantization:
             raise ValueError("the local token dispatcher is dropless: unset the expert capacity factor and padding")
         self.num_local_experts = num_local_experts
+        self.inverse: torch.Tensor | None = None  # top-1 routing: the inverse of the permutation
 
     def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
         self.hidden_shape = hidden_states.shape
         self.routing_map = routing_map
         tokens = hidden_states.view(-1, hidden_states.shape[-1])
         self.tokens_per_expert = routing_map.sum(dim=0).long()  # stays on the device
+        num_out = routing_map.shape[0] * self.config.moe_router_topk
+        if self.config.moe_router_topk == 1:
+            order, permuted_probs = dropless_order(routing_map, num_out, probs)
+            self.inverse = torch.empty_like(order).scatter_(0, order, torch.arange(num_out, device=order.device))
+            self.reverse_map = order
+            return _PermuteRows.apply(tokens, order, self.inverse), permuted_probs
         permuted, permuted_probs, self.reverse_map = permute_known_size(
-            tokens, routing_map, probs=probs, num_out_tokens=routing_map.shape[0] * self.config.moe_router_topk
+            tokens, routing_map, probs=probs, num_out_tokens=num_out
         )
         return permuted, permuted_probs
 
@@ -59,9 +88,12 @@ class LocalTokenDispatcher(MoETokenDispatcher):
         return hidden_states
 
     def combine_postprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        restore_shape = (self.routing_map.shape[0], self.hidden_shape[-1])
-        output = unpermute(hidden_states, self.reverse_map, restore_shape=restore_shape, routing_map=self.routing_map)
-        self.routing_map = self.reverse_map = None
+        if self.inverse is not None:  # top-1: undo the permutation by gathering with its inverse
+            output = _PermuteRows.apply(hidden_states, self.inverse, self.reverse_map)
+        else:
+            restore_shape = (self.routing_map.shape[0], self.hidden_shape[-1])
+            output = unpermute(hidden_states, self.reverse_map, restore_shape=restore_shape, routing_map=self.routing_map)
+        self.routing_map = self.reverse_map = self.inverse = None
         return output.view(self.hidden_shape)
 
 

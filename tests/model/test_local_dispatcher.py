@@ -32,9 +32,11 @@ def build_moe(job, local: bool) -> MoELayer:
 
 @pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("training", [True, False])
-def test_local_dispatcher_matches_megatron_allgather(single_rank, grouped: bool, training: bool):
+@pytest.mark.parametrize("topk", [1, 2])  # 1: the invertible-permutation path; 2: megatron's unpermute
+def test_local_dispatcher_matches_megatron_allgather(single_rank, grouped: bool, training: bool, topk: int):
     compat.apply()
     job = load_config(None, ["model.hidden_size=32", "model.ffn_hidden_size=48", "model.num_experts=4",
+                             f"model.moe_topk={topk}",
                              f"model.moe_grouped_gemm={str(grouped).lower()}",
                              # megatron's GroupedMLP runs only in bf16
                              f"training.precision={'bf16' if grouped else 'fp32'}",
