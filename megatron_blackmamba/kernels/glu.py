@@ -5,10 +5,10 @@ output of the gate and value halves; probs [T, 1]). ``glu_with_probs`` runs it
 
 * as one Triton kernel forward and one backward (kernels/glu_triton.py) for CUDA tensors when
   Triton imports, and
-* as the plain PyTorch expression below otherwise (CPU, or no Triton), which is also the
+* as the plain PyTorch expression below otherwise (CPU, fp64, or no Triton), which is also the
   definition the kernel is tested against.
 
-Both compute in fp32 and round once to x's dtype.
+Both compute in fp32 (the PyTorch path in fp64 for fp64 inputs) and round once to x's dtype.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ ACTIVATIONS = ("gelu", "silu")
 
 
 def glu_with_probs_torch(x: Tensor, probs: Tensor, activation: str) -> Tensor:
-    """The reference: fp32 math, result in x's dtype."""
-    gate, value = x.float().chunk(2, dim=-1)
+    """The reference: math in fp32 (fp64 for fp64 inputs), result in x's dtype."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    gate, value = x.to(compute).chunk(2, dim=-1)
     act = F.silu(gate) if activation == "silu" else F.gelu(gate)
-    return (act * value * probs.float()).to(x.dtype)
+    return (act * value * probs.to(compute)).to(x.dtype)
 
 
 @functools.cache
@@ -58,11 +59,15 @@ class _FusedGLU(torch.autograd.Function):
         return dx.view(x_shape), dp.view(p_shape).to(p_dtype), None
 
 
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # the kernels compute in fp32
+
+
 def fused_applies(x: Tensor, probs: Tensor) -> bool:
-    """Whether the Triton kernels take these: non-empty CUDA tensors, one probability per row of
-    ``x``, and Triton importable."""
+    """Whether the Triton kernels take these: non-empty CUDA tensors of at most fp32 precision,
+    one probability per row of ``x``, and Triton importable."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return x.is_cuda and rows > 0 and probs.numel() == rows and _triton_module() is not None
+    return (x.is_cuda and x.dtype in _KERNEL_DTYPES and rows > 0 and probs.numel() == rows
+            and _triton_module() is not None)
 
 
 def glu_with_probs(x: Tensor, probs: Tensor, activation: str = "gelu") -> Tensor:

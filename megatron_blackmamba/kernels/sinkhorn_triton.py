@@ -32,6 +32,7 @@ PROGRAMS = 128  # token slices per launch: 256 rows each at T = 32k
 
 @triton.jit
 def _row_slice(T, P: tl.constexpr):
+    """[lo, hi): the contiguous token rows this program owns (empty for the last ones when T < P)."""
     rows_per = tl.cdiv(T, P)
     start = tl.program_id(0) * rows_per
     return start, tl.minimum(start + rows_per, T)

@@ -32,11 +32,12 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return float(torch.linalg.norm(got.double() - want) / torch.linalg.norm(want))
 
 
-def _check(device: str, dtype: torch.dtype, activation: str, rows: int, width: int, seed: int, tol: float):
+def _check(device: str, dtype: torch.dtype, activation: str, rows: int, width: int, seed: int, tol: float,
+           probs_dtype: torch.dtype = torch.float32):
     g = torch.Generator().manual_seed(seed)
-    x = (2 * torch.randn(rows, 2 * width, generator=g)).to(device, dtype).requires_grad_()
-    probs = torch.rand(rows, 1, generator=g).to(device).requires_grad_()
-    dy = torch.randn(rows, width, generator=g).to(device, dtype)
+    x = (2 * torch.randn(rows, 2 * width, generator=g, dtype=torch.float64)).to(device, dtype).requires_grad_()
+    probs = torch.rand(rows, 1, generator=g, dtype=torch.float64).to(device, probs_dtype).requires_grad_()
+    dy = torch.randn(rows, width, generator=g, dtype=torch.float64).to(device, dtype)
     y = glu_with_probs(x, probs, activation)
     y.backward(dy)
     want_y, want_dx, want_dp = _grads64(x, probs, dy, activation)
@@ -50,6 +51,10 @@ def _check(device: str, dtype: torch.dtype, activation: str, rows: int, width: i
 @pytest.mark.parametrize("seed", [0, 1])
 def test_torch_path_matches_float64(activation: str, seed: int):
     _check("cpu", torch.float32, activation, rows=37, width=24, seed=seed, tol=1e-6)
+
+
+def test_float64_stays_float64():
+    _check("cpu", torch.float64, "gelu", rows=9, width=16, seed=3, tol=1e-12, probs_dtype=torch.float64)
 
 
 def test_cpu_tensors_take_the_torch_path():
