@@ -5,7 +5,8 @@ Hidden 1152 (18 heads of 64), 18 layers, GeLU MLP of 4 x hidden, RMSNorm, RoPE, 
 megatron's local spec computes attention with an explicit softmax over the full score matrix;
 without Transformer Engine there is no flash attention in megatron-core, so the core attention
 here is PyTorch's ``scaled_dot_product_attention`` (flash / memory-efficient kernels on CUDA),
-plugged in through the spec like any other module.
+plugged in through the spec like any other module. The loss is the same one BlackMamba trains
+with (``model.fused_cross_entropy``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from megatron.core.transformer.module import MegatronModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from megatron_blackmamba.model.builder import transformer_config  # noqa: E402
+from megatron_blackmamba.model.language_model import FusedCrossEntropyMixin  # noqa: E402
 
 LAYERS, HEADS, HEAD_DIM, FFN_MULT = 18, 18, 64, 4
 
@@ -61,10 +63,15 @@ def gpt_config(job):
     )
 
 
+class FusedLossGPTModel(FusedCrossEntropyMixin, GPTModel):
+    """GPTModel with BlackMamba's cross-entropy, so the comparison is of the models, not the losses."""
+
+
 def build_gpt(job, pre_process: bool = True, post_process: bool = True) -> GPTModel:
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    return GPTModel(
+    model_class = FusedLossGPTModel if job.model.fused_cross_entropy else GPTModel
+    return model_class(
         config=gpt_config(job),
         transformer_layer_spec=spec,
         vocab_size=job.model.vocab_size,

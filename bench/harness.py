@@ -6,6 +6,7 @@ A variant is a name, a scan backend and config overrides on top of the benchmark
   blackmamba-grouped  the same with all experts in two grouped GEMMs (model.moe_grouped_gemm=true)
   blackmamba-alltoall  blackmamba-grouped on megatron's alltoall dispatcher instead of the local one
   blackmamba-compiled-glu  blackmamba-grouped with megatron's torch.compile'd gated activation
+  blackmamba-megatron-ce  blackmamba-grouped with megatron's cross-entropy (fp32 logits copy)
   blackmamba-torch  the same model with the PyTorch scan and conv (BLACKMAMBA_KERNEL_BACKEND=torch)
   dense-mamba       an all-Mamba stack with about the same active parameters (no MoE)
   gpt-dense         megatron-core's GPTModel with about the same active parameters (bench/gpt_baseline.py)
@@ -47,6 +48,8 @@ VARIANTS = {
     "blackmamba-alltoall": Variant("cuda", ("model.moe_grouped_gemm=true", "parallel.moe_dispatcher=alltoall")),
     # the experts' gated activation as megatron compiles it instead of kernels/glu.py's Triton kernels.
     "blackmamba-compiled-glu": Variant("cuda", ("model.moe_grouped_gemm=true", "model.fused_glu=false")),
+    # megatron's vocab-parallel cross-entropy instead of kernels/cross_entropy.py's.
+    "blackmamba-megatron-ce": Variant("cuda", ("model.moe_grouped_gemm=true", "model.fused_cross_entropy=false")),
     "blackmamba-torch": Variant("torch"),
     # 34 Mamba layers at hidden 1152 ~ the 344M active of BlackMamba-340M/1.5B.
     "dense-mamba": Variant("cuda", ("model.layer_pattern=" + "M" * 34, "model.num_layers=34")),

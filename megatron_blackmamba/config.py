@@ -51,6 +51,7 @@ class ModelConfig:
     aux_loss_coeff: float = opt(0.0, "load-balancing loss weight when routing=aux_loss")
     moe_grouped_gemm: bool = opt(False, "use megatron's GroupedMLP (needs grouped_gemm / TE on CUDA)")
     fused_glu: bool = opt(True, "grouped experts' gated activation as Triton kernels on GPUs (false: megatron's)")
+    fused_cross_entropy: bool = opt(True, "LM loss in one pass each way, no fp32 logits copy (false: megatron's)")
     norm_epsilon: float = opt(1e-5, "epsilon of every norm (RMSNorm, and the final LayerNorm when chosen)")
     final_norm: str = opt("rmsnorm", "norm before the output layer: rmsnorm | layernorm (with bias, as in Zyphra's released models)")
     tie_embeddings: bool = opt(True, "share input embedding and output layer weights")

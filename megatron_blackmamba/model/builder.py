@@ -13,6 +13,7 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_blackmamba import compat
 from megatron_blackmamba.config import JobConfig
+from megatron_blackmamba.model.language_model import BlackMambaModel
 from megatron_blackmamba.model.norm import LayerNorm
 from megatron_blackmamba.model.spec import blackmamba_stack_spec
 
@@ -119,7 +120,8 @@ def build_model(
         post_process = parallel_state.is_pipeline_last_stage()
     m = job.model
     config = transformer_config(job)
-    model = MambaModel(
+    model_class = BlackMambaModel if m.fused_cross_entropy else MambaModel
+    model = model_class(
         config=config,
         mamba_stack_spec=blackmamba_stack_spec(m, local_dispatch=moe_dispatcher(job) == "local"),
         vocab_size=m.vocab_size,

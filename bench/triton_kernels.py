@@ -1,17 +1,20 @@
-"""The MoE layer's own kernels, side by side in one run, at one micro-batch of the 340M config
-(16 x 2048 = 32768 tokens, 8 experts, expert width 3072, GeGLU):
+"""This project's Triton kernels against what megatron-core runs in their place, side by side in
+one run, at one micro-batch of the 340M config (16 x 2048 = 32768 tokens, 8 experts, expert width
+3072, GeGLU, vocabulary 50304):
 
 * the Sinkhorn routing plan of [T, E] fp32 logits: the torch loop and the Triton launches
   (kernels/sinkhorn_triton.py), each eager and replayed from a CUDA graph as the router runs it
   in training (model/sinkhorn.sinkhorn_replayed), with the iterations run;
 * the experts' gated activation x routing probability over [T, 2F] bf16: the expression megatron's
-  GroupedMLP compiles with torch.compile, and kernels/glu.py's Triton kernels; forward and
-  forward+backward, against the floor of their HBM bytes at --bandwidth.
+  GroupedMLP compiles with torch.compile, and kernels/glu.py's Triton kernels;
+* the language-model cross-entropy over [T, V] bf16 logits: megatron's vocab-parallel
+  cross-entropy and kernels/cross_entropy.py's.
 
-Every row gives ||out - ref|| / ||ref|| against float64 (for the backward, the largest over the
-input gradients). Times are medians of CUDA-event timings.
+Forward and forward+backward times (medians of CUDA-event timings) against the floor of the HBM
+bytes at --bandwidth; every row gives ||out - ref|| / ||ref|| against float64 (for the backward,
+the largest over the input gradients; the cross-entropy's on its first --ref-rows rows).
 
-    python bench/moe_kernels.py [--tokens 32768] [--experts 8] [--ffn 3072] [--out DIR] [--dry-run]
+    python bench/triton_kernels.py [--tokens 32768] [--experts 8] [--ffn 3072] [--vocab 50304] [--out DIR] [--dry-run]
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from harness import append_table, device_line, time_ms  # noqa: I001  (importing harness puts the repo on sys.path)
-from megatron_blackmamba.config import ModelConfig
+from megatron_blackmamba.config import ModelConfig, load_config
 from megatron_blackmamba.cuda_graph import capture
+from megatron_blackmamba.kernels.cross_entropy import vocab_parallel_cross_entropy
 from megatron_blackmamba.kernels.glu import glu_with_probs
 from megatron_blackmamba.model.sinkhorn import sinkhorn, sinkhorn_fused
+from megatron_blackmamba.parallel.setup import init_distributed
 
 HEADER = ["| op | implementation | fwd ms | fwd+bwd ms | bytes floor ms (fwd / fwd+bwd) | rel err vs fp64 | note |",
           "|---|---|---|---|---|---|---|"]
@@ -38,6 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=32768, help="tokens per micro-batch (rows of both ops)")
     p.add_argument("--experts", type=int, default=8, help="columns of the Sinkhorn cost matrix")
     p.add_argument("--ffn", type=int, default=3072, help="expert width F (the activation reads [T, 2F])")
+    p.add_argument("--vocab", type=int, default=50304, help="vocabulary of the cross-entropy's logits")
+    p.add_argument("--ref-rows", type=int, default=1024, help="rows of the cross-entropy checked against float64")
     p.add_argument("--logit-std", type=float, default=1.0, help="std of the random router logits")
     p.add_argument("--bandwidth", type=float, default=3.0e12, help="HBM bytes/s for the floors (H100: ~3.0e12)")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per row (median reported)")
@@ -107,21 +114,57 @@ def glu_rows(args: argparse.Namespace) -> list[str]:
     return rows
 
 
+def cross_entropy_rows(args: argparse.Namespace) -> list[str]:
+    from megatron.core import tensor_parallel
+
+    T, V = args.tokens, args.vocab
+    logits = (3 * torch.randn(T, 1, V, device="cuda")).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, V, (T, 1), device="cuda")
+    dloss = torch.randn(T, 1, device="cuda")
+    R = min(args.ref_rows, T)
+    x64 = logits[:R].detach().double().requires_grad_()
+    want = torch.logsumexp(x64, dim=-1) - x64.gather(-1, labels[:R, :, None])[..., 0]
+    want.backward(dloss[:R].double())
+    impls = {"megatron vocab_parallel_cross_entropy": tensor_parallel.vocab_parallel_cross_entropy,
+             "kernels/cross_entropy.py (Triton)": vocab_parallel_cross_entropy}
+    floor_fwd = T * V * 2 / args.bandwidth * 1e3  # read the bf16 logits
+    rows = []
+    for name, fn in impls.items():
+        def fwd_bwd(fn=fn):
+            return torch.autograd.grad(fn(logits, labels), logits, dloss)
+
+        fwd_ms = time_ms(lambda fn=fn: fn(logits, labels), args.warmup, args.repeats)
+        both_ms = time_ms(fwd_bwd, args.warmup, args.repeats)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fwd_bwd()
+        extra_gib = (torch.cuda.max_memory_allocated() - base) / 2**30
+        part = logits[:R].detach().requires_grad_()
+        loss = fn(part, labels[:R])
+        (grad,) = torch.autograd.grad(loss, part, dloss[:R])
+        rows.append(f"| cross-entropy [{T}, {V}] bf16 | {name} | {fwd_ms:.3f} | {both_ms:.3f} | "
+                    f"{floor_fwd:.3f} / {3 * floor_fwd:.3f} | loss {rel_err(loss, want.detach()):.1e}, "
+                    f"grad {rel_err(grad, x64.grad):.1e} | {extra_gib:.1f} GiB above the logits |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    plan = (f"moe kernels: sinkhorn [{args.tokens}, {args.experts}] (torch / Triton, eager / graph); "
+    plan = (f"triton kernels: sinkhorn [{args.tokens}, {args.experts}] (torch / Triton, eager / graph); "
             f"gated activation [{args.tokens}, {2 * args.ffn}] bf16 (megatron compiled, Triton); "
+            f"cross-entropy [{args.tokens}, {args.vocab}] bf16 (megatron, Triton); "
             f"median of {args.repeats} after {args.warmup} warm-up")
     if args.dry_run:
         print(plan)
         return 0
     if not torch.cuda.is_available():
-        print("moe_kernels: no CUDA device (use --dry-run to see the plan)", file=sys.stderr)
+        print("triton_kernels: no CUDA device (use --dry-run to see the plan)", file=sys.stderr)
         return 2
+    init_distributed(load_config(None, []).parallel, seed=0)  # megatron's cross-entropy reads the TP group
     torch.manual_seed(0)
-    text = "\n".join([plan, device_line(), *HEADER, *sinkhorn_rows(args), *glu_rows(args)])
+    text = "\n".join([plan, device_line(), *HEADER, *sinkhorn_rows(args), *glu_rows(args), *cross_entropy_rows(args)])
     print(text)
-    append_table(args.out, "moe_kernels.md", text)
+    append_table(args.out, "triton_kernels.md", text)
     return 0
 
 
