@@ -171,10 +171,10 @@ class Mamba1Mixer(MegatronModule):
             tp_group=self.tp_group,
         )
         with torch.no_grad(), get_cuda_rng_tracker().fork():
-            # softplus(bias) log-uniform in [dt_min, dt_max]: Mamba-1's dt initialisation.
-            dt = torch.exp(
-                torch.rand(self.d_inner_local) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
-            ).clamp(min=dt_init_floor)
+            # softplus(bias) log-uniform in [dt_min, dt_max]: Mamba-1's dt initialisation. Drawn on
+            # the CPU explicitly, so a meta-device build (param_count) can copy it to a GPU bias.
+            u = torch.rand(self.d_inner_local, device="cpu")
+            dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_init_floor)
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
         # S4D-real init, kept in fp32: A = -[1..N] for every channel.

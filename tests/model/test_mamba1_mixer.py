@@ -29,7 +29,7 @@ def _mixer(hidden: int, d_state: int):
         for p in mixer.parameters():
             if p is not mixer.A_log:
                 p.add_(torch.randn_like(p) * 0.1)
-    return mixer
+    return mixer.cpu()  # megatron builds on the GPU where there is one; these tests run the CPU path
 
 
 def reference_mamba1(x: torch.Tensor, m) -> torch.Tensor:
