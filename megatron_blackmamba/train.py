@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import signal
 import sys
@@ -82,7 +81,8 @@ def evaluate(job: JobConfig, model, dataset, eval_index: int) -> float:
 
 
 def train(job: JobConfig) -> dict:
-    """Run the job; returns the final metrics (used by tests and the CLI's exit summary)."""
+    """Run the job; returns the last step's metrics with ``iteration`` and ``steps`` (how many
+    steps this call trained: 0 when resumed at the end), for tests and the CLI's exit summary."""
     init_distributed(job.parallel, job.training.seed)
     rank0 = dist.get_rank() == 0
     t, ck = job.training, job.checkpoint
@@ -120,7 +120,7 @@ def train(job: JobConfig) -> dict:
     stop = StopRequest()
     tokens_per_step = t.global_batch_size * t.seq_length
     load_every = job.logging.expert_load_interval or t.log_interval
-    last = {"loss": float("nan"), "iteration": iteration}
+    last = {"iteration": iteration, "steps": 0}
     stop_at = iteration + t.stop_after if t.stop_after else total_steps
     while iteration < total_steps:
         start = time.perf_counter()
@@ -142,7 +142,7 @@ def train(job: JobConfig) -> dict:
         if torch.cuda.is_available():
             metrics["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         metrics_log.step(iteration, metrics, log_line=iteration % t.log_interval == 0)
-        last = {**metrics, "iteration": iteration}
+        last = {**metrics, "iteration": iteration, "steps": last["steps"] + 1}
 
         if iteration % load_every == 0:
             load = gather_expert_load(model)
@@ -191,7 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         final = train(job)
     finally:
         destroy()
-    if math.isnan(final["loss"]):  # resumed at the last step: nothing left to train
+    if final["steps"] == 0:  # resumed at the last step
         print(f"done: already at step {final['iteration']} (nothing to train; raise training.train_iters "
               "or use a new checkpoint.save folder)", file=sys.stderr)
     else:

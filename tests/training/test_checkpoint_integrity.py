@@ -37,6 +37,12 @@ def _copy(saved: Path, tmp_path: Path) -> Path:
     return target
 
 
+def test_rerun_at_the_last_step_says_there_is_nothing_to_train(saved_run, sample_cache, tmp_path):
+    _copy(saved_run, tmp_path)
+    result = run_train(tiny_overrides(sample_cache, tmp_path, "training.train_iters=4"))
+    assert "done: already at step 4 (nothing to train" in result.stderr
+
+
 def test_intact_checkpoint_is_chosen(saved_run):
     assert (saved_run / "latest").read_text().strip() == "iter_0000004"
     assert verify(saved_run / "iter_0000004") is None
