@@ -14,27 +14,19 @@ softmax from the logits and the saved log-sum-exp, one pass. The per-row work ru
 
 from __future__ import annotations
 
-import functools
+from functools import partial
 
 import torch
 from torch import Tensor
 
-_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # the kernels compute in fp32
+from megatron_blackmamba.kernels.triton_support import KERNEL_DTYPES, triton_kernels
 
-
-@functools.cache
-def _triton_module():
-    """kernels.cross_entropy_triton, or None where Triton does not import (CPU-only installs)."""
-    try:
-        from megatron_blackmamba.kernels import cross_entropy_triton
-    except ImportError:
-        return None
-    return cross_entropy_triton
+_kernels = partial(triton_kernels, "cross_entropy_triton")  # the Triton module, or None without Triton
 
 
 def fused_applies(logits: Tensor) -> bool:
     """Whether the Triton kernels take ``logits``: a non-empty CUDA tensor of at most fp32 precision."""
-    return logits.is_cuda and logits.dtype in _KERNEL_DTYPES and logits.numel() > 0 and _triton_module() is not None
+    return logits.is_cuda and logits.dtype in KERNEL_DTYPES and logits.numel() > 0 and _kernels() is not None
 
 
 def _row_stats_torch(logits: Tensor, labels: Tensor, vocab_start: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -65,7 +57,7 @@ class _CrossEntropy(torch.autograd.Function):
         tp_size = 1 if tp_group is None else torch.distributed.get_world_size(tp_group)
         vocab_start = 0 if tp_size == 1 else torch.distributed.get_rank(tp_group) * rows.shape[-1]
         fused = fused_applies(rows)
-        stats = _triton_module().row_stats if fused else _row_stats_torch
+        stats = _kernels().row_stats if fused else _row_stats_torch
         row_max, sumexp, target = stats(rows, flat_labels, vocab_start)
         if tp_size > 1:
             global_max = row_max.clone()
@@ -85,7 +77,7 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dloss: Tensor):
         rows, labels, lse = ctx.saved_tensors
-        grad_fn = _triton_module().grad if ctx.fused else _grad_torch
+        grad_fn = _kernels().grad if ctx.fused else _grad_torch
         dloss = dloss.reshape(-1).to(lse.dtype).contiguous()
         return grad_fn(rows, labels, lse, dloss, ctx.vocab_start).view(ctx.logits_shape), None, None
 

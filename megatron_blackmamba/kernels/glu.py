@@ -13,11 +13,16 @@ Both compute in fp32 (the PyTorch path in fp64 for fp64 inputs) and round once t
 
 from __future__ import annotations
 
-import functools
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from megatron_blackmamba.kernels.triton_support import KERNEL_DTYPES, triton_kernels
+
+_kernels = partial(triton_kernels, "glu_triton")  # the Triton module, or None without Triton
+
 
 ACTIVATIONS = ("gelu", "silu")
 
@@ -30,16 +35,6 @@ def glu_with_probs_torch(x: Tensor, probs: Tensor, activation: str) -> Tensor:
     return (act * value * probs.to(compute)).to(x.dtype)
 
 
-@functools.cache
-def _triton_module():
-    """kernels.glu_triton, or None where Triton does not import (CPU-only installs)."""
-    try:
-        from megatron_blackmamba.kernels import glu_triton
-    except ImportError:
-        return None
-    return glu_triton
-
-
 class _FusedGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, probs: Tensor, activation: str) -> Tensor:
@@ -48,26 +43,23 @@ class _FusedGLU(torch.autograd.Function):
         ctx.save_for_backward(rows, p)
         ctx.silu = activation == "silu"
         ctx.shapes = (x.shape, probs.shape, probs.dtype)
-        y = _triton_module().forward(rows, p, ctx.silu)
+        y = _kernels().forward(rows, p, ctx.silu)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         rows, p = ctx.saved_tensors
         x_shape, p_shape, p_dtype = ctx.shapes
-        dx, dp = _triton_module().backward(rows, p, dy.reshape(rows.shape[0], -1).contiguous(), ctx.silu)
+        dx, dp = _kernels().backward(rows, p, dy.reshape(rows.shape[0], -1).contiguous(), ctx.silu)
         return dx.view(x_shape), dp.view(p_shape).to(p_dtype), None
-
-
-_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # the kernels compute in fp32
 
 
 def fused_applies(x: Tensor, probs: Tensor) -> bool:
     """Whether the Triton kernels take these: non-empty CUDA tensors of at most fp32 precision,
     one probability per row of ``x``, and Triton importable."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return (x.is_cuda and x.dtype in _KERNEL_DTYPES and rows > 0 and probs.numel() == rows
-            and _triton_module() is not None)
+    return (x.is_cuda and x.dtype in KERNEL_DTYPES and rows > 0 and probs.numel() == rows
+            and _kernels() is not None)
 
 
 def glu_with_probs(x: Tensor, probs: Tensor, activation: str = "gelu") -> Tensor:

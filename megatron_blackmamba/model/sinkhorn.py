@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from megatron_blackmamba.cuda_graph import capture
+from megatron_blackmamba.kernels.triton_support import triton_kernels
 
 INITS = ("paper", "uniform")
 
@@ -179,11 +180,8 @@ def sinkhorn_fused(
 
 def _fused_applies(logits: torch.Tensor) -> bool:
     """Whether the Triton loop can take ``logits``: triton importable and its domain (fp32, GPU, ...)."""
-    try:
-        from megatron_blackmamba.kernels import sinkhorn_triton
-    except ImportError:
-        return False
-    return sinkhorn_triton.applies(logits)
+    kernels = triton_kernels("sinkhorn_triton")
+    return kernels is not None and kernels.applies(logits)
 
 
 # (solver, shape, dtype, device, sinkhorn kwargs) -> (static input, captured graph, static result)

@@ -1,0 +1,26 @@
+"""Optional Triton kernels: which module to run, or None where Triton is not installed.
+
+The Triton kernels (Sinkhorn loop, gated activation, cross-entropy) are a CUDA extra; each has a
+PyTorch path that runs everywhere. Their wrappers ask here once whether the kernel module imports.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+# The dtypes the kernels take: they load these and compute in fp32 (fp64 stays on PyTorch).
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@functools.cache
+def triton_kernels(name: str) -> Optional[ModuleType]:
+    """``megatron_blackmamba.kernels.<name>``, or None where it does not import (no Triton)."""
+    try:
+        return importlib.import_module(f"megatron_blackmamba.kernels.{name}")
+    except ImportError:
+        return None
