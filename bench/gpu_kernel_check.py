@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from harness import time_ms  # noqa: I001  (importing harness puts the repo on sys.path)
+from harness import rel_err, time_ms  # noqa: I001  (importing harness puts the repo on sys.path)
 from megatron_blackmamba.kernels import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
 from megatron_blackmamba.kernels import cuda as kernels_cuda
 
@@ -169,10 +169,6 @@ def forward_backward(call: Callable, tensors: Tensors, grads: tuple[str, ...], b
         results["last_state"] = last_state.detach()
     results.update({f"d{k}": leaves[k].grad for k in grads})
     return results
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref).norm() / ref.norm()).item()
 
 
 # ---------------------------------------------------------------- report

@@ -154,6 +154,11 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int) -> tuple
     return sorted(times)[len(times) // 2], result
 
 
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """||got - ref|| / ||ref||, in float64 (``ref`` is usually the float64 reference)."""
+    return float(torch.linalg.norm(got.double() - ref) / torch.linalg.norm(ref))
+
+
 def time_ms(fn: Callable[[], object], warmup: int, repeats: int) -> float:
     """Median of ``repeats`` CUDA-event timings after ``warmup`` untimed calls: device time of
     sub-millisecond kernels, without the host round trip a wall-clock timer adds."""

@@ -26,7 +26,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from harness import append_table, device_line, time_ms  # noqa: I001  (importing harness puts the repo on sys.path)
+from harness import append_table, device_line, rel_err, time_ms  # noqa: I001  (puts the repo on sys.path)
 from megatron_blackmamba.config import ModelConfig, load_config
 from megatron_blackmamba.cuda_graph import capture
 from megatron_blackmamba.kernels.cross_entropy import vocab_parallel_cross_entropy
@@ -52,10 +52,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=os.environ.get("OUT", ""), help="folder for the table (default: $OUT)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     return p.parse_args(argv)
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float(torch.linalg.norm(got.double() - want) / torch.linalg.norm(want))
 
 
 def sinkhorn_rows(args: argparse.Namespace) -> list[str]:

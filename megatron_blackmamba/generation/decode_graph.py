@@ -9,8 +9,9 @@ decode kernels. So the step is captured once, from the live state right after pr
 replayed per token. The replay runs the eager kernels, so its logits equal eager ones bit for bit.
 
 Off a GPU, where some layer would read values on the host (``graph_blocker``), or with
-``use_graph=False``, the step runs eagerly; ``backend`` says which, and is logged with the reason. A capture that fails raises, naming the eager switch: a failed capture can leave the CUDA
-context unusable, so it is not silently retried.
+``use_graph=False``, the step runs eagerly; ``backend`` says which, and is logged with the
+reason. A capture that fails raises, naming the eager switch: a failed capture can leave the
+CUDA context unusable, so it is not silently retried.
 """
 
 from __future__ import annotations
