@@ -124,7 +124,7 @@ def host_vs_device(events) -> list[tuple[str, int, float, float]]:
     return sorted(((k, int(v[0]), v[1], v[2]) for k, v in totals.items()), key=lambda r: -(r[2] - r[3]))
 
 
-def profile(trainer, out_dir: str) -> tuple[list, list, float, list, list]:
+def profile(trainer, out_dir: str, top_kernels: int = 15) -> tuple[list, list, float, list, list]:
     handles = add_module_ranges(trainer.model[0])
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
@@ -164,7 +164,7 @@ def profile(trainer, out_dir: str) -> tuple[list, list, float, list, list]:
         inside = sum(k.time_range.elapsed_us() for k in kernels[lo:hi] if k.time_range.end <= a.time_range.end)
         modules[a.name[7:]][0] += inside
         modules[a.name[7:]][1] += 1
-    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:15]
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top_kernels]
     ranked = (sorted(classes.items(), key=lambda kv: -kv[1]), sorted(modules.items(), key=lambda kv: -kv[1][0]))
     return *ranked, wall, top, host_vs_device(prof.events())
 
@@ -195,6 +195,7 @@ def main() -> int:
     p.add_argument("--variant", default="blackmamba-cuda", help=f"one of {sorted(VARIANTS)}")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per phase (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--top", type=int, default=15, help="rows of the top-kernels and host-vs-device tables")
     args = p.parse_args()
     check_variants([args.variant])
     if args.dry_run:
@@ -216,7 +217,7 @@ def main() -> int:
 
     fb_s, _ = median_seconds(fwd_bwd, args.repeats, 1)
     opt_s, _ = median_seconds(lambda: trainer.optimizer.step(), args.repeats, 1)
-    classes, modules, wall, top, host_rows = profile(trainer, args.out)
+    classes, modules, wall, top, host_rows = profile(trainer, args.out, args.top)
     syncs = host_syncs(trainer.step)
 
     lines = [device_line(), f"variant {args.variant}: mbs {t.micro_batch_size}, gbs {t.global_batch_size}, "
@@ -235,7 +236,7 @@ def main() -> int:
     lines += ["", "| top kernels | calls | device ms |", "|---|---|---|"]
     lines += [f"| {name[:90]} | {n} | {us / 1e3:.1f} |" for name, (us, n) in top]
     lines += ["", "| range (host longer than device first) | calls | host ms | device ms |", "|---|---|---|---|"]
-    lines += [f"| {name[:80]} | {n} | {h / 1e3:.1f} | {d / 1e3:.1f} |" for name, n, h, d in host_rows[:15]]
+    lines += [f"| {name[:80]} | {n} | {h / 1e3:.1f} | {d / 1e3:.1f} |" for name, n, h, d in host_rows[:args.top]]
     lines += ["", f"host syncs in one step: {sum(syncs.values())}", "", "| sync site | count |", "|---|---|"]
     lines += [f"| {site} | {n} |" for site, n in syncs.most_common(12)]
     text = "\n".join(lines)
