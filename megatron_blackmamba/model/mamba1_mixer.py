@@ -41,6 +41,11 @@ from megatron.core.transformer.utils import (
 from torch import nn
 
 from megatron_blackmamba import kernels
+from megatron_blackmamba.model.channels_major import (
+    channels_major_linear,
+    linear_from_sequence_major,
+    linear_to_sequence_major,
+)
 from megatron_blackmamba.model.recurrent_state import RecurrentState
 from megatron_blackmamba.model.sharding import split_into_logical_parts
 
@@ -59,15 +64,6 @@ def _mark_tp_sharded(param: nn.Parameter, partition_dim: int) -> None:
     param.partition_stride = 1
 
 
-def _channels_major_linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """weight [out, in] applied to x [b, in, s] -> [b, out, s], contiguous.
-
-    One batched GEMM; ``x`` may be any view whose [in, s] matrices have a unit stride (the
-    [s, b, h] -> [b, h, s] permutation included), so nothing is transposed in memory.
-    """
-    return torch.bmm(weight.unsqueeze(0).expand(x.shape[0], -1, -1), x)
-
-
 class TPReducedLinear(nn.Module):
     """y = x_local @ W_local^T, summed over TP ranks: a linear whose *input* dim is TP-sharded.
 
@@ -83,7 +79,7 @@ class TPReducedLinear(nn.Module):
 
     def channels_major(self, x: torch.Tensor) -> torch.Tensor:
         """x [b, in_local, s] -> [b, out, s]."""
-        partial = _channels_major_linear(self.weight, x)
+        partial = channels_major_linear(self.weight, x)
         if self.tp_group.size() == 1:
             return partial
         return reduce_from_tensor_model_parallel_region(partial, group=self.tp_group)
@@ -203,7 +199,8 @@ class Mamba1Mixer(MegatronModule):
     # The scan and conv kernels want channels-major [b, d, s] tensors with the sequence
     # contiguous, while megatron's stack passes [s, b, h]. Running the projections as batched
     # GEMMs whose *outputs* are channels-major (as mamba-ssm's mamba_inner_fn does) avoids
-    # transposing the wide d_inner activations; only the narrow [s, b, h] ends are re-laid out.
+    # transposing the wide d_inner activations, and the [s, b, h] ends are strided GEMM operands
+    # and results (model/channels_major.py), so nothing is transposed in memory.
     # megatron's linear modules still own the weights, their init and TP metadata; their
     # communication (sequence-parallel gather / reduce-scatter, TP copy / all-reduce) is applied
     # here with the same megatron primitives they use.
@@ -253,7 +250,7 @@ class Mamba1Mixer(MegatronModule):
             hidden_states = gather_from_sequence_parallel_region(hidden_states, group=self.tp_group)
         elif self.tp_group.size() > 1:
             hidden_states = copy_to_tensor_model_parallel_region(hidden_states, group=self.tp_group)
-        xz = _channels_major_linear(proj.weight, hidden_states.permute(1, 2, 0))
+        xz = linear_from_sequence_major(proj.weight, hidden_states)
         if getattr(proj, "bias", None) is not None and not getattr(proj, "skip_bias_add", False):
             xz = xz + proj.bias[:, None]
         return xz
@@ -261,10 +258,9 @@ class Mamba1Mixer(MegatronModule):
     def _out_proj(self, y: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """y [b, d_local, s] -> ([s, b, h] summed over TP (reduce-scattered under SP), bias or None)."""
         proj = self.out_proj
-        # [b, h, s] by one batched GEMM, then one transpose of the narrow output to [s, b, h]. The
-        # backward then hands the scan a contiguous dy; a [b, s, h] GEMM on y's transpose instead
-        # copied y (2x wider than the output) forward and dy backward (bench/results, profile).
-        out = _channels_major_linear(proj.weight, y).permute(2, 0, 1).contiguous()
+        # The GEMM writes [s, b, h] itself and its backward hands the scan a contiguous dy: no
+        # transposing copy either way (model/channels_major.py; bench/PERF_NOTES.md, session 6).
+        out = linear_to_sequence_major(proj.weight, y)
         if getattr(proj, "sequence_parallel", self.config.sequence_parallel):
             out = reduce_scatter_to_sequence_parallel_region(out, group=self.tp_group)
         elif self.tp_group.size() > 1:
@@ -284,7 +280,7 @@ class Mamba1Mixer(MegatronModule):
             BC = copy_to_tensor_model_parallel_region(BC, group=self.tp_group)
             dt = copy_to_tensor_model_parallel_region(dt, group=self.tp_group)
         B, C = BC.chunk(2, dim=1)
-        dt = _channels_major_linear(self.dt_proj.weight, dt)  # bias goes into the scan's softplus
+        dt = channels_major_linear(self.dt_proj.weight, dt)  # bias goes into the scan's softplus
         return dt, B, C
 
     def _decode(self, hidden_states: torch.Tensor, ctx: RecurrentState):
