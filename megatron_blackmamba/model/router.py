@@ -7,7 +7,7 @@ Training: the top-k experts of the Sinkhorn-balanced plan; the gate is sigmoid(l
 (softmax for k > 1), as in megatron and the released BlackMamba code. Inference: plain top-k of
 the gate, no balancing. Every forward also accumulates tokens-per-expert, so the training loop
 can log per-layer expert load and routing entropy (the paper's open question is imbalance in
-late layers).
+late layers). The gating GEMM of bf16 models runs on tensor cores at fp32-router precision.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.moe.router import TopKRouter
 
+from megatron_blackmamba.kernels import router_gating
 from megatron_blackmamba.model.sinkhorn import sinkhorn_replayed
 
 
@@ -32,6 +33,13 @@ class BlackMambaRouter(TopKRouter):
         self.sinkhorn_tol = tol
         self.sinkhorn_max_iters = max_iters
         self.register_buffer("load_counts", torch.zeros(config.num_moe_experts, dtype=torch.float64), persistent=False)
+
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        """megatron's fp32 logits; for bf16 models on tensor cores (kernels/router_gating.py)."""
+        if self.config.moe_router_dtype != "fp32" or not router_gating.applies(input, self.weight):
+            return super().gating(input)
+        logits = router_gating.router_logits(input, self.weight)
+        return logits if self.bias is None else logits + self.bias.float()
 
     def _gate(self, logits: torch.Tensor) -> torch.Tensor:
         if self.topk == 1:
