@@ -6,7 +6,7 @@ megatron's local spec computes attention with an explicit softmax over the full 
 without Transformer Engine there is no flash attention in megatron-core, so the core attention
 here is PyTorch's ``scaled_dot_product_attention`` (flash / memory-efficient kernels on CUDA),
 plugged in through the spec like any other module. The loss is the same one BlackMamba trains
-with (``model.fused_cross_entropy``).
+with (``model.fused_cross_entropy``), and so are the block norms (``model/norm.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from megatron.core.transformer.module import MegatronModule
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from megatron_blackmamba.model.builder import transformer_config  # noqa: E402
 from megatron_blackmamba.model.language_model import FusedCrossEntropyMixin  # noqa: E402
+from megatron_blackmamba.model.norm import RMSNorm  # noqa: E402
 
 LAYERS, HEADS, HEAD_DIM, FFN_MULT = 18, 18, 64, 4
 
@@ -70,6 +71,8 @@ class FusedLossGPTModel(FusedCrossEntropyMixin, GPTModel):
 def build_gpt(job, pre_process: bool = True, post_process: bool = True) -> GPTModel:
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    # BlackMamba's block norms (Triton kernels on GPUs), so the comparison is of the models
+    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = RMSNorm
     model_class = FusedLossGPTModel if job.model.fused_cross_entropy else GPTModel
     return model_class(
         config=gpt_config(job),

@@ -160,8 +160,9 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def time_ms(fn: Callable[[], object], warmup: int, repeats: int) -> float:
-    """Median of ``repeats`` CUDA-event timings after ``warmup`` untimed calls: device time of
-    sub-millisecond kernels, without the host round trip a wall-clock timer adds."""
+    """Median of ``repeats`` CUDA-event timings after ``warmup`` untimed calls: one call's time on
+    the GPU's clock, without a wall-clock timer's round trip, but with the host's launch time
+    wherever launching takes longer than the kernels run (see ``device_ms``)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -174,6 +175,21 @@ def time_ms(fn: Callable[[], object], warmup: int, repeats: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def device_ms(fn: Callable[[], object], warmup: int, repeats: int) -> float:
+    """GPU work per call: the profiler's kernel, memcpy and memset times summed over ``repeats``
+    calls, divided by ``repeats``. What the op costs a GPU-bound training step, where the host
+    runs ahead; ``time_ms`` of a short op measures its launch overhead as well."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    gpu = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.self_device_time_total for e in gpu) / repeats / 1e3
 
 
 def bench_parser(description: str) -> argparse.ArgumentParser:

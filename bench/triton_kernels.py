@@ -8,13 +8,18 @@ one run, at one micro-batch of the 340M config (16 x 2048 = 32768 tokens, 8 expe
 * the experts' gated activation x routing probability over [T, 2F] bf16: the expression megatron's
   GroupedMLP compiles with torch.compile, and kernels/glu.py's Triton kernels;
 * the language-model cross-entropy over [T, V] bf16 logits: megatron's vocab-parallel
-  cross-entropy and kernels/cross_entropy.py's.
+  cross-entropy and kernels/cross_entropy.py's;
+* the block RMSNorm over [T, H] bf16: torch's fused RMSNorm (what megatron's WrappedTorchNorm runs
+  without Transformer Engine) and kernels/rms_norm.py's.
 
-Forward and forward+backward times (medians of CUDA-event timings) against the floor of the HBM
-bytes at --bandwidth; every row gives ||out - ref|| / ||ref|| against float64 (for the backward,
+Forward and forward+backward times (medians of CUDA-event timings, which include the host's launch
+time where launching is slower than the kernels) and the forward+backward GPU work alone (profiler
+kernel times, what a GPU-bound training step pays), against the floor of the HBM bytes at
+--bandwidth; every row gives ||out - ref|| / ||ref|| against float64 (for the backward,
 the largest over the input gradients; the cross-entropy's on its first --ref-rows rows).
 
-    python bench/triton_kernels.py [--tokens 32768] [--experts 8] [--ffn 3072] [--vocab 50304] [--out DIR] [--dry-run]
+    python bench/triton_kernels.py [--tokens 32768] [--experts 8] [--ffn 3072] [--vocab 50304]
+                                   [--hidden 1152] [--out DIR] [--dry-run]
 """
 
 from __future__ import annotations
@@ -26,16 +31,18 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from harness import append_table, device_line, rel_err, time_ms  # noqa: I001  (puts the repo on sys.path)
+from harness import append_table, device_line, device_ms, rel_err, time_ms  # noqa: I001  (puts the repo on sys.path)
 from megatron_blackmamba.config import ModelConfig, load_config
 from megatron_blackmamba.cuda_graph import capture
 from megatron_blackmamba.kernels.cross_entropy import vocab_parallel_cross_entropy
 from megatron_blackmamba.kernels.glu import glu_with_probs
+from megatron_blackmamba.kernels.rms_norm import rms_norm
 from megatron_blackmamba.model.sinkhorn import sinkhorn, sinkhorn_fused
 from megatron_blackmamba.parallel.setup import init_distributed
 
-HEADER = ["| op | implementation | fwd ms | fwd+bwd ms | bytes floor ms (fwd / fwd+bwd) | rel err vs fp64 | note |",
-          "|---|---|---|---|---|---|---|"]
+HEADER = ["| op | implementation | fwd ms | fwd+bwd ms | fwd+bwd GPU work ms | bytes floor ms (fwd / fwd+bwd) "
+          "| rel err vs fp64 | note |",
+          "|---|---|---|---|---|---|---|---|"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,6 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--experts", type=int, default=8, help="columns of the Sinkhorn cost matrix")
     p.add_argument("--ffn", type=int, default=3072, help="expert width F (the activation reads [T, 2F])")
     p.add_argument("--vocab", type=int, default=50304, help="vocabulary of the cross-entropy's logits")
+    p.add_argument("--hidden", type=int, default=1152, help="width H of the RMSNorm's rows")
     p.add_argument("--ref-rows", type=int, default=1024, help="rows of the cross-entropy checked against float64")
     p.add_argument("--logit-std", type=float, default=1.0, help="std of the random router logits")
     p.add_argument("--bandwidth", type=float, default=3.0e12, help="HBM bytes/s for the floors (H100: ~3.0e12)")
@@ -68,10 +76,12 @@ def sinkhorn_rows(args: argparse.Namespace) -> list[str]:
     rows = []
     for name, solve in solvers.items():
         ms = time_ms(solve, args.warmup, args.repeats)
+        gpu_ms = device_ms(solve, args.warmup, args.repeats)
         got = solve()
         err = rel_err(got.plan, want.plan)
-        rows.append(f"| sinkhorn [{args.tokens}, {args.experts}] | {name} | {ms:.3f} | | | {err:.1e} "
-                    f"| {int(got.iterations)} iterations (fp64: {int(want.iterations)}) |")
+        rows.append(f"| sinkhorn [{args.tokens}, {args.experts}] | {name} | {ms:.3f} | | {gpu_ms:.3f} | | {err:.1e} "
+                    f"| {int(got.iterations)} iterations (fp64: {int(want.iterations)}); "
+                    "no backward: GPU work of the forward |")
     return rows
 
 
@@ -101,11 +111,13 @@ def glu_rows(args: argparse.Namespace) -> list[str]:
 
         fwd_ms = time_ms(lambda fn=fn: fn(x, probs), args.warmup, args.repeats)
         both_ms = time_ms(fwd_bwd, args.warmup, args.repeats)
+        gpu_ms = device_ms(fwd_bwd, args.warmup, args.repeats)
         y = fn(x, probs)
         dx, dp = fwd_bwd()
         err_y = rel_err(y, want.detach())
         err_grad = max(rel_err(dx, x64.grad), rel_err(dp, p64.grad))
         rows.append(f"| gelu(x1) * x2 * p [{T}, {2 * Fw}] bf16 | {name} | {fwd_ms:.3f} | {both_ms:.3f} | "
+                    f"{gpu_ms:.3f} | "
                     f"{floor_fwd:.3f} / {floor_fwd + floor_bwd:.3f} | y {err_y:.1e}, grads {err_grad:.1e} | |")
     return rows
 
@@ -131,6 +143,7 @@ def cross_entropy_rows(args: argparse.Namespace) -> list[str]:
 
         fwd_ms = time_ms(lambda fn=fn: fn(logits, labels), args.warmup, args.repeats)
         both_ms = time_ms(fwd_bwd, args.warmup, args.repeats)
+        gpu_ms = device_ms(fwd_bwd, args.warmup, args.repeats)
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         fwd_bwd()
@@ -138,9 +151,38 @@ def cross_entropy_rows(args: argparse.Namespace) -> list[str]:
         part = logits[:R].detach().requires_grad_()
         loss = fn(part, labels[:R])
         (grad,) = torch.autograd.grad(loss, part, dloss[:R])
-        rows.append(f"| cross-entropy [{T}, {V}] bf16 | {name} | {fwd_ms:.3f} | {both_ms:.3f} | "
+        rows.append(f"| cross-entropy [{T}, {V}] bf16 | {name} | {fwd_ms:.3f} | {both_ms:.3f} | {gpu_ms:.3f} | "
                     f"{floor_fwd:.3f} / {3 * floor_fwd:.3f} | loss {rel_err(loss, want.detach()):.1e}, "
                     f"grad {rel_err(grad, x64.grad):.1e} | {extra_gib:.1f} GiB above the logits |")
+    return rows
+
+
+def rms_norm_rows(args: argparse.Namespace) -> list[str]:
+    T, H, eps = args.tokens, args.hidden, 1e-5
+    x = (3 * torch.randn(T, H, device="cuda")).to(torch.bfloat16).requires_grad_()
+    w = (1 + 0.1 * torch.randn(H, device="cuda")).to(torch.bfloat16).requires_grad_()
+    dy = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    want = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps) * w64
+    want.backward(dy.double())
+    impls = {"torch F.rms_norm (megatron without TE)": lambda x, w: F.rms_norm(x, (H,), w, eps),
+             "kernels/rms_norm.py (Triton)": lambda x, w: rms_norm(x, w, eps)}
+    floor_fwd = T * H * 2 * 2 / args.bandwidth * 1e3  # read x, write y (bf16)
+    floor_bwd = T * H * 3 * 2 / args.bandwidth * 1e3  # read x and dy, write dx
+    rows = []
+    for name, fn in impls.items():
+        def fwd_bwd(fn=fn):
+            return torch.autograd.grad(fn(x, w), (x, w), dy)
+
+        fwd_ms = time_ms(lambda fn=fn: fn(x, w), args.warmup, args.repeats)
+        both_ms = time_ms(fwd_bwd, args.warmup, args.repeats)
+        gpu_ms = device_ms(fwd_bwd, args.warmup, args.repeats)
+        y = fn(x, w)
+        dx, dw = fwd_bwd()
+        err_grad = max(rel_err(dx, x64.grad), rel_err(dw, w64.grad))
+        rows.append(f"| rms_norm [{T}, {H}] bf16 | {name} | {fwd_ms:.3f} | {both_ms:.3f} | {gpu_ms:.3f} | "
+                    f"{floor_fwd:.3f} / {floor_fwd + floor_bwd:.3f} | y {rel_err(y, want.detach()):.1e}, "
+                    f"grads {err_grad:.1e} | |")
     return rows
 
 
@@ -149,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = (f"triton kernels: sinkhorn [{args.tokens}, {args.experts}] (torch / Triton, eager / graph); "
             f"gated activation [{args.tokens}, {2 * args.ffn}] bf16 (megatron compiled, Triton); "
             f"cross-entropy [{args.tokens}, {args.vocab}] bf16 (megatron, Triton); "
+            f"rms_norm [{args.tokens}, {args.hidden}] bf16 (torch, Triton); "
             f"median of {args.repeats} after {args.warmup} warm-up")
     if args.dry_run:
         print(plan)
@@ -158,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     init_distributed(load_config(None, []).parallel, seed=0)  # megatron's cross-entropy reads the TP group
     torch.manual_seed(0)
-    text = "\n".join([plan, device_line(), *HEADER, *sinkhorn_rows(args), *glu_rows(args), *cross_entropy_rows(args)])
+    text = "\n".join([plan, device_line(), *HEADER, *sinkhorn_rows(args), *glu_rows(args), *cross_entropy_rows(args),
+                      *rms_norm_rows(args)])
     print(text)
     append_table(args.out, "triton_kernels.md", text)
     return 0

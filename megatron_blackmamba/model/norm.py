@@ -5,7 +5,7 @@ Under sequence parallelism each TP rank normalises its own slice of the sequence
 weight, so the weight's gradient is a partial sum. Marking the weight ``sequence_parallel`` makes
 megatron's ``finalize_model_grads`` all-reduce it across the TP group, which is all TE's norm
 does differently. (megatron's MoE layer refuses TP without sequence parallelism in training, so
-BlackMamba with TP > 1 needs this on CPU.)
+BlackMamba with TP > 1 needs this on CPU.) On GPUs it runs kernels/rms_norm's Triton kernels.
 """
 
 from __future__ import annotations
@@ -13,11 +13,16 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_blackmamba.kernels.rms_norm import rms_norm
+
 
 class RMSNorm(torch.nn.RMSNorm):
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused) -> None:
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         self.weight.sequence_parallel = config.sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
 
 
 class LayerNorm(torch.nn.LayerNorm):

@@ -1,0 +1,52 @@
+"""RMSNorm ``x * rsqrt(mean(x^2) + eps) * weight`` over the last dimension.
+
+``rms_norm`` runs
+
+* as one Triton kernel forward and one backward (kernels/rms_norm_triton.py) for CUDA tensors
+  when Triton imports: the backward writes grad(x) and grad(weight) in one pass over x and dy;
+* as torch's ``F.rms_norm`` otherwise (CPU, fp64, or no Triton), the definition the kernels are
+  tested against.
+
+Both compute in fp32 (torch in fp64 for fp64 inputs) and round once to x's dtype.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron_blackmamba.kernels.triton_support import KERNEL_DTYPES, triton_kernels
+
+_kernels = partial(triton_kernels, "rms_norm_triton")  # the Triton module, or None without Triton
+
+
+class _FusedRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        y, rstd = _kernels().forward(rows, weight, eps)
+        ctx.save_for_backward(rows, weight, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        rows, weight, rstd = ctx.saved_tensors
+        dx, dw = _kernels().backward(rows, weight, dy.reshape(rows.shape).contiguous(), rstd)
+        return dx.view(dy.shape), dw, None
+
+
+def fused_applies(x: Tensor, weight: Tensor) -> bool:
+    """Whether the Triton kernels take these: non-empty CUDA tensors of at most fp32 precision, a
+    contiguous weight as wide as x's last dimension, and Triton importable."""
+    return (x.is_cuda and x.dtype in KERNEL_DTYPES and weight.dtype in KERNEL_DTYPES and x.numel() > 0
+            and weight.shape == x.shape[-1:] and weight.is_contiguous() and _kernels() is not None)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm of x [..., N] with weight [N]; the result in x's dtype."""
+    if fused_applies(x, weight):
+        return _FusedRMSNorm.apply(x, weight, eps)
+    return F.rms_norm(x, x.shape[-1:], weight, eps)
