@@ -50,6 +50,10 @@ VARIANTS = {
     "blackmamba-compiled-glu": Variant("cuda", ("model.moe_grouped_gemm=true", "model.fused_glu=false")),
     # megatron's vocab-parallel cross-entropy instead of kernels/cross_entropy.py's.
     "blackmamba-megatron-ce": Variant("cuda", ("model.moe_grouped_gemm=true", "model.fused_cross_entropy=false")),
+    # DDP adds bf16 expert weight gradients instead of the GEMMs summing into the fp32 main grads.
+    "blackmamba-unfused-wgrad": Variant(
+        "cuda", ("model.moe_grouped_gemm=true", "training.fused_wgrad_accumulation=false")
+    ),
     "blackmamba-torch": Variant("torch"),
     # 34 Mamba layers at hidden 1152 ~ the 344M active of BlackMamba-340M/1.5B.
     "dense-mamba": Variant("cuda", ("model.layer_pattern=" + "M" * 34, "model.num_layers=34")),

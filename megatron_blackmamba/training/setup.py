@@ -9,6 +9,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.moe.experts import GroupedMLP
 
 from megatron_blackmamba.config import JobConfig
 from megatron_blackmamba.model.builder import build_model, params_dtype, use_distributed_optimizer
@@ -25,6 +26,14 @@ def _expert_weights_always_expert_parallel(model: torch.nn.Module) -> None:
     for name, param in model.named_parameters():
         if ".experts." in name:
             param.allreduce = False
+
+
+def _expert_wgrad_into_main_grad(model: torch.nn.Module) -> None:
+    """Let the grouped experts' GEMMs accumulate their weight gradients into DDP's fp32 main
+    grads (kernels/grouped_gemm.py) instead of producing bf16 gradients for DDP to add."""
+    for module in model.modules():
+        if isinstance(module, GroupedMLP):
+            module.weight1.wgrad_into_main_grad = module.weight2.wgrad_into_main_grad = True
 
 
 def build_ddp_model(job: JobConfig, build: Callable[[JobConfig], torch.nn.Module] = build_model) -> list[DistributedDataParallel]:
@@ -44,6 +53,8 @@ def build_ddp_model(job: JobConfig, build: Callable[[JobConfig], torch.nn.Module
         ),
         module=model,
     )
+    if job.training.fused_wgrad_accumulation:
+        _expert_wgrad_into_main_grad(model)
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp.no_sync
     return [ddp]

@@ -49,3 +49,47 @@ def test_empty_group_gets_zero_weight_gradient():
     b = torch.randn(3, 8, 8, requires_grad=True)
     gmm(a, b, torch.tensor([4, 0, 0])).sum().backward()
     assert torch.count_nonzero(b.grad[1:]) == 0 and torch.count_nonzero(b.grad[0]) > 0
+
+
+def _marked_weight(groups: int, k: int, n: int, dtype: torch.dtype, g: torch.Generator) -> torch.nn.Parameter:
+    """A GroupedMLP-like [k, groups * n] weight under megatron DDP's main-grad protocol."""
+    w = torch.nn.Parameter(torch.randn(k, groups * n, generator=g).to(dtype))
+    w.wgrad_into_main_grad = True
+    w.main_grad = torch.randn(k, groups * n, generator=g)  # what earlier micro-batches left
+    w.grad_added_to_main_grad = False
+    return w
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-6)])
+def test_weight_grads_accumulate_into_main_grad(dtype: torch.dtype, tol: float):
+    """Two micro-batches through a view of a marked parameter, as GroupedMLP calls gmm: the main
+    grad gains both weight gradients in fp32 (bf16 operands, exact products), nothing rounded to
+    bf16 on the way; grad(a) is the plain path's."""
+    g = torch.Generator().manual_seed(4)
+    groups, k, n = 4, 16, 8
+    w = _marked_weight(groups, k, n, dtype, g)
+    want = w.main_grad.double().clone()
+    for micro_batch in range(2):
+        sizes = _sizes(groups, 30, g)
+        a = torch.randn(int(sizes.sum()), k, generator=g).to(dtype).requires_grad_()
+        dy = torch.randn(a.shape[0], n, generator=g).to(dtype)
+        gmm(a, w.view(groups, k, n), sizes).backward(dy)
+        a64 = a.detach().double()
+        start = 0
+        for e, rows in enumerate(sizes.tolist()):
+            want.view(groups, k, n)[e] += a64[start:start + rows].t() @ dy[start:start + rows].double()
+            start += rows
+        plain_a = a.detach().clone().requires_grad_()
+        gmm(plain_a, w.detach().view(groups, k, n), sizes).backward(dy)
+        torch.testing.assert_close(a.grad, plain_a.grad, rtol=0, atol=0)
+    assert w.grad_added_to_main_grad
+    assert torch.linalg.norm(w.main_grad.double() - want) <= tol * torch.linalg.norm(want)
+
+
+def test_unmarked_or_plain_parameters_keep_autograd_gradients():
+    g = torch.Generator().manual_seed(5)
+    w = _marked_weight(2, 8, 8, torch.float32, g)
+    w.wgrad_into_main_grad = False
+    before = w.main_grad.clone()
+    gmm(torch.randn(6, 8, generator=g), w.view(2, 8, 8), torch.tensor([2, 4])).sum().backward()
+    assert torch.equal(w.main_grad, before) and w.grad is not None and not w.grad_added_to_main_grad
