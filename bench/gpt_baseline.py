@@ -6,7 +6,7 @@ megatron's local spec computes attention with an explicit softmax over the full 
 without Transformer Engine there is no flash attention in megatron-core, so the core attention
 here is PyTorch's ``scaled_dot_product_attention`` (flash / memory-efficient kernels on CUDA),
 plugged in through the spec like any other module. The loss is the same one BlackMamba trains
-with (``model.fused_cross_entropy``), and so are the block norms (``model/norm.py``).
+with (``model.fused_cross_entropy``), and so are the norms (``model/norm.py``, in bf16).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from megatron_blackmamba.model.builder import transformer_config  # noqa: E402
@@ -71,12 +72,13 @@ class FusedLossGPTModel(FusedCrossEntropyMixin, GPTModel):
 def build_gpt(job, pre_process: bool = True, post_process: bool = True) -> GPTModel:
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    # BlackMamba's block norms (Triton kernels on GPUs), so the comparison is of the models
+    # BlackMamba's norms, in the model's dtype. megatron's WrappedTorchNorm ignores params_dtype:
+    # its fp32 weights put bf16 activations on torch's slow mixed-dtype RMSNorm path.
     spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = RMSNorm
     model_class = FusedLossGPTModel if job.model.fused_cross_entropy else GPTModel
     return model_class(
         config=gpt_config(job),
-        transformer_layer_spec=spec,
+        transformer_layer_spec=TransformerBlockSubmodules(layer_specs=[spec] * LAYERS, layer_norm=RMSNorm),
         vocab_size=job.model.vocab_size,
         max_sequence_length=job.training.seq_length,
         pre_process=pre_process,
