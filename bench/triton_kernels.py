@@ -62,6 +62,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def timings(fwd, fwd_bwd, args: argparse.Namespace) -> tuple[float, float, float]:
+    """(forward ms, forward+backward ms) by CUDA events, and the forward+backward's GPU work."""
+    return (time_ms(fwd, args.warmup, args.repeats), time_ms(fwd_bwd, args.warmup, args.repeats),
+            device_ms(fwd_bwd, args.warmup, args.repeats))
+
+
 def sinkhorn_rows(args: argparse.Namespace) -> list[str]:
     m = ModelConfig()
     kwargs = dict(temperature=m.sinkhorn_temperature, init=m.sinkhorn_init, tol=m.sinkhorn_tol,
@@ -109,9 +115,7 @@ def glu_rows(args: argparse.Namespace) -> list[str]:
         def fwd_bwd(fn=fn):
             return torch.autograd.grad(fn(x, probs), (x, probs), dy)
 
-        fwd_ms = time_ms(lambda fn=fn: fn(x, probs), args.warmup, args.repeats)
-        both_ms = time_ms(fwd_bwd, args.warmup, args.repeats)
-        gpu_ms = device_ms(fwd_bwd, args.warmup, args.repeats)
+        fwd_ms, both_ms, gpu_ms = timings(lambda fn=fn: fn(x, probs), fwd_bwd, args)
         y = fn(x, probs)
         dx, dp = fwd_bwd()
         err_y = rel_err(y, want.detach())
@@ -141,9 +145,7 @@ def cross_entropy_rows(args: argparse.Namespace) -> list[str]:
         def fwd_bwd(fn=fn):
             return torch.autograd.grad(fn(logits, labels), logits, dloss)
 
-        fwd_ms = time_ms(lambda fn=fn: fn(logits, labels), args.warmup, args.repeats)
-        both_ms = time_ms(fwd_bwd, args.warmup, args.repeats)
-        gpu_ms = device_ms(fwd_bwd, args.warmup, args.repeats)
+        fwd_ms, both_ms, gpu_ms = timings(lambda fn=fn: fn(logits, labels), fwd_bwd, args)
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         fwd_bwd()
@@ -174,9 +176,7 @@ def rms_norm_rows(args: argparse.Namespace) -> list[str]:
         def fwd_bwd(fn=fn):
             return torch.autograd.grad(fn(x, w), (x, w), dy)
 
-        fwd_ms = time_ms(lambda fn=fn: fn(x, w), args.warmup, args.repeats)
-        both_ms = time_ms(fwd_bwd, args.warmup, args.repeats)
-        gpu_ms = device_ms(fwd_bwd, args.warmup, args.repeats)
+        fwd_ms, both_ms, gpu_ms = timings(lambda fn=fn: fn(x, w), fwd_bwd, args)
         y = fn(x, w)
         dx, dw = fwd_bwd()
         err_grad = max(rel_err(dx, x64.grad), rel_err(dw, w64.grad))

@@ -30,46 +30,42 @@ def _leaf(*shape, device, dtype, gen) -> torch.Tensor:
     return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device, dtype).requires_grad_()
 
 
+def _run_against_float64(fn, equation: str, weight_shape, input_shape, grad_shape, device, dtype, seed):
+    """fn(w, x) and its backward on fresh random inputs; the same through einsum in float64.
+
+    Returns (out, grad w, grad x) and their float64 references."""
+    gen = torch.Generator().manual_seed(seed)
+    w = _leaf(*weight_shape, device=device, dtype=dtype, gen=gen)
+    x = _leaf(*input_shape, device=device, dtype=dtype, gen=gen)
+    g = torch.randn(*grad_shape, generator=gen, dtype=torch.float64)
+    out = fn(w, x)
+    out.backward(g.to(device, dtype))
+    w64, x64 = w.detach().double().cpu().requires_grad_(), x.detach().double().cpu().requires_grad_()
+    ref = torch.einsum(equation, w64, x64)
+    ref.backward(g)
+    return (out, w.grad, x.grad), (ref.detach(), w64.grad, x64.grad)
+
+
 @pytest.mark.parametrize("device,dtype,tol", list(_cases()))
 def test_from_sequence_major_matches_float64(device, dtype, tol):
-    gen = torch.Generator().manual_seed(0)
     s, b, h, out = 13, 3, 8, 24  # ragged on purpose
-    w = _leaf(out, h, device=device, dtype=dtype, gen=gen)
-    x = _leaf(s, b, h, device=device, dtype=dtype, gen=gen)
-    g = torch.randn(b, out, s, generator=gen, dtype=torch.float64)
-
-    y = linear_from_sequence_major(w, x)
-    y.backward(g.to(device, dtype))
-
-    w64, x64 = w.detach().double().cpu().requires_grad_(), x.detach().double().cpu().requires_grad_()
-    ref = torch.einsum("oh,sbh->bos", w64, x64)
-    ref.backward(g)
-    assert y.shape == (b, out, s) and y.is_contiguous()
-    assert x.grad.shape == (s, b, h) and x.grad.is_contiguous()  # written [s, b, h], no copy needed
-    assert _rel(y.cpu(), ref) < tol
-    assert _rel(x.grad.cpu(), x64.grad) < tol
-    assert _rel(w.grad.cpu(), w64.grad) < tol
+    got, want = _run_against_float64(linear_from_sequence_major, "oh,sbh->bos", (out, h), (s, b, h),
+                                     (b, out, s), device, dtype, seed=0)
+    assert got[0].shape == (b, out, s) and got[0].is_contiguous()
+    assert got[2].shape == (s, b, h) and got[2].is_contiguous()  # written [s, b, h], no copy needed
+    for tensor, ref in zip(got, want):
+        assert _rel(tensor.cpu(), ref) < tol
 
 
 @pytest.mark.parametrize("device,dtype,tol", list(_cases()))
 def test_to_sequence_major_matches_float64(device, dtype, tol):
-    gen = torch.Generator().manual_seed(1)
     s, b, h, d = 11, 2, 8, 20
-    w = _leaf(h, d, device=device, dtype=dtype, gen=gen)
-    y = _leaf(b, d, s, device=device, dtype=dtype, gen=gen)
-    g = torch.randn(s, b, h, generator=gen, dtype=torch.float64)
-
-    out = linear_to_sequence_major(w, y)
-    out.backward(g.to(device, dtype))
-
-    w64, y64 = w.detach().double().cpu().requires_grad_(), y.detach().double().cpu().requires_grad_()
-    ref = torch.einsum("hd,bds->sbh", w64, y64)
-    ref.backward(g)
-    assert out.shape == (s, b, h) and out.is_contiguous()
-    assert y.grad.is_contiguous()  # the scan's backward reads dy channels-major
-    assert _rel(out.cpu(), ref) < tol
-    assert _rel(y.grad.cpu(), y64.grad) < tol
-    assert _rel(w.grad.cpu(), w64.grad) < tol
+    got, want = _run_against_float64(linear_to_sequence_major, "hd,bds->sbh", (h, d), (b, d, s),
+                                     (s, b, h), device, dtype, seed=1)
+    assert got[0].shape == (s, b, h) and got[0].is_contiguous()
+    assert got[2].is_contiguous()  # the scan's backward reads dy channels-major
+    for tensor, ref in zip(got, want):
+        assert _rel(tensor.cpu(), ref) < tol
 
 
 def test_gradcheck_float64():
