@@ -7,6 +7,7 @@ A variant is a name, a scan backend and config overrides on top of the benchmark
   blackmamba-alltoall  blackmamba-grouped on megatron's alltoall dispatcher instead of the local one
   blackmamba-compiled-glu  blackmamba-grouped with megatron's torch.compile'd gated activation
   blackmamba-megatron-ce  blackmamba-grouped with megatron's cross-entropy (fp32 logits copy)
+  blackmamba-unfused-wgrad  blackmamba-grouped with DDP adding bf16 expert weight gradients
   blackmamba-torch  the same model with the PyTorch scan and conv (BLACKMAMBA_KERNEL_BACKEND=torch)
   dense-mamba       an all-Mamba stack with about the same active parameters (no MoE)
   gpt-dense         megatron-core's GPTModel with about the same active parameters (bench/gpt_baseline.py)

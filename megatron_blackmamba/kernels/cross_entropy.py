@@ -19,32 +19,37 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from megatron_blackmamba.kernels.triton_support import KERNEL_DTYPES, triton_kernels
+from megatron_blackmamba.kernels.triton_support import takes, triton_kernels
 
-_kernels = partial(triton_kernels, "cross_entropy_triton")  # the Triton module, or None without Triton
+_MODULE = "cross_entropy_triton"
+_kernels = partial(triton_kernels, _MODULE)  # the Triton module, or None without Triton
 
 
 def fused_applies(logits: Tensor) -> bool:
     """Whether the Triton kernels take ``logits``: a non-empty CUDA tensor of at most fp32 precision."""
-    return logits.is_cuda and logits.dtype in KERNEL_DTYPES and logits.numel() > 0 and _kernels() is not None
+    return takes(_MODULE, logits)
+
+
+def _label_columns(labels: Tensor, vocab_start: int, width: int) -> tuple[Tensor, Tensor]:
+    """(each label's column in this rank's slice, clamped into it, as [N, 1]; whether it is there)."""
+    local = labels - vocab_start
+    return local.clamp(0, width - 1)[:, None], (local >= 0) & (local < width)
 
 
 def _row_stats_torch(logits: Tensor, labels: Tensor, vocab_start: int) -> tuple[Tensor, Tensor, Tensor]:
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))
     row_max = x.amax(dim=-1)
     sumexp = torch.exp(x - row_max[:, None]).sum(dim=-1)
-    local = labels - vocab_start
-    in_shard = (local >= 0) & (local < x.shape[-1])
-    target = x.gather(-1, local.clamp(0, x.shape[-1] - 1)[:, None])[:, 0] * in_shard
+    column, in_shard = _label_columns(labels, vocab_start, x.shape[-1])
+    target = x.gather(-1, column)[:, 0] * in_shard
     return row_max, sumexp, target
 
 
 def _grad_torch(logits: Tensor, labels: Tensor, lse: Tensor, dloss: Tensor, vocab_start: int) -> Tensor:
     x = logits.to(lse.dtype)
     grad = torch.exp(x - lse[:, None])
-    local = labels - vocab_start
-    in_shard = (local >= 0) & (local < x.shape[-1])
-    grad.scatter_add_(-1, local.clamp(0, x.shape[-1] - 1)[:, None], -in_shard.to(grad.dtype)[:, None])
+    column, in_shard = _label_columns(labels, vocab_start, x.shape[-1])
+    grad.scatter_add_(-1, column, -in_shard.to(grad.dtype)[:, None])
     return (grad * dloss[:, None]).to(logits.dtype)
 
 

@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_blackmamba.kernels.triton_support import KERNEL_DTYPES, triton_kernels
+from megatron_blackmamba.kernels.triton_support import takes, triton_kernels
 
-_kernels = partial(triton_kernels, "glu_triton")  # the Triton module, or None without Triton
+_MODULE = "glu_triton"
+_kernels = partial(triton_kernels, _MODULE)  # the Triton module, or None without Triton
 
 
 ACTIVATIONS = ("gelu", "silu")
@@ -58,8 +59,7 @@ def fused_applies(x: Tensor, probs: Tensor) -> bool:
     """Whether the Triton kernels take these: non-empty CUDA tensors of at most fp32 precision,
     one probability per row of ``x``, and Triton importable."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return (x.is_cuda and x.dtype in KERNEL_DTYPES and rows > 0 and probs.numel() == rows
-            and _kernels() is not None)
+    return rows > 0 and probs.numel() == rows and takes(_MODULE, x)
 
 
 def glu_with_probs(x: Tensor, probs: Tensor, activation: str = "gelu") -> Tensor:

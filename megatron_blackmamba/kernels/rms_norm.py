@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_blackmamba.kernels.triton_support import KERNEL_DTYPES, triton_kernels
+from megatron_blackmamba.kernels.triton_support import KERNEL_DTYPES, takes, triton_kernels
 
-_kernels = partial(triton_kernels, "rms_norm_triton")  # the Triton module, or None without Triton
+_MODULE = "rms_norm_triton"
+_kernels = partial(triton_kernels, _MODULE)  # the Triton module, or None without Triton
 
 
 class _FusedRMSNorm(torch.autograd.Function):
@@ -41,8 +42,8 @@ class _FusedRMSNorm(torch.autograd.Function):
 def fused_applies(x: Tensor, weight: Tensor) -> bool:
     """Whether the Triton kernels take these: non-empty CUDA tensors of at most fp32 precision, a
     contiguous weight as wide as x's last dimension, and Triton importable."""
-    return (x.is_cuda and x.dtype in KERNEL_DTYPES and weight.dtype in KERNEL_DTYPES and x.numel() > 0
-            and weight.shape == x.shape[-1:] and weight.is_contiguous() and _kernels() is not None)
+    return (weight.dtype in KERNEL_DTYPES and weight.shape == x.shape[-1:] and weight.is_contiguous()
+            and takes(_MODULE, x))
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -25,3 +25,9 @@ def triton_kernels(name: str) -> Optional[ModuleType]:
         return importlib.import_module(f"megatron_blackmamba.kernels.{name}")
     except ImportError:
         return None
+
+
+def takes(name: str, x: torch.Tensor) -> bool:
+    """Whether kernel module ``name`` can run on ``x``: a non-empty CUDA tensor of a
+    ``KERNEL_DTYPES`` dtype, and the module imports."""
+    return x.is_cuda and x.dtype in KERNEL_DTYPES and x.numel() > 0 and triton_kernels(name) is not None
