@@ -6,6 +6,9 @@ Each op picks its backend per call from the tensors' device:
   (``mamba_ssm`` for the scan and the decode step, ``causal_conv1d`` for the conv);
 * ``"torch"`` otherwise, and for arguments the CUDA kernels lack (float64, ``initial_state``).
 
+Under the CUDA backend the scan runs mamba-ssm's kernel, or this project's
+(``selective_scan_cuda``, d_state 16) with ``BLACKMAMBA_SCAN_KERNEL=blackmamba``.
+
 ``BLACKMAMBA_KERNEL_BACKEND=torch|cuda|auto`` (default auto) overrides the choice process-wide and
 the ``backend=`` argument overrides it per call; asking for ``cuda`` where it cannot run raises a
 RuntimeError naming what is missing. The choice is logged once per op and backend at INFO on the
@@ -22,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import cuda as _cuda
+from . import selective_scan_cuda as _own_scan
 from .causal_conv1d_torch import causal_conv1d as _causal_conv1d_torch
 from .causal_conv1d_torch import causal_conv1d_update as _causal_conv1d_update_torch
 from .selective_scan_torch import DEFAULT_CHUNK_SIZE, selective_scan_chunked
@@ -141,10 +145,25 @@ def selective_scan(
     """
     limitation = _cuda.unsupported(u.dtype, has_initial_state=initial_state is not None)
     if _select("selective_scan", u.device, backend, limitation) == "cuda":
+        if _use_own_scan(u, A):
+            return _own_scan.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
         return _cuda.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     return selective_scan_chunked(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, chunk_size
     )
+
+
+def _use_own_scan(u: Tensor, A: Tensor) -> bool:
+    """Whether BLACKMAMBA_SCAN_KERNEL asks for this project's scan kernel; raises if it cannot run."""
+    if not _own_scan.requested():
+        return False
+    why = _own_scan.unsupported(u, A, has_initial_state=False) or _own_scan.load_error(_own_scan.device_arch(u.device))
+    if why is not None:
+        raise RuntimeError(f"selective_scan: {_own_scan.KERNEL_ENV_VAR}=blackmamba was requested but {why}")
+    if ("selective_scan", "blackmamba") not in _logged:
+        _logged.add(("selective_scan", "blackmamba"))
+        logger.info("selective_scan kernel: this project's (%s)", _own_scan.library_path(_own_scan.device_arch(u.device)))
+    return True
 
 
 def selective_state_update(

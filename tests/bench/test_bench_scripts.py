@@ -18,6 +18,7 @@ DRY_RUNS = {
     "gpu_kernel_check.py": "340m-b2",
     "mixer_gpu_check.py": "cuda vs torch kernels",
     "triton_kernels.py": "cross-entropy [32768, 50304] bf16",
+    "scan_kernels.py": "mamba-ssm, blackmamba at [16, 2304, 2048] bfloat16",
 }
 
 

@@ -1,0 +1,552 @@
+// Mamba-1 selective scan, forward and backward, for d_state = 16: each channel's states walked
+// sequentially in time.
+//
+// Why, next to mamba-ssm's kernel: its backward runs one block per channel and scans each state
+// along time with a block-wide parallel scan, then adds every channel's dB/dC contribution with
+// its own global atomic; at BlackMamba's shapes it runs far below its FLOP and byte floors
+// (bench/PERF_NOTES.md). Here the forward runs one thread per (batch, channel) over its 16
+// states; the backward splits a channel's states over kBwdSplit lanes, and a block's channels sum
+// their dB/dC contributions on chip (a warp reduce-scatter) before one atomic per (block, state,
+// step). Measured on an H100 at the 340M layer: forward+backward about 1.05x mamba-ssm's.
+//
+// Memory plan: the forward stores the state every kSteps steps (fp32 checkpoints, [b, d, chunks,
+// 16]); the backward walks the chunks last to first, recomputes each kSub-step sub-chunk's states
+// from its chunk's checkpoint into shared memory and runs the adjoint recurrence back over them.
+// Nothing else is saved: y (for dz) is recomputed from those states.
+//
+// Conventions are mamba-ssm's selective_scan_fn: u, delta, z, out [b, d, L]; B, C [b, 16, L];
+// A [d, 16] (fp32, negative); D, delta_bias [d] (fp32, optional);
+// delta <- softplus(delta + delta_bias); h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t;
+// out_t = (<C_t, h_t> + D u_t) * silu(z_t). Activations are fp32, fp16 or bf16 (all in one
+// dtype), computed in fp32. The sequence dimension must be contiguous; other strides are free.
+// Exported with a C ABI (no torch headers): the Python side passes pointers, strides and the
+// current stream, so one build serves every torch version.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+
+namespace {
+
+constexpr int kStates = 16;  // d_state
+constexpr int kSteps = 16;   // time steps per chunk = checkpoint interval
+constexpr int kSub = 8;      // steps whose states the backward holds in shared memory at once
+constexpr int kWarp = 32;
+constexpr float kLog2e = 1.4426950408889634f;
+
+}  // namespace
+
+extern "C" {
+
+// Mirrored field for field by ctypes in selective_scan_cuda.py. Element strides.
+struct BlackMambaScanParams {
+  int64_t batch, dim, seqlen;
+  int32_t dtype;     // 0 float32, 1 float16, 2 bfloat16
+  int32_t softplus;  // apply softplus to delta + delta_bias
+  const void* u;     int64_t u_batch_stride, u_dim_stride;
+  const void* delta; int64_t delta_batch_stride, delta_dim_stride;
+  const void* z;     int64_t z_batch_stride, z_dim_stride;  // null: no gate
+  const void* B;     int64_t B_batch_stride, B_state_stride;
+  const void* C;     int64_t C_batch_stride, C_state_stride;
+  const float* A;           // [dim, 16] contiguous
+  const float* D;           // [dim] or null
+  const float* delta_bias;  // [dim] or null
+  float* checkpoints;       // [batch, dim, chunks, 16] contiguous
+  void* out;                // [batch, dim, seqlen] contiguous (forward)
+  const void* dout; int64_t dout_batch_stride, dout_dim_stride;  // backward inputs
+  void* du; void* ddelta; void* dz;  // [batch, dim, seqlen] contiguous (dz only with z)
+  float* dA;          // [dim, 16]; the float32 gradients are accumulated with atomics,
+  float* dB;          // [batch, 16, seqlen]   so the caller zeroes them
+  float* dC;          // [batch, 16, seqlen]
+  float* dD;          // [dim] or null
+  float* ddelta_bias; // [dim] or null
+};
+
+}  // extern "C"
+
+namespace {
+
+template <typename T> __device__ __forceinline__ float to_float(T v);
+template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// The widest load of up to 16 bytes that a row segment of kN elements of T fills.
+template <int kBytes> struct VecOf;
+template <> struct VecOf<16> { using type = uint4; };
+template <> struct VecOf<8> { using type = uint2; };
+template <> struct VecOf<4> { using type = unsigned; };
+template <typename T, int kN>
+struct RowVec {
+  static constexpr int kBytes = kN * sizeof(T) < 16 ? kN * int(sizeof(T)) : 16;
+  static constexpr int kPer = kBytes / sizeof(T);
+  using type = typename VecOf<kBytes>::type;
+};
+
+// kN consecutive elements of one row; elements at index >= valid read as 0. Whole vectors when
+// the row segment is complete and aligned, else element by element.
+template <typename T, int kN>
+__device__ __forceinline__ void load_row(const T* ptr, int valid, float (&out)[kN]) {
+  using Vec = RowVec<T, kN>;
+  constexpr int kPerVec = Vec::kPer;
+  if (valid == kN && (reinterpret_cast<uintptr_t>(ptr) % Vec::kBytes) == 0) {
+#pragma unroll
+    for (int v = 0; v < kN / kPerVec; ++v) {
+      const typename Vec::type raw = reinterpret_cast<const typename Vec::type*>(ptr)[v];
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < kPerVec; ++i) out[v * kPerVec + i] = to_float(e[i]);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kN; ++i) out[i] = i < valid ? to_float(ptr[i]) : 0.f;
+  }
+}
+
+template <typename T, int kN>
+__device__ __forceinline__ void store_row(T* ptr, int valid, const float (&in)[kN]) {
+  using Vec = RowVec<T, kN>;
+  constexpr int kPerVec = Vec::kPer;
+  if (valid == kN && (reinterpret_cast<uintptr_t>(ptr) % Vec::kBytes) == 0) {
+#pragma unroll
+    for (int v = 0; v < kN / kPerVec; ++v) {
+      typename Vec::type raw;
+      T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < kPerVec; ++i) e[i] = from_float<T>(in[v * kPerVec + i]);
+      reinterpret_cast<typename Vec::type*>(ptr)[v] = raw;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kN; ++i)
+      if (i < valid) ptr[i] = from_float<T>(in[i]);
+  }
+}
+
+// B and C of one chunk into shared memory as [step][state] (a step's 16 values are contiguous,
+// so a thread reads them as four 16-byte broadcasts). Steps past the end read as 0.
+template <typename T>
+__device__ __forceinline__ void load_BC_tile(const BlackMambaScanParams& p, int b, int64_t t0, int valid,
+                                             float (*sB)[kStates], float (*sC)[kStates]) {
+  const T* Bp = static_cast<const T*>(p.B) + b * p.B_batch_stride + t0;
+  const T* Cp = static_cast<const T*>(p.C) + b * p.C_batch_stride + t0;
+  for (int i = threadIdx.x; i < 2 * kStates * kSteps; i += blockDim.x) {
+    const int which = i / (kStates * kSteps), n = (i / kSteps) % kStates, t = i % kSteps;
+    const T* src = which ? Cp + n * p.C_state_stride : Bp + n * p.B_state_stride;
+    const float v = t < valid ? to_float(src[t]) : 0.f;
+    (which ? sC : sB)[t][n] = v;
+  }
+}
+
+// softplus with mamba-ssm's cut-off (identity above 20) and its derivative, sigmoid.
+__device__ __forceinline__ void softplus_and_slope(float x, float& value, float& slope) {
+  if (x <= 20.f) {
+    const float e = __expf(x);
+    value = log1pf(e);
+    slope = e / (1.f + e);
+  } else {
+    value = x;
+    slope = 1.f;
+  }
+}
+
+__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
+
+// Per-channel constants of one thread's channel and its kN states from `state0`.
+template <int kN>
+struct Channel {
+  bool active;
+  int64_t d;
+  float A[kN];  // A * log2(e), so exp(delta A) = exp2(delta A')
+  float D, bias;
+};
+
+template <int kN>
+__device__ __forceinline__ Channel<kN> load_channel(const BlackMambaScanParams& p, int64_t d, int state0) {
+  Channel<kN> ch;
+  ch.d = d;
+  ch.active = d < p.dim;
+#pragma unroll
+  for (int n = 0; n < kN; ++n) ch.A[n] = ch.active ? p.A[d * kStates + state0 + n] * kLog2e : 0.f;
+  ch.D = ch.active && p.D ? p.D[d] : 0.f;
+  ch.bias = ch.active && p.delta_bias ? p.delta_bias[d] : 0.f;
+  return ch;
+}
+
+// delta for one row segment: softplus(delta + bias) (when asked) and its slope.
+template <int kN, typename Ch>
+__device__ __forceinline__ void discretize(const BlackMambaScanParams& p, const Ch& ch,
+                                           float (&delta)[kN], float (&slope)[kN]) {
+#pragma unroll
+  for (int t = 0; t < kN; ++t) {
+    if (p.softplus) {
+      softplus_and_slope(delta[t] + ch.bias, delta[t], slope[t]);
+    } else {
+      delta[t] += ch.bias;
+      slope[t] = 1.f;
+    }
+  }
+}
+
+template <typename T>
+__global__ void scan_fwd_kernel(BlackMambaScanParams p) {
+  __shared__ __align__(16) float sB[kSteps][kStates];
+  __shared__ __align__(16) float sC[kSteps][kStates];
+  const int b = blockIdx.y;
+  const auto ch = load_channel<kStates>(p, int64_t(blockIdx.x) * blockDim.x + threadIdx.x, 0);
+  const int64_t row = ch.active ? ch.d : 0;
+  const T* u_row = static_cast<const T*>(p.u) + b * p.u_batch_stride + row * p.u_dim_stride;
+  const T* delta_row = static_cast<const T*>(p.delta) + b * p.delta_batch_stride + row * p.delta_dim_stride;
+  const T* z_row = p.z ? static_cast<const T*>(p.z) + b * p.z_batch_stride + row * p.z_dim_stride : nullptr;
+  T* out_row = static_cast<T*>(p.out) + (b * p.dim + row) * p.seqlen;
+  const int chunks = int((p.seqlen + kSteps - 1) / kSteps);
+  float* ckpt = p.checkpoints + ((b * p.dim + row) * chunks) * kStates;
+
+  float h[kStates];
+#pragma unroll
+  for (int n = 0; n < kStates; ++n) h[n] = 0.f;
+
+  for (int c = 0; c < chunks; ++c) {
+    const int64_t t0 = int64_t(c) * kSteps;
+    const int valid = int((p.seqlen - t0 < kSteps ? p.seqlen - t0 : kSteps));
+    __syncthreads();  // the previous chunk's reads of sB/sC are done
+    load_BC_tile<T>(p, b, t0, valid, sB, sC);
+    __syncthreads();
+    if (!ch.active) continue;
+    float u[kSteps], delta[kSteps], slope[kSteps], gate[kSteps], out[kSteps];
+    load_row(u_row + t0, valid, u);
+    load_row(delta_row + t0, valid, delta);
+    discretize(p, ch, delta, slope);
+    if (z_row) {
+      load_row(z_row + t0, valid, gate);
+#pragma unroll
+      for (int t = 0; t < kSteps; ++t) gate[t] *= sigmoid(gate[t]);
+    }
+#pragma unroll
+    for (int t = 0; t < kSteps; ++t) {
+      if (t < valid) {
+        const float du = delta[t] * u[t];
+        float y[2] = {ch.D * u[t], 0.f};  // two partial sums: half-length chains
+#pragma unroll
+        for (int n = 0; n < kStates; ++n) {
+          h[n] = exp2f(delta[t] * ch.A[n]) * h[n] + du * sB[t][n];
+          y[n & 1] += h[n] * sC[t][n];
+        }
+        out[t] = z_row ? (y[0] + y[1]) * gate[t] : y[0] + y[1];
+      }
+    }
+    store_row(out_row + t0, valid, out);
+#pragma unroll
+    for (int n = 0; n < kStates; n += 4)
+      *reinterpret_cast<float4*>(ckpt + c * kStates + n) = make_float4(h[n], h[n + 1], h[n + 2], h[n + 3]);
+  }
+}
+
+// One round of the reduce-scatter below: lanes pair up across bit kOffset; each keeps the half
+// of v[0, 2 kOffset) on its side of that bit, adds its partner's copy of it, and moves it to
+// v[0, kOffset). The halves are picked with bit masks, not `upper ? v[i] : v[j]`, which nvcc
+// may compile to a select of addresses and so move v to local memory.
+template <int kOffset, int kN>
+__device__ __forceinline__ void reduce_scatter_round(float (&v)[kN], int lane) {
+  const unsigned upper = (lane & kOffset) ? 0xffffffffu : 0u;
+#pragma unroll
+  for (int i = 0; i < kOffset; ++i) {
+    const unsigned lo = __float_as_uint(v[i]), hi = __float_as_uint(v[i + kOffset]);
+    const float keep = __uint_as_float((hi & upper) | (lo & ~upper));
+    const float send = __uint_as_float((lo & upper) | (hi & ~upper));
+    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, kOffset);
+  }
+}
+
+// Sums over the kN lanes of an aligned lane group of each of kN values: the lane at position i
+// of its group returns the sum of v[i]. Each round halves the values a lane holds (kN - 1
+// shuffles in all, instead of kN log2(kN) for kN all-reduces).
+template <int kN>
+__device__ __forceinline__ float reduce_scatter(float (&v)[kN], int lane) {
+  static_assert(kN == 32 || kN == 16 || kN == 8, "a power-of-two group within a warp");
+  if constexpr (kN >= 32) reduce_scatter_round<16>(v, lane);
+  if constexpr (kN >= 16) reduce_scatter_round<8>(v, lane);
+  reduce_scatter_round<4>(v, lane);
+  reduce_scatter_round<2>(v, lane);
+  reduce_scatter_round<1>(v, lane);
+  return v[0];
+}
+
+// Sum of x over the kSplit lanes (kWarp / kSplit apart) that share one channel's states.
+template <int kSplit>
+__device__ __forceinline__ float sum_over_split(float x) {
+#pragma unroll
+  for (int offset = kWarp / kSplit; offset < kWarp; offset *= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+// Per-thread rows of one sub-chunk in shared memory, [row][step][thread]: the time loops below
+// index them with a run-time step, which keeps those loops rolled (a fully unrolled backward
+// overflows the instruction cache) without moving register arrays to local memory.
+enum SubRow { kU, kDelta, kSlope, kDy, kZ, kSubRows };  // the backward overwrites u with du,
+                                                        // slope with d delta and z with dz
+
+// One channel's 16 states are split over kSplit lanes of a warp, kWarp / kSplit apart (more
+// threads in flight at BlackMamba's shapes, where one thread per channel leaves most of each SM's
+// warp slots empty); each lane runs its kStates / kSplit states.
+template <typename T, int kThreads, int kMinBlocks, int kSplit>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(BlackMambaScanParams p) {
+  static_assert(kThreads % kWarp == 0, "whole warps");
+  static_assert(kSteps % kSub == 0, "whole sub-chunks");
+  constexpr int kWarps = kThreads / kWarp;
+  constexpr int kN = kStates / kSplit;          // states per lane
+  constexpr int kLanes = kWarp / kSplit;        // channels per warp
+  constexpr int kChannels = kThreads / kSplit;  // channels per block
+  static_assert(2 * kN == kLanes, "one reduced value per lane");
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int part = lane / kLanes;                      // which state slice of the channel
+  const int local = warp * kLanes + lane % kLanes;     // channel within the block
+  // hs: states of the sub-chunk being reversed, per lane; slot s holds h after its step s-1
+  // (slot 0: the state before it). sub_rows: the channel's rows, shared by its kSplit lanes.
+  // Both are [..][thread or channel], so a warp's accesses hit distinct banks or broadcast.
+  extern __shared__ float smem[];
+  float* hs = smem;
+  float* sub_rows = smem + (kSub + 1) * kN * kThreads;
+  __shared__ __align__(16) float sB[kSteps][kStates];
+  __shared__ __align__(16) float sC[kSteps][kStates];
+  __shared__ float reduced[kWarps][kSteps][kWarp];  // per warp and step: lane i's reduced value
+  auto H = [&](int slot, int n) -> float& { return hs[(slot * kN + n) * kThreads + threadIdx.x]; };
+  auto R = [&](int r, int t) -> float& { return sub_rows[(r * kSub + t) * kChannels + local]; };
+
+  const int b = blockIdx.y;
+  const int s0 = part * kN;
+  const auto ch = load_channel<kN>(p, int64_t(blockIdx.x) * kChannels + local, s0);
+  const bool writer = ch.active && part == 0;  // the lane that loads and stores the channel's rows
+  const int64_t row = ch.active ? ch.d : 0;
+  const int64_t out_off = (b * p.dim + row) * p.seqlen;
+  const T* u_row = static_cast<const T*>(p.u) + b * p.u_batch_stride + row * p.u_dim_stride;
+  const T* delta_row = static_cast<const T*>(p.delta) + b * p.delta_batch_stride + row * p.delta_dim_stride;
+  const T* z_row = p.z ? static_cast<const T*>(p.z) + b * p.z_batch_stride + row * p.z_dim_stride : nullptr;
+  const T* dout_row = static_cast<const T*>(p.dout) + b * p.dout_batch_stride + row * p.dout_dim_stride;
+  const int chunks = int((p.seqlen + kSteps - 1) / kSteps);
+  const float* ckpt = p.checkpoints + ((b * p.dim + row) * chunks) * kStates + s0;
+
+  // Rows [t, t + kSub) into the sub-chunk rows: u and discretized delta always, dout and z too
+  // for the sub-chunk being reversed. Rows of inactive channels read as zeros.
+  auto stage = [&](int64_t t, int count, bool grads) {
+    __syncwarp();  // the channel's other lanes are done reading the previous rows
+    if (part == 0) {
+      const int n = ch.active ? count : 0;
+      float a[kSub], slope[kSub];
+      load_row(u_row + t, n, a);
+#pragma unroll
+      for (int i = 0; i < kSub; ++i) R(kU, i) = a[i];
+      load_row(delta_row + t, n, a);
+      discretize(p, ch, a, slope);
+#pragma unroll
+      for (int i = 0; i < kSub; ++i) R(kDelta, i) = a[i], R(kSlope, i) = slope[i];
+      if (grads) {
+        load_row(dout_row + t, n, a);
+#pragma unroll
+        for (int i = 0; i < kSub; ++i) R(kDy, i) = a[i];
+        if (z_row) {
+          load_row(z_row + t, n, a);
+#pragma unroll
+          for (int i = 0; i < kSub; ++i) R(kZ, i) = a[i];
+        }
+      }
+    }
+    __syncwarp();
+  };
+  auto unstage = [&](int r, T* dst, int count) {
+    float a[kSub];
+#pragma unroll
+    for (int i = 0; i < kSub; ++i) a[i] = R(r, i);
+    store_row(dst, count, a);
+  };
+
+  float g[kN];       // adjoint of h carried to the previous step (already times exp(delta A))
+  float dA_acc[kN];  // d loss / d A summed over this channel's steps
+  float dD_acc = 0.f, dbias_acc = 0.f;
+#pragma unroll
+  for (int n = 0; n < kN; ++n) g[n] = dA_acc[n] = 0.f;
+
+  for (int c = chunks - 1; c >= 0; --c) {
+    const int64_t t0 = int64_t(c) * kSteps;
+    const int valid = int(p.seqlen - t0 < kSteps ? p.seqlen - t0 : kSteps);
+    __syncthreads();  // the previous chunk's reads of sB/sC/reduced are done
+    load_BC_tile<T>(p, b, t0, valid, sB, sC);
+    __syncthreads();
+
+    // Sub-chunks last to first: recompute the sub-chunk's states from the chunk's checkpoint
+    // into shared memory, then run the adjoint recurrence back over them.
+#pragma unroll 1
+    for (int first = (valid - 1) / kSub * kSub; first >= 0; first -= kSub) {
+      const int steps = valid - first < kSub ? valid - first : kSub;
+      float h[kN];
+#pragma unroll
+      for (int n = 0; n < kN; n += 4) {
+        const float4 q = (c > 0 && ch.active) ? *reinterpret_cast<const float4*>(ckpt + (c - 1) * kStates + n)
+                                              : make_float4(0.f, 0.f, 0.f, 0.f);
+        h[n] = q.x, h[n + 1] = q.y, h[n + 2] = q.z, h[n + 3] = q.w;
+      }
+#pragma unroll 1
+      for (int k = 0; k < first; k += kSub) {  // the chunk's earlier sub-chunks: advance h only
+        stage(t0 + k, kSub, false);
+#pragma unroll 1
+        for (int t = 0; t < kSub; ++t) {
+          const float dt = R(kDelta, t), du = dt * R(kU, t);
+#pragma unroll
+          for (int n = 0; n < kN; ++n) h[n] = exp2f(dt * ch.A[n]) * h[n] + du * sB[k + t][s0 + n];
+        }
+      }
+      stage(t0 + first, steps, true);
+
+      // Recompute the states; with them y, hence dz, and the gradient reaching y + D u
+      // (dy <- dout * silu(z)).
+#pragma unroll
+      for (int n = 0; n < kN; ++n) H(0, n) = h[n];
+#pragma unroll 1
+      for (int t = 0; t < steps; ++t) {
+        const float dt = R(kDelta, t), u = R(kU, t), du = dt * u;
+        float y[2] = {0.f, 0.f};  // two partial sums: half-length chains
+#pragma unroll
+        for (int n = 0; n < kN; ++n) {
+          h[n] = exp2f(dt * ch.A[n]) * h[n] + du * sB[first + t][s0 + n];
+          y[n & 1] += h[n] * sC[first + t][s0 + n];
+          H(t + 1, n) = h[n];
+        }
+        const float yt = sum_over_split<kSplit>(y[0] + y[1]);
+        if (z_row) {
+          const float z = R(kZ, t), dy = R(kDy, t), sig = sigmoid(z);
+          __syncwarp();
+          if (part == 0) {
+            R(kZ, t) = dy * (yt + ch.D * u) * sig * (1.f + z * (1.f - sig));
+            R(kDy, t) = dy * z * sig;
+          }
+          __syncwarp();
+        }
+      }
+      // The adjoint recurrence, last step first. With w_n = g_n exp(delta A_n) h_{t-1,n}:
+      // d delta = sum_n w_n A_n + u <g, B>;  du = delta <g, B> + D dy;  dA_n += w_n delta;
+      // dB_n = g_n delta u and dC_n = dy h_n, summed over the block's channels.
+#pragma unroll 1
+      for (int t = steps - 1; t >= 0; --t) {
+        const float dt = R(kDelta, t), u = R(kU, t), dy = R(kDy, t), du = dt * u;
+        float v[2 * kN];
+        float gB[2] = {0.f, 0.f}, wA[2] = {0.f, 0.f};  // two partial sums: half-length chains
+#pragma unroll
+        for (int n = 0; n < kN; ++n) {
+          const float gn = g[n] + dy * sC[first + t][s0 + n];
+          const float decay = exp2f(dt * ch.A[n]);
+          const float w = gn * decay * H(t, n);
+          wA[n & 1] += w * ch.A[n];
+          dA_acc[n] += w * dt;
+          gB[n & 1] += gn * sB[first + t][s0 + n];
+          v[n] = gn * du;
+          v[kN + n] = dy * H(t + 1, n);
+          g[n] = gn * decay;
+        }
+        reduced[warp][first + t][lane] = reduce_scatter(v, lane);
+        const float gBt = sum_over_split<kSplit>(gB[0] + gB[1]);
+        // wA used A' = A log2(e): convert back to d/d delta.
+        const float ddelta = (sum_over_split<kSplit>(wA[0] + wA[1]) / kLog2e + u * gBt) * R(kSlope, t);
+        __syncwarp();
+        if (part == 0) {
+          R(kU, t) = dt * gBt + ch.D * dy;
+          R(kSlope, t) = ddelta;
+          dbias_acc += ddelta;
+          dD_acc += dy * u;
+        }
+        __syncwarp();
+      }
+      if (writer) {
+        unstage(kU, static_cast<T*>(p.du) + out_off + t0 + first, steps);
+        unstage(kSlope, static_cast<T*>(p.ddelta) + out_off + t0 + first, steps);
+        if (z_row) unstage(kZ, static_cast<T*>(p.dz) + out_off + t0 + first, steps);
+      }
+    }
+    __syncthreads();
+    // Lane i of a warp holds, for its state slice i / kLanes, value i % kLanes of v: dB of the
+    // slice's state j for j < kN, dC of state j - kN above.
+    for (int i = threadIdx.x; i < kSteps * kWarp; i += kThreads) {
+      const int t = i / kWarp, slot = i % kWarp;
+      if (t >= valid) continue;
+      float s = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) s += reduced[w][t][slot];
+      const int j = slot % kLanes, state = slot / kLanes * kN + j % kN;
+      float* dst = (j < kN ? p.dB : p.dC) + (b * kStates + state) * p.seqlen;
+      atomicAdd(dst + t0 + t, s);
+    }
+  }
+  if (!ch.active) return;
+#pragma unroll
+  for (int n = 0; n < kN; ++n) atomicAdd(p.dA + ch.d * kStates + s0 + n, dA_acc[n]);
+  if (part != 0) return;
+  if (p.dD) atomicAdd(p.dD + ch.d, dD_acc);
+  if (p.ddelta_bias) atomicAdd(p.ddelta_bias + ch.d, dbias_acc);
+}
+
+// Launch shapes, chosen by a sweep on an H100 at the 340M layer (bench/scan_kernels.py):
+// backward 128 threads, 5 blocks per SM, each channel's states split over 4 lanes.
+constexpr int kFwdThreads = 128;
+constexpr int kBwdThreads = 128;
+constexpr int kBwdMinBlocks = 5;
+constexpr int kBwdSplit = 4;
+
+template <typename T>
+cudaError_t launch_fwd(const BlackMambaScanParams& p, cudaStream_t stream) {
+  const dim3 grid(unsigned((p.dim + kFwdThreads - 1) / kFwdThreads), unsigned(p.batch));
+  scan_fwd_kernel<T><<<grid, kFwdThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_bwd(const BlackMambaScanParams& p, cudaStream_t stream) {
+  auto kernel = scan_bwd_kernel<T, kBwdThreads, kBwdMinBlocks, kBwdSplit>;
+  constexpr int kChannels = kBwdThreads / kBwdSplit;
+  const size_t smem = (size_t(kSub + 1) * (kStates / kBwdSplit) * kBwdThreads + kSubRows * kSub * kChannels) * sizeof(float);
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  if (err != cudaSuccess) return err;
+  const dim3 grid(unsigned((p.dim + kChannels - 1) / kChannels), unsigned(p.batch));
+  kernel<<<grid, kBwdThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+extern "C" {
+
+// Both return a cudaError_t (0 on success); blackmamba_scan_error_string names it.
+int blackmamba_scan_fwd(const BlackMambaScanParams* p, void* stream) {
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (p->dtype) {
+    case 0: return launch_fwd<float>(*p, s);
+    case 1: return launch_fwd<__half>(*p, s);
+    case 2: return launch_fwd<__nv_bfloat16>(*p, s);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+int blackmamba_scan_bwd(const BlackMambaScanParams* p, void* stream) {
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (p->dtype) {
+    case 0: return launch_bwd<float>(*p, s);
+    case 1: return launch_bwd<__half>(*p, s);
+    case 2: return launch_bwd<__nv_bfloat16>(*p, s);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+const char* blackmamba_scan_error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }
+
+// Compile-time constants and the parameter block's size, which the Python side checks against
+// its own (a mismatched ctypes mirror would pass garbage pointers).
+int blackmamba_scan_states() { return kStates; }
+int blackmamba_scan_chunk() { return kSteps; }
+int blackmamba_scan_params_size() { return int(sizeof(BlackMambaScanParams)); }
+
+}  // extern "C"

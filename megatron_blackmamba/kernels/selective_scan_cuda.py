@@ -1,0 +1,242 @@
+"""This project's Mamba-1 selective-scan CUDA kernel (``csrc/selective_scan.cu``): build, load, autograd.
+
+An alternative to mamba-ssm's scan for d_state 16, chosen with ``BLACKMAMBA_SCAN_KERNEL=blackmamba``
+(default ``mamba_ssm``). It walks each channel's states sequentially in time and sums dB/dC over
+a block's channels on chip; on an H100 at the 340M layer its forward+backward is ~1.05x
+mamba-ssm's, and it saves fp32 state checkpoints (4 bytes per element of u) instead of
+mamba-ssm's output copy (bf16: 2 bytes), see bench/PERF_NOTES.md.
+
+It has a C ABI, so it is compiled with nvcc alone on first use, for the GPU at hand, into a cache
+directory shared by every rank and process (``BLACKMAMBA_KERNEL_CACHE``, default
+``~/.cache/megatron_blackmamba``): the file name carries the source's hash and the GPU
+architecture, the build runs under a file lock and lands by atomic rename, so concurrent ranks
+build once and a crashed build leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).parent / "csrc" / "selective_scan.cu"
+CACHE_ENV_VAR = "BLACKMAMBA_KERNEL_CACHE"
+KERNEL_ENV_VAR = "BLACKMAMBA_SCAN_KERNEL"
+KERNELS = ("mamba_ssm", "blackmamba")
+STATES = 16  # the kernel's d_state
+CHUNK = 16  # steps between the forward's state checkpoints
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+class _Params(ctypes.Structure):
+    """Mirror of ``BlackMambaScanParams`` in csrc/selective_scan.cu, field for field."""
+
+    _fields_ = [
+        ("batch", ctypes.c_int64), ("dim", ctypes.c_int64), ("seqlen", ctypes.c_int64),
+        ("dtype", ctypes.c_int32), ("softplus", ctypes.c_int32),
+        ("u", ctypes.c_void_p), ("u_batch_stride", ctypes.c_int64), ("u_dim_stride", ctypes.c_int64),
+        ("delta", ctypes.c_void_p), ("delta_batch_stride", ctypes.c_int64), ("delta_dim_stride", ctypes.c_int64),
+        ("z", ctypes.c_void_p), ("z_batch_stride", ctypes.c_int64), ("z_dim_stride", ctypes.c_int64),
+        ("B", ctypes.c_void_p), ("B_batch_stride", ctypes.c_int64), ("B_state_stride", ctypes.c_int64),
+        ("C", ctypes.c_void_p), ("C_batch_stride", ctypes.c_int64), ("C_state_stride", ctypes.c_int64),
+        ("A", ctypes.c_void_p), ("D", ctypes.c_void_p), ("delta_bias", ctypes.c_void_p),
+        ("checkpoints", ctypes.c_void_p), ("out", ctypes.c_void_p),
+        ("dout", ctypes.c_void_p), ("dout_batch_stride", ctypes.c_int64), ("dout_dim_stride", ctypes.c_int64),
+        ("du", ctypes.c_void_p), ("ddelta", ctypes.c_void_p), ("dz", ctypes.c_void_p),
+        ("dA", ctypes.c_void_p), ("dB", ctypes.c_void_p), ("dC", ctypes.c_void_p),
+        ("dD", ctypes.c_void_p), ("ddelta_bias", ctypes.c_void_p),
+    ]
+
+
+def requested() -> bool:
+    """Whether ``BLACKMAMBA_SCAN_KERNEL`` asks for this kernel instead of mamba-ssm's."""
+    value = os.environ.get(KERNEL_ENV_VAR, KERNELS[0]).strip().lower()
+    if value not in KERNELS:
+        raise ValueError(f"{KERNEL_ENV_VAR}={value}: the selective-scan kernel must be one of {', '.join(KERNELS)}")
+    return value == "blackmamba"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "megatron_blackmamba")
+
+
+def library_path(arch: str) -> Path:
+    """Where the build for ``arch`` (e.g. "sm_90") of the current source lives in the cache."""
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    return cache_dir() / f"selective_scan_{arch}_{digest}.so"
+
+
+def _nvcc() -> str:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidate = Path(home) / "bin" / "nvcc" if home else None
+    found = str(candidate) if candidate and candidate.exists() else shutil.which("nvcc")
+    if found is None:
+        raise RuntimeError(
+            "nvcc not found (set CUDA_HOME or put nvcc on PATH) to build csrc/selective_scan.cu; "
+            f"or copy a build into {cache_dir()} (see {CACHE_ENV_VAR})"
+        )
+    return found
+
+
+def build(arch: str) -> Path:
+    """Compile the kernel for ``arch`` into the cache unless it is there; return the .so path."""
+    target = library_path(arch)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build per cache; the others wait, then load it
+        if target.exists():
+            return target
+        compute = arch.replace("sm_", "compute_")
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            partial = Path(tmp) / target.name
+            command = [
+                _nvcc(), "-O3", "--use_fast_math", "-std=c++17", "-Xcompiler", "-fPIC", "-shared",
+                f"-gencode=arch={compute},code={arch}", "-o", str(partial), str(SOURCE),
+            ]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"building {SOURCE} failed:\n$ {' '.join(command)}\n{result.stderr[-4000:]}")
+            os.replace(partial, target)
+    return target
+
+
+def device_arch(device: torch.device | None = None) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+@functools.cache
+def _library(arch: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(build(arch)))
+    for name in ("blackmamba_scan_fwd", "blackmamba_scan_bwd"):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = [ctypes.POINTER(_Params), ctypes.c_void_p], ctypes.c_int
+    lib.blackmamba_scan_error_string.argtypes, lib.blackmamba_scan_error_string.restype = [ctypes.c_int], ctypes.c_char_p
+    built = (lib.blackmamba_scan_states(), lib.blackmamba_scan_chunk(), lib.blackmamba_scan_params_size())
+    if built != (STATES, CHUNK, ctypes.sizeof(_Params)):
+        raise RuntimeError(
+            f"{SOURCE}: the build's (d_state, chunk, parameter bytes) {built} differ from this module's "
+            f"{(STATES, CHUNK, ctypes.sizeof(_Params))}"
+        )
+    return lib
+
+
+@functools.cache
+def load_error(arch: str) -> str | None:
+    """None if the kernel builds and loads for ``arch``, else why not. Tried once per process."""
+    try:
+        _library(arch)
+    except Exception as exc:  # a missing nvcc, a failed build or a bad .so
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def unsupported(u: Tensor, A: Tensor, has_initial_state: bool) -> str | None:
+    """What these arguments need that this kernel lacks, or None."""
+    if A.shape[-1] != STATES:
+        return f"d_state {A.shape[-1]} (this kernel is built for d_state {STATES})"
+    if u.dtype not in _DTYPE_CODES:
+        return f"{u.dtype} inputs"
+    if has_initial_state:
+        return "initial_state"
+    return None
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _rows(t: Tensor) -> Tensor:
+    """The kernel reads sequences as contiguous rows; other strides pass through."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _params(u, delta, A, B, C, D, z, delta_bias, softplus: bool, checkpoints: Tensor) -> _Params:
+    batch, dim, seqlen = u.shape
+    p = _Params(batch=batch, dim=dim, seqlen=seqlen, dtype=_DTYPE_CODES[u.dtype], softplus=int(softplus))
+    for name, t, second in (("u", u, "dim"), ("delta", delta, "dim"), ("z", z, "dim"), ("B", B, "state"), ("C", C, "state")):
+        setattr(p, name, _ptr(t))
+        if t is not None:
+            setattr(p, f"{name}_batch_stride", t.stride(0))
+            setattr(p, f"{name}_{second}_stride", t.stride(1))
+    p.A, p.D, p.delta_bias, p.checkpoints = _ptr(A), _ptr(D), _ptr(delta_bias), _ptr(checkpoints)
+    return p
+
+
+def _run(entry: str, p: _Params, device: torch.device) -> None:
+    lib = _library(device_arch(device))
+    stream = torch.cuda.current_stream(device).cuda_stream
+    err = getattr(lib, entry)(ctypes.byref(p), ctypes.c_void_p(stream))
+    if err != 0:
+        raise RuntimeError(f"{entry}: {lib.blackmamba_scan_error_string(err).decode()}")
+
+
+class _SelectiveScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus: bool):
+        u, delta, B, C = _rows(u), _rows(delta), _rows(B), _rows(C)
+        z = None if z is None else _rows(z)
+        A = A.float().contiguous()
+        D = None if D is None else D.float().contiguous()
+        delta_bias = None if delta_bias is None else delta_bias.float().contiguous()
+        batch, dim, seqlen = u.shape
+        chunks = -(-seqlen // CHUNK)
+        checkpoints = u.new_empty(batch, dim, chunks, STATES, dtype=torch.float32)
+        out = u.new_empty(batch, dim, seqlen)
+        p = _params(u, delta, A, B, C, D, z, delta_bias, softplus, checkpoints)
+        p.out = out.data_ptr()
+        _run("blackmamba_scan_fwd", p, u.device)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, checkpoints)
+        ctx.softplus = softplus
+        ctx.mark_non_differentiable(checkpoints)
+        return out, checkpoints
+
+    @staticmethod
+    def backward(ctx, dout, _):
+        u, delta, A, B, C, D, z, delta_bias, checkpoints = ctx.saved_tensors
+        dout = _rows(dout)
+        p = _params(u, delta, A, B, C, D, z, delta_bias, ctx.softplus, checkpoints)
+        p.dout, p.dout_batch_stride, p.dout_dim_stride = dout.data_ptr(), dout.stride(0), dout.stride(1)
+        du, ddelta = torch.empty_like(u, memory_format=torch.contiguous_format), torch.empty_like(u, memory_format=torch.contiguous_format)
+        dz = None if z is None else torch.empty_like(u, memory_format=torch.contiguous_format)
+        dA = torch.zeros_like(A)
+        dB = torch.zeros(B.shape, dtype=torch.float32, device=u.device)
+        dC = torch.zeros(C.shape, dtype=torch.float32, device=u.device)
+        dD = None if D is None else torch.zeros_like(D)
+        ddelta_bias = None if delta_bias is None else torch.zeros_like(delta_bias)
+        p.du, p.ddelta, p.dz = du.data_ptr(), ddelta.data_ptr(), _ptr(dz)
+        p.dA, p.dB, p.dC, p.dD, p.ddelta_bias = dA.data_ptr(), dB.data_ptr(), dC.data_ptr(), _ptr(dD), _ptr(ddelta_bias)
+        _run("blackmamba_scan_bwd", p, u.device)
+        return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, ddelta_bias, None
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+    return_last_state: bool,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """mamba-ssm's ``selective_scan_fn`` contract (activations in u's dtype; A, D, bias fp32)."""
+    dtype = u.dtype
+    out, checkpoints = _SelectiveScan.apply(
+        u, delta.to(dtype), A, B.to(dtype), C.to(dtype), D, None if z is None else z.to(dtype), delta_bias,
+        delta_softplus,
+    )
+    return (out, checkpoints[:, :, -1]) if return_last_state else out

@@ -1,0 +1,113 @@
+"""kernels/selective_scan_cuda (this project's Mamba-1 scan kernel): its build and C interface on
+any machine with nvcc, its numerics against the float64 torch scan on a GPU."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+
+import pytest
+import torch
+
+from megatron_blackmamba import kernels
+from megatron_blackmamba.kernels import selective_scan_cuda as own
+from megatron_blackmamba.kernels.selective_scan_torch import selective_scan_chunked
+
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_nvcc
+def test_build_is_cached_and_matches_the_ctypes_mirror(tmp_path, monkeypatch):
+    """The shipped source compiles; a second build reuses the file; the library's d_state, chunk
+    and parameter-block size equal the Python side's (a drifted ctypes mirror would be caught)."""
+    monkeypatch.setenv(own.CACHE_ENV_VAR, str(tmp_path))
+    path = own.build("sm_90")
+    assert path.parent == tmp_path and path.name.startswith("selective_scan_sm_90_")
+    stamp = path.stat().st_mtime_ns
+    assert own.build("sm_90") == path and path.stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".build.lock", path.name])  # no leftovers
+    lib = ctypes.CDLL(str(path))  # loads without a GPU: cudart reaches the driver on first use only
+    assert (lib.blackmamba_scan_states(), lib.blackmamba_scan_chunk()) == (own.STATES, own.CHUNK)
+    assert lib.blackmamba_scan_params_size() == ctypes.sizeof(own._Params)
+
+
+def test_kernel_choice_comes_from_the_env_var(monkeypatch):
+    monkeypatch.delenv(own.KERNEL_ENV_VAR, raising=False)
+    assert not own.requested()
+    monkeypatch.setenv(own.KERNEL_ENV_VAR, "BlackMamba")
+    assert own.requested()
+    monkeypatch.setenv(own.KERNEL_ENV_VAR, "fast")
+    with pytest.raises(ValueError, match=own.KERNEL_ENV_VAR):
+        own.requested()
+
+
+def test_unsupported_arguments_are_named():
+    u = torch.zeros(1, 4, 8)
+    assert "d_state 8" in own.unsupported(u, torch.zeros(4, 8), has_initial_state=False)
+    assert "float64" in own.unsupported(u.double(), torch.zeros(4, 16), has_initial_state=False)
+    assert own.unsupported(u, torch.zeros(4, 16), has_initial_state=False) is None
+
+
+def _inputs(batch: int, dim: int, seqlen: int, dtype: torch.dtype, seed: int, gated: bool, skip: bool, bias: bool):
+    """Mixer-like inputs on the GPU; u and z (and B and C) are views of one tensor, as in the mixer."""
+    g = torch.Generator().manual_seed(seed)
+    xz = torch.randn(batch, 2 * dim, seqlen, generator=g)
+    bc = torch.randn(batch, 40, seqlen, generator=g)
+    x = dict(
+        u=xz[:, :dim], z=xz[:, dim:] if gated else None, B=bc[:, 3:19], C=bc[:, 21:37],
+        delta=0.5 * torch.randn(batch, dim, seqlen, generator=g),
+        A=-torch.rand(dim, 16, generator=g) * 8 - 0.1,
+        D=torch.rand(dim, generator=g) if skip else None,
+        delta_bias=torch.rand(dim, generator=g) * 4 - 6 if bias else None,
+    )
+    return {k: None if v is None else v.to("cuda", dtype if v.dim() == 3 else torch.float32) for k, v in x.items()}
+
+
+def _run(fn, x: dict, dout: torch.Tensor, softplus: bool, dtype=None):
+    leaves = {k: None if v is None else v.detach().to(dtype or v.dtype).requires_grad_() for k, v in x.items()}
+    out, last = fn(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], leaves["D"], leaves["z"],
+                   leaves["delta_bias"], softplus, True)
+    out.backward(dout.to(out.dtype))
+    return out, last, {k: v.grad for k, v in leaves.items() if v is not None}
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float(torch.linalg.norm(got.double() - want) / torch.linalg.norm(want).clamp_min(1e-30))
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    "shape, gated, skip, bias, softplus",
+    [
+        ((2, 200, 100), True, True, True, True),  # channels and steps not multiples of the tiles
+        ((1, 130, 16), False, True, False, True),
+        ((3, 64, 1), True, False, True, False),
+        ((2, 256, 333), True, True, True, True),
+    ],
+)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, 1e-2)])
+def test_matches_float64(shape, gated, skip, bias, softplus, dtype, tol):
+    x = _inputs(*shape, dtype, seed=sum(shape), gated=gated, skip=skip, bias=bias)
+    dout = torch.randn(shape, device="cuda", dtype=torch.float64)
+    out, last, grads = _run(own.selective_scan, x, dout, softplus)
+    ref_out, ref_last, ref_grads = _run(selective_scan_chunked, x, dout, softplus, dtype=torch.float64)
+    assert out.dtype == dtype and last.dtype == torch.float32
+    assert _rel(out, ref_out.detach()) <= tol
+    assert _rel(last, ref_last.detach()) <= tol
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        assert grad.dtype == x[name].dtype and grad.shape == x[name].shape
+        assert _rel(grad, ref_grads[name]) <= tol, name
+
+
+@needs_cuda
+def test_dispatch_honours_the_env_var(monkeypatch):
+    x = _inputs(2, 64, 40, torch.float32, seed=5, gated=True, skip=True, bias=True)
+    args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True)
+    leaf = x["u"].detach().requires_grad_()
+    monkeypatch.setenv(own.KERNEL_ENV_VAR, "blackmamba")
+    out = kernels.selective_scan(leaf, *args[1:], backend="cuda")
+    assert type(out.grad_fn).__name__ == "_SelectiveScanBackward"
+    want = kernels.selective_scan(*args, backend="torch")
+    assert _rel(out.detach(), want.double()) <= 2e-5
