@@ -58,6 +58,23 @@ def _fp32(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.float()
 
 
+def scan_kernel_args(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+) -> tuple:
+    """(u, delta, A, B, C, D, z, delta_bias) in the dtypes both CUDA scans check: activations in
+    u's dtype, A, D and delta_bias fp32."""
+    dtype = u.dtype
+    return (u, delta.to(dtype), A.float(), B.to(dtype), C.to(dtype), _fp32(D),
+            None if z is None else z.to(dtype), _fp32(delta_bias))
+
+
 def selective_scan(
     u: Tensor,
     delta: Tensor,
@@ -72,11 +89,7 @@ def selective_scan(
 ) -> Tensor | tuple[Tensor, Tensor]:
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
-    dtype = u.dtype
-    return selective_scan_fn(
-        u, delta.to(dtype), A.float(), B.to(dtype), C.to(dtype), _fp32(D),
-        None if z is None else z.to(dtype), _fp32(delta_bias), delta_softplus, return_last_state,
-    )
+    return selective_scan_fn(*scan_kernel_args(u, delta, A, B, C, D, z, delta_bias), delta_softplus, return_last_state)
 
 
 def selective_state_update(

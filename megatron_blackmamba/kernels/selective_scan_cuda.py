@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .cuda import scan_kernel_args
+
 SOURCE = Path(__file__).parent / "csrc" / "selective_scan.cu"
 CACHE_ENV_VAR = "BLACKMAMBA_KERNEL_CACHE"
 KERNEL_ENV_VAR = "BLACKMAMBA_SCAN_KERNEL"
@@ -187,9 +189,9 @@ class _SelectiveScan(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus: bool):
         u, delta, B, C = _rows(u), _rows(delta), _rows(B), _rows(C)
         z = None if z is None else _rows(z)
-        A = A.float().contiguous()
-        D = None if D is None else D.float().contiguous()
-        delta_bias = None if delta_bias is None else delta_bias.float().contiguous()
+        A = A.contiguous()
+        D = None if D is None else D.contiguous()
+        delta_bias = None if delta_bias is None else delta_bias.contiguous()
         batch, dim, seqlen = u.shape
         chunks = -(-seqlen // CHUNK)
         checkpoints = u.new_empty(batch, dim, chunks, STATES, dtype=torch.float32)
@@ -234,9 +236,5 @@ def selective_scan(
     return_last_state: bool,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """mamba-ssm's ``selective_scan_fn`` contract (activations in u's dtype; A, D, bias fp32)."""
-    dtype = u.dtype
-    out, checkpoints = _SelectiveScan.apply(
-        u, delta.to(dtype), A, B.to(dtype), C.to(dtype), D, None if z is None else z.to(dtype), delta_bias,
-        delta_softplus,
-    )
+    out, checkpoints = _SelectiveScan.apply(*scan_kernel_args(u, delta, A, B, C, D, z, delta_bias), delta_softplus)
     return (out, checkpoints[:, :, -1]) if return_last_state else out

@@ -516,29 +516,28 @@ cudaError_t launch_bwd(const BlackMambaScanParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// f(value of the activation type that BlackMambaScanParams::dtype names), or an error for a bad code.
+template <typename F>
+cudaError_t with_activation_type(int32_t dtype, F f) {
+  switch (dtype) {
+    case 0: return f(float{});
+    case 1: return f(__half{});
+    case 2: return f(__nv_bfloat16{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+
 }  // namespace
 
 extern "C" {
 
 // Both return a cudaError_t (0 on success); blackmamba_scan_error_string names it.
 int blackmamba_scan_fwd(const BlackMambaScanParams* p, void* stream) {
-  const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (p->dtype) {
-    case 0: return launch_fwd<float>(*p, s);
-    case 1: return launch_fwd<__half>(*p, s);
-    case 2: return launch_fwd<__nv_bfloat16>(*p, s);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_activation_type(p->dtype, [&](auto t) { return launch_fwd<decltype(t)>(*p, static_cast<cudaStream_t>(stream)); });
 }
 
 int blackmamba_scan_bwd(const BlackMambaScanParams* p, void* stream) {
-  const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (p->dtype) {
-    case 0: return launch_bwd<float>(*p, s);
-    case 1: return launch_bwd<__half>(*p, s);
-    case 2: return launch_bwd<__nv_bfloat16>(*p, s);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_activation_type(p->dtype, [&](auto t) { return launch_bwd<decltype(t)>(*p, static_cast<cudaStream_t>(stream)); });
 }
 
 const char* blackmamba_scan_error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }
