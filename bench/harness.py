@@ -2,8 +2,10 @@
 
 A variant is a name, a scan backend and config overrides on top of the benchmark's base config:
 
-  blackmamba-cuda   the model with mamba-ssm / causal-conv1d kernels, experts one GEMM pair each
+  blackmamba-cuda   the model with the CUDA kernels (this project's scan where it builds, else
+                    mamba-ssm's; causal-conv1d), experts one GEMM pair each
   blackmamba-grouped  the same with all experts in two grouped GEMMs (model.moe_grouped_gemm=true)
+  blackmamba-mamba-ssm-scan  blackmamba-grouped with mamba-ssm's scan (BLACKMAMBA_SCAN_KERNEL=mamba_ssm)
   blackmamba-alltoall  blackmamba-grouped on megatron's alltoall dispatcher instead of the local one
   blackmamba-compiled-glu  blackmamba-grouped with megatron's torch.compile'd gated activation
   blackmamba-megatron-ce  blackmamba-grouped with megatron's cross-entropy (fp32 logits copy)
@@ -39,12 +41,14 @@ sys.path.insert(0, str(REPO / "bench"))
 class Variant:
     kernels: str  # BLACKMAMBA_KERNEL_BACKEND
     overrides: tuple[str, ...] = ()
+    scan: str = "auto"  # BLACKMAMBA_SCAN_KERNEL
     gpt: bool = False  # build megatron's GPTModel instead of BlackMamba
 
 
 VARIANTS = {
     "blackmamba-cuda": Variant("cuda"),
     "blackmamba-grouped": Variant("cuda", ("model.moe_grouped_gemm=true",)),
+    "blackmamba-mamba-ssm-scan": Variant("cuda", ("model.moe_grouped_gemm=true",), scan="mamba_ssm"),
     # megatron's alltoall dispatcher (a host sync per MoE layer) in place of the local one at ep=1.
     "blackmamba-alltoall": Variant("cuda", ("model.moe_grouped_gemm=true", "parallel.moe_dispatcher=alltoall")),
     # the experts' gated activation as megatron compiles it instead of kernels/glu.py's Triton kernels.
@@ -111,6 +115,7 @@ def build_trainer(name: str, config: Optional[str], overrides: list[str]) -> Tra
 
     variant = VARIANTS[name]
     os.environ["BLACKMAMBA_KERNEL_BACKEND"] = variant.kernels
+    os.environ["BLACKMAMBA_SCAN_KERNEL"] = variant.scan
     job = load_config(config, list(overrides) + list(variant.overrides))
     init_distributed(job.parallel, job.training.seed)
     if variant.gpt:

@@ -200,7 +200,7 @@ def main() -> int:
     check_variants([args.variant])
     if args.dry_run:
         v = VARIANTS[args.variant]
-        print(f"{args.variant}: kernels={v.kernels} config={args.config} overrides={args.overrides + list(v.overrides)}")
+        print(f"{args.variant}: kernels={v.kernels} scan={v.scan} config={args.config} overrides={args.overrides + list(v.overrides)}")
         print("kernel classes:", ", ".join(label for label, _ in KERNEL_CLASSES))
         return 0
 

@@ -20,6 +20,7 @@ import torch
 
 from harness import append_table, device_line, device_ms, rel_err, time_ms  # noqa: I001  (puts the repo on sys.path)
 from megatron_blackmamba import kernels
+from megatron_blackmamba.kernels import cuda as mamba_ssm_kernels
 from megatron_blackmamba.kernels import selective_scan_cuda
 
 IMPLEMENTATIONS = ("mamba-ssm", "blackmamba")
@@ -70,7 +71,7 @@ def leaves(inputs: dict[str, torch.Tensor], rows: int | None = None, dtype: torc
 def run_scan(impl: str, x: dict) -> torch.Tensor:
     args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True, False)
     if impl == "mamba-ssm":
-        return kernels.selective_scan(*args, backend="cuda")
+        return mamba_ssm_kernels.selective_scan(*args)
     if impl == "blackmamba":
         return selective_scan_cuda.selective_scan(*args)
     return kernels.selective_scan(*args, backend="torch")

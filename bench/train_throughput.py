@@ -67,7 +67,7 @@ def main() -> int:
     if args.dry_run:
         for name in names:
             v = VARIANTS[name]
-            print(f"{name}: kernels={v.kernels} gpt={v.gpt} config={args.config} overrides={args.overrides + list(v.overrides)}")
+            print(f"{name}: kernels={v.kernels} scan={v.scan} gpt={v.gpt} config={args.config} overrides={args.overrides + list(v.overrides)}")
         return 0
     results = []
     for name in names:

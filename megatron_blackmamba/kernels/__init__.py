@@ -6,8 +6,9 @@ Each op picks its backend per call from the tensors' device:
   (``mamba_ssm`` for the scan and the decode step, ``causal_conv1d`` for the conv);
 * ``"torch"`` otherwise, and for arguments the CUDA kernels lack (float64, ``initial_state``).
 
-Under the CUDA backend the scan runs mamba-ssm's kernel, or this project's
-(``selective_scan_cuda``, d_state 16) with ``BLACKMAMBA_SCAN_KERNEL=blackmamba``.
+Under the CUDA backend the scan runs this project's kernel (``selective_scan_cuda``, d_state 16,
+built with nvcc on first use) where it can, else mamba-ssm's; ``BLACKMAMBA_SCAN_KERNEL`` overrides
+that (see ``selective_scan_cuda``).
 
 ``BLACKMAMBA_KERNEL_BACKEND=torch|cuda|auto`` (default auto) overrides the choice process-wide and
 the ``backend=`` argument overrides it per call; asking for ``cuda`` where it cannot run raises a
@@ -154,16 +155,13 @@ def selective_scan(
 
 
 def _use_own_scan(u: Tensor, A: Tensor) -> bool:
-    """Whether BLACKMAMBA_SCAN_KERNEL asks for this project's scan kernel; raises if it cannot run."""
-    if not _own_scan.requested():
-        return False
-    why = _own_scan.unsupported(u, A, has_initial_state=False) or _own_scan.load_error(_own_scan.device_arch(u.device))
-    if why is not None:
-        raise RuntimeError(f"selective_scan: {_own_scan.KERNEL_ENV_VAR}=blackmamba was requested but {why}")
-    if ("selective_scan", "blackmamba") not in _logged:
-        _logged.add(("selective_scan", "blackmamba"))
-        logger.info("selective_scan kernel: this project's (%s)", _own_scan.library_path(_own_scan.device_arch(u.device)))
-    return True
+    """Whether the CUDA scan is this project's kernel rather than mamba-ssm's (logged once per choice)."""
+    own, why = _own_scan.choose(u, A)
+    kernel = "this project's" if own else "mamba-ssm's"
+    if ("selective_scan kernel", kernel) not in _logged:
+        _logged.add(("selective_scan kernel", kernel))
+        logger.info("selective_scan kernel: %s (%s)", kernel, why)
+    return own
 
 
 def selective_state_update(

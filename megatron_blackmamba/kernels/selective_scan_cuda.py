@@ -1,10 +1,12 @@
 """This project's Mamba-1 selective-scan CUDA kernel (``csrc/selective_scan.cu``): build, load, autograd.
 
-An alternative to mamba-ssm's scan for d_state 16, chosen with ``BLACKMAMBA_SCAN_KERNEL=blackmamba``
-(default ``mamba_ssm``). It walks each channel's states sequentially in time and sums dB/dC over
-a block's channels on chip; on an H100 at the 340M layer its forward+backward is ~1.05x
-mamba-ssm's, and it saves fp32 state checkpoints (4 bytes per element of u) instead of
-mamba-ssm's output copy (bf16: 2 bytes), see bench/PERF_NOTES.md.
+The CUDA scan for d_state 16 wherever it builds; mamba-ssm's kernel otherwise.
+``BLACKMAMBA_SCAN_KERNEL`` picks: ``auto`` (default) this kernel where it can run, else
+mamba-ssm's; ``blackmamba`` this kernel or an error saying why it cannot run; ``mamba_ssm``
+mamba-ssm's. It walks each channel's states sequentially in time and sums dB/dC over a block's
+channels on chip; on an H100 at the 340M layer its forward+backward is 1.42x mamba-ssm's (training
++9 to +15%), and it saves fp32 state checkpoints (4 bytes per element of u) instead of mamba-ssm's
+output copy (bf16: 2 bytes), see bench/PERF_NOTES.md.
 
 It has a C ABI, so it is compiled with nvcc alone on first use, for the GPU at hand, into a cache
 directory shared by every rank and process (``BLACKMAMBA_KERNEL_CACHE``, default
@@ -33,7 +35,7 @@ from .cuda import scan_kernel_args
 SOURCE = Path(__file__).parent / "csrc" / "selective_scan.cu"
 CACHE_ENV_VAR = "BLACKMAMBA_KERNEL_CACHE"
 KERNEL_ENV_VAR = "BLACKMAMBA_SCAN_KERNEL"
-KERNELS = ("mamba_ssm", "blackmamba")
+KERNELS = ("auto", "blackmamba", "mamba_ssm")
 STATES = 16  # the kernel's d_state
 CHUNK = 16  # steps between the forward's state checkpoints
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -59,12 +61,27 @@ class _Params(ctypes.Structure):
     ]
 
 
-def requested() -> bool:
-    """Whether ``BLACKMAMBA_SCAN_KERNEL`` asks for this kernel instead of mamba-ssm's."""
+def requested() -> str:
+    """The scan kernel ``BLACKMAMBA_SCAN_KERNEL`` asks for: one of KERNELS, default ``auto``."""
     value = os.environ.get(KERNEL_ENV_VAR, KERNELS[0]).strip().lower()
     if value not in KERNELS:
         raise ValueError(f"{KERNEL_ENV_VAR}={value}: the selective-scan kernel must be one of {', '.join(KERNELS)}")
-    return value == "blackmamba"
+    return value
+
+
+def choose(u: Tensor, A: Tensor) -> tuple[bool, str]:
+    """(whether this kernel runs these CUDA arguments, why). Raises RuntimeError where
+    ``BLACKMAMBA_SCAN_KERNEL=blackmamba`` asked for it and it cannot run; under ``auto`` that
+    falls back to mamba-ssm's kernel, with the reason."""
+    choice = requested()
+    if choice == "mamba_ssm":
+        return False, f"{KERNEL_ENV_VAR}=mamba_ssm"
+    why = unsupported(u, A, has_initial_state=False) or load_error(device_arch(u.device))
+    if why is None:
+        return True, f"{KERNEL_ENV_VAR}={choice}, {library_path(device_arch(u.device))}"
+    if choice == "blackmamba":
+        raise RuntimeError(f"selective_scan: {KERNEL_ENV_VAR}=blackmamba was requested but {why}")
+    return False, f"{KERNEL_ENV_VAR}=auto and this project's kernel cannot run: {why}"
 
 
 def cache_dir() -> Path:

@@ -11,7 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 DRY_RUNS = {
-    "train_throughput.py": "gpt-dense: kernels=cuda gpt=True",
+    "train_throughput.py": "gpt-dense: kernels=cuda scan=auto gpt=True",
     "profile_step.py": "kernel classes: selective scan",
     "generation_latency.py": "contexts [1024, 4096, 16384, 65536]",
     "grouped_gemm_check.py": "fc1 (geglu)",

@@ -34,12 +34,38 @@ def test_build_is_cached_and_matches_the_ctypes_mirror(tmp_path, monkeypatch):
 
 def test_kernel_choice_comes_from_the_env_var(monkeypatch):
     monkeypatch.delenv(own.KERNEL_ENV_VAR, raising=False)
-    assert not own.requested()
+    assert own.requested() == "auto"
     monkeypatch.setenv(own.KERNEL_ENV_VAR, "BlackMamba")
-    assert own.requested()
+    assert own.requested() == "blackmamba"
     monkeypatch.setenv(own.KERNEL_ENV_VAR, "fast")
     with pytest.raises(ValueError, match=own.KERNEL_ENV_VAR):
         own.requested()
+
+
+@pytest.mark.parametrize("build_error", [None, "RuntimeError: nvcc not found"])
+def test_auto_falls_back_to_mamba_ssm_only_where_this_kernel_cannot_run(build_error, monkeypatch):
+    monkeypatch.setattr(own, "device_arch", lambda device=None: "sm_90")
+    monkeypatch.setattr(own, "load_error", lambda arch: build_error)
+    u, A, A8 = torch.zeros(1, 4, 8), torch.zeros(4, 16), torch.zeros(4, 8)
+
+    monkeypatch.delenv(own.KERNEL_ENV_VAR, raising=False)
+    use, why = own.choose(u, A)
+    assert use == (build_error is None)
+    assert build_error is None or build_error in why
+    use, why = own.choose(u, A8)  # a d_state the kernel is not built for
+    assert not use and "d_state 8" in why
+
+    monkeypatch.setenv(own.KERNEL_ENV_VAR, "mamba_ssm")
+    assert own.choose(u, A) == (False, f"{own.KERNEL_ENV_VAR}=mamba_ssm")
+
+    monkeypatch.setenv(own.KERNEL_ENV_VAR, "blackmamba")  # asked for by name: no silent fallback
+    if build_error is None:
+        assert own.choose(u, A)[0]
+    else:
+        with pytest.raises(RuntimeError, match="nvcc not found"):
+            own.choose(u, A)
+    with pytest.raises(RuntimeError, match="d_state 8"):
+        own.choose(u, A8)
 
 
 def test_unsupported_arguments_are_named():
@@ -102,12 +128,13 @@ def test_matches_float64(shape, gated, skip, bias, softplus, dtype, tol):
 
 
 @needs_cuda
-def test_dispatch_honours_the_env_var(monkeypatch):
+@pytest.mark.parametrize("choice, own_kernel", [("auto", True), ("blackmamba", True), ("mamba_ssm", False)])
+def test_dispatch_honours_the_env_var(choice, own_kernel, monkeypatch):
     x = _inputs(2, 64, 40, torch.float32, seed=5, gated=True, skip=True, bias=True)
     args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True)
     leaf = x["u"].detach().requires_grad_()
-    monkeypatch.setenv(own.KERNEL_ENV_VAR, "blackmamba")
+    monkeypatch.setenv(own.KERNEL_ENV_VAR, choice)
     out = kernels.selective_scan(leaf, *args[1:], backend="cuda")
-    assert type(out.grad_fn).__name__ == "_SelectiveScanBackward"
+    assert (type(out.grad_fn).__name__ == "_SelectiveScanBackward") == own_kernel
     want = kernels.selective_scan(*args, backend="torch")
     assert _rel(out.detach(), want.double()) <= 2e-5

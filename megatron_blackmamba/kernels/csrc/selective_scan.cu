@@ -7,11 +7,12 @@
 // (bench/PERF_NOTES.md). Here the forward runs one thread per (batch, channel) over its 16
 // states; the backward splits a channel's states over kBwdSplit lanes, and a block's channels sum
 // their dB/dC contributions on chip (a warp reduce-scatter) before one atomic per (block, state,
-// step). Measured on an H100 at the 340M layer: forward+backward about 1.05x mamba-ssm's.
+// step). Measured on an H100 at the 340M layer: forward+backward 1.42x mamba-ssm's.
 //
 // Memory plan: the forward stores the state every kSteps steps (fp32 checkpoints, [b, d, chunks,
-// 16]); the backward walks the chunks last to first, recomputes each kSub-step sub-chunk's states
-// from its chunk's checkpoint into shared memory and runs the adjoint recurrence back over them.
+// 16]); the backward walks the chunks last to first, stages each chunk's rows in shared memory
+// (loaded while the previous chunk is reversed), recomputes each kSub-step sub-chunk's states
+// from the chunk's checkpoint into shared memory and runs the adjoint recurrence back over them.
 // Nothing else is saved: y (for dz) is recomputed from those states.
 //
 // Conventions are mamba-ssm's selective_scan_fn: u, delta, z, out [b, d, L]; B, C [b, 16, L];
@@ -32,7 +33,6 @@ namespace {
 
 constexpr int kStates = 16;  // d_state
 constexpr int kSteps = 16;   // time steps per chunk = checkpoint interval
-constexpr int kSub = 8;      // steps whose states the backward holds in shared memory at once
 constexpr int kWarp = 32;
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -90,24 +90,36 @@ struct RowVec {
   using type = typename VecOf<kBytes>::type;
 };
 
-// kN consecutive elements of one row; elements at index >= valid read as 0. Whole vectors when
-// the row segment is complete and aligned, else element by element.
+// kN consecutive elements of one row as loaded, still in T: what a thread holds in flight while
+// it works on the previous chunk (half the registers of floats at 16 bits).
 template <typename T, int kN>
-__device__ __forceinline__ void load_row(const T* ptr, int valid, float (&out)[kN]) {
+struct PackedRow {
   using Vec = RowVec<T, kN>;
-  constexpr int kPerVec = Vec::kPer;
+  typename Vec::type v[kN / Vec::kPer];
+};
+
+// Elements at index >= valid read as 0. Whole vectors when the row segment is complete and
+// aligned, else element by element.
+template <typename T, int kN>
+__device__ __forceinline__ PackedRow<T, kN> load_packed(const T* ptr, int valid) {
+  using Vec = RowVec<T, kN>;
+  PackedRow<T, kN> row;
   if (valid == kN && (reinterpret_cast<uintptr_t>(ptr) % Vec::kBytes) == 0) {
 #pragma unroll
-    for (int v = 0; v < kN / kPerVec; ++v) {
-      const typename Vec::type raw = reinterpret_cast<const typename Vec::type*>(ptr)[v];
-      const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-      for (int i = 0; i < kPerVec; ++i) out[v * kPerVec + i] = to_float(e[i]);
-    }
+    for (int v = 0; v < kN / Vec::kPer; ++v) row.v[v] = reinterpret_cast<const typename Vec::type*>(ptr)[v];
   } else {
 #pragma unroll
-    for (int i = 0; i < kN; ++i) out[i] = i < valid ? to_float(ptr[i]) : 0.f;
+    for (int i = 0; i < kN; ++i)
+      reinterpret_cast<T*>(&row.v[i / Vec::kPer])[i % Vec::kPer] = i < valid ? ptr[i] : from_float<T>(0.f);
   }
+  return row;
+}
+
+template <typename T, int kN>
+__device__ __forceinline__ void unpack(const PackedRow<T, kN>& row, float (&out)[kN]) {
+  using Vec = RowVec<T, kN>;
+#pragma unroll
+  for (int i = 0; i < kN; ++i) out[i] = to_float(reinterpret_cast<const T*>(&row.v[i / Vec::kPer])[i % Vec::kPer]);
 }
 
 template <typename T, int kN>
@@ -130,19 +142,43 @@ __device__ __forceinline__ void store_row(T* ptr, int valid, const float (&in)[k
   }
 }
 
-// B and C of one chunk into shared memory as [step][state] (a step's 16 values are contiguous,
-// so a thread reads them as four 16-byte broadcasts). Steps past the end read as 0.
-template <typename T>
-__device__ __forceinline__ void load_BC_tile(const BlackMambaScanParams& p, int b, int64_t t0, int valid,
-                                             float (*sB)[kStates], float (*sC)[kStates]) {
+// B and C of one chunk, loaded by a block of kThreads into registers (fetch_BC_tile; each thread
+// holds its kBCPerThread values) and then put into shared memory as [step][state] (put_BC_tile;
+// a step's 16 values are contiguous, so a thread reads them as four 16-byte broadcasts). Two
+// halves so that a kernel can load the next chunk's tile while it works on this one.
+template <int kThreads>
+constexpr int kBCPerThread = 2 * kStates * kSteps / kThreads;
+
+template <typename T, int kThreads>
+__device__ __forceinline__ void fetch_BC_tile(const BlackMambaScanParams& p, int b, int64_t t0, int valid,
+                                              float (&out)[kBCPerThread<kThreads>]) {
+  static_assert(2 * kStates * kSteps % kThreads == 0, "whole tiles");
   const T* Bp = static_cast<const T*>(p.B) + b * p.B_batch_stride + t0;
   const T* Cp = static_cast<const T*>(p.C) + b * p.C_batch_stride + t0;
-  for (int i = threadIdx.x; i < 2 * kStates * kSteps; i += blockDim.x) {
+#pragma unroll
+  for (int k = 0; k < kBCPerThread<kThreads>; ++k) {
+    const int i = threadIdx.x + k * kThreads;
     const int which = i / (kStates * kSteps), n = (i / kSteps) % kStates, t = i % kSteps;
     const T* src = which ? Cp + n * p.C_state_stride : Bp + n * p.B_state_stride;
-    const float v = t < valid ? to_float(src[t]) : 0.f;
-    (which ? sC : sB)[t][n] = v;
+    out[k] = t < valid ? to_float(src[t]) : 0.f;  // steps past the end read as 0
   }
+}
+
+template <int kThreads>
+__device__ __forceinline__ void put_BC_tile(const float (&in)[kBCPerThread<kThreads>], float (*sB)[kStates],
+                                            float (*sC)[kStates]) {
+#pragma unroll
+  for (int k = 0; k < kBCPerThread<kThreads>; ++k) {
+    const int i = threadIdx.x + k * kThreads;
+    const int which = i / (kStates * kSteps), n = (i / kSteps) % kStates, t = i % kSteps;
+    (which ? sC : sB)[t][n] = in[k];
+  }
+}
+
+// Steps in chunk c: kSteps, fewer in a sequence's last chunk.
+__device__ __forceinline__ int chunk_steps(const BlackMambaScanParams& p, int c) {
+  const int64_t left = p.seqlen - int64_t(c) * kSteps;
+  return int(left < kSteps ? left : kSteps);
 }
 
 // softplus with mamba-ssm's cut-off (identity above 20) and its derivative, sigmoid.
@@ -195,8 +231,12 @@ __device__ __forceinline__ void discretize(const BlackMambaScanParams& p, const 
   }
 }
 
+constexpr int kFwdThreads = 128;
+
+// One thread per (batch, channel). The next chunk's rows and B/C tile are loaded while this one
+// is scanned: with one thread per channel an SM holds few warps, too few to hide the loads.
 template <typename T>
-__global__ void scan_fwd_kernel(BlackMambaScanParams p) {
+__global__ void __launch_bounds__(kFwdThreads) scan_fwd_kernel(BlackMambaScanParams p) {
   __shared__ __align__(16) float sB[kSteps][kStates];
   __shared__ __align__(16) float sC[kSteps][kStates];
   const int b = blockIdx.y;
@@ -213,19 +253,32 @@ __global__ void scan_fwd_kernel(BlackMambaScanParams p) {
 #pragma unroll
   for (int n = 0; n < kStates; ++n) h[n] = 0.f;
 
+  PackedRow<T, kSteps> next_u, next_delta, next_z;
+  float next_bc[kBCPerThread<kFwdThreads>];
+  auto fetch = [&](int c) {
+    const int64_t t0 = int64_t(c) * kSteps;
+    const int valid = chunk_steps(p, c), n = ch.active ? valid : 0;
+    next_u = load_packed<T, kSteps>(u_row + t0, n);
+    next_delta = load_packed<T, kSteps>(delta_row + t0, n);
+    if (z_row) next_z = load_packed<T, kSteps>(z_row + t0, n);
+    fetch_BC_tile<T, kFwdThreads>(p, b, t0, valid, next_bc);
+  };
+  fetch(0);
+
   for (int c = 0; c < chunks; ++c) {
     const int64_t t0 = int64_t(c) * kSteps;
-    const int valid = int((p.seqlen - t0 < kSteps ? p.seqlen - t0 : kSteps));
+    const int valid = chunk_steps(p, c);
+    float u[kSteps], delta[kSteps], slope[kSteps], gate[kSteps], out[kSteps];
     __syncthreads();  // the previous chunk's reads of sB/sC are done
-    load_BC_tile<T>(p, b, t0, valid, sB, sC);
+    put_BC_tile<kFwdThreads>(next_bc, sB, sC);
+    unpack(next_u, u);
+    unpack(next_delta, delta);
+    if (z_row) unpack(next_z, gate);
+    if (c + 1 < chunks) fetch(c + 1);
     __syncthreads();
     if (!ch.active) continue;
-    float u[kSteps], delta[kSteps], slope[kSteps], gate[kSteps], out[kSteps];
-    load_row(u_row + t0, valid, u);
-    load_row(delta_row + t0, valid, delta);
     discretize(p, ch, delta, slope);
     if (z_row) {
-      load_row(z_row + t0, valid, gate);
 #pragma unroll
       for (int t = 0; t < kSteps; ++t) gate[t] *= sigmoid(gate[t]);
     }
@@ -287,43 +340,48 @@ __device__ __forceinline__ float sum_over_split(float x) {
   return x;
 }
 
-// Per-thread rows of one sub-chunk in shared memory, [row][step][thread]: the time loops below
+// A channel's rows of one chunk in shared memory, [row][step][channel]: the time loops below
 // index them with a run-time step, which keeps those loops rolled (a fully unrolled backward
-// overflows the instruction cache) without moving register arrays to local memory.
-enum SubRow { kU, kDelta, kSlope, kDy, kZ, kSubRows };  // the backward overwrites u with du,
-                                                        // slope with d delta and z with dz
+// overflows the instruction cache) without moving register arrays to local memory. Lane 0 of
+// the channel's lanes overwrites slope with d delta, z with dz and dy with the gated dy, rows
+// that only it reads at that step; du gets a row of its own because every lane reads u, so the
+// time loops need no __syncwarp.
+enum ChunkRow { kU, kDelta, kSlope, kDy, kZ, kDu, kChunkRows };
 
 // One channel's 16 states are split over kSplit lanes of a warp, kWarp / kSplit apart (more
 // threads in flight at BlackMamba's shapes, where one thread per channel leaves most of each SM's
 // warp slots empty); each lane runs its kStates / kSplit states.
-template <typename T, int kThreads, int kMinBlocks, int kSplit>
+template <typename T, int kThreads, int kMinBlocks, int kSplit, int kSub>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(BlackMambaScanParams p) {
   static_assert(kThreads % kWarp == 0, "whole warps");
   static_assert(kSteps % kSub == 0, "whole sub-chunks");
+  static_assert(kSteps % kSplit == 0, "a channel's lanes stage equal shares of a chunk");
   constexpr int kWarps = kThreads / kWarp;
   constexpr int kN = kStates / kSplit;          // states per lane
   constexpr int kLanes = kWarp / kSplit;        // channels per warp
   constexpr int kChannels = kThreads / kSplit;  // channels per block
+  constexpr int kShare = kSteps / kSplit;       // steps of a chunk each lane loads and stores
   static_assert(2 * kN == kLanes, "one reduced value per lane");
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int part = lane / kLanes;                      // which state slice of the channel
   const int local = warp * kLanes + lane % kLanes;     // channel within the block
   // hs: states of the sub-chunk being reversed, per lane; slot s holds h after its step s-1
-  // (slot 0: the state before it). sub_rows: the channel's rows, shared by its kSplit lanes.
-  // Both are [..][thread or channel], so a warp's accesses hit distinct banks or broadcast.
+  // (slot 0: the state before it). rows: the channel's rows of the whole chunk, shared by its
+  // kSplit lanes. Both are [..][thread or channel], so a warp's accesses hit distinct banks or
+  // broadcast.
   extern __shared__ float smem[];
   float* hs = smem;
-  float* sub_rows = smem + (kSub + 1) * kN * kThreads;
+  float* rows = smem + (kSub + 1) * kN * kThreads;
   __shared__ __align__(16) float sB[kSteps][kStates];
   __shared__ __align__(16) float sC[kSteps][kStates];
-  __shared__ float reduced[kWarps][kSteps][kWarp];  // per warp and step: lane i's reduced value
+  // Per warp and step: lane i's reduced value (padded: the atomics below read along steps).
+  __shared__ float reduced[kWarps][kSteps][kWarp + 1];
   auto H = [&](int slot, int n) -> float& { return hs[(slot * kN + n) * kThreads + threadIdx.x]; };
-  auto R = [&](int r, int t) -> float& { return sub_rows[(r * kSub + t) * kChannels + local]; };
+  auto R = [&](int r, int t) -> float& { return rows[(r * kSteps + t) * kChannels + local]; };
 
   const int b = blockIdx.y;
   const int s0 = part * kN;
   const auto ch = load_channel<kN>(p, int64_t(blockIdx.x) * kChannels + local, s0);
-  const bool writer = ch.active && part == 0;  // the lane that loads and stores the channel's rows
   const int64_t row = ch.active ? ch.d : 0;
   const int64_t out_off = (b * p.dim + row) * p.seqlen;
   const T* u_row = static_cast<const T*>(p.u) + b * p.u_batch_stride + row * p.u_dim_stride;
@@ -333,38 +391,57 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(BlackMam
   const int chunks = int((p.seqlen + kSteps - 1) / kSteps);
   const float* ckpt = p.checkpoints + ((b * p.dim + row) * chunks) * kStates + s0;
 
-  // Rows [t, t + kSub) into the sub-chunk rows: u and discretized delta always, dout and z too
-  // for the sub-chunk being reversed. Rows of inactive channels read as zeros.
-  auto stage = [&](int64_t t, int count, bool grads) {
-    __syncwarp();  // the channel's other lanes are done reading the previous rows
-    if (part == 0) {
-      const int n = ch.active ? count : 0;
-      float a[kSub], slope[kSub];
-      load_row(u_row + t, n, a);
+  // Each of a channel's kSplit lanes loads and stores kShare of a chunk's steps (one lane doing
+  // all of them left the others idle through its loads and softplus). The next chunk's share,
+  // B/C tile and checkpoint are loaded while this chunk is reversed; rows of inactive channels
+  // read as zeros.
+  const int share0 = part * kShare;  // this lane's first step within a chunk
+  auto share_of = [&](int count) {
+    const int n = ch.active ? count - share0 : 0;
+    return n < 0 ? 0 : (n < kShare ? n : kShare);
+  };
+  PackedRow<T, kShare> next_u, next_delta, next_dy, next_z;
+  float next_bc[kBCPerThread<kThreads>];
+  float next_h0[kN];  // the state before the chunk: its predecessor's checkpoint
+  auto fetch = [&](int c) {
+    const int64_t t = int64_t(c) * kSteps + share0;
+    const int valid = chunk_steps(p, c), n = share_of(valid);
+    next_u = load_packed<T, kShare>(u_row + t, n);
+    next_delta = load_packed<T, kShare>(delta_row + t, n);
+    next_dy = load_packed<T, kShare>(dout_row + t, n);
+    if (z_row) next_z = load_packed<T, kShare>(z_row + t, n);
+    fetch_BC_tile<T, kThreads>(p, b, t - share0, valid, next_bc);
 #pragma unroll
-      for (int i = 0; i < kSub; ++i) R(kU, i) = a[i];
-      load_row(delta_row + t, n, a);
-      discretize(p, ch, a, slope);
-#pragma unroll
-      for (int i = 0; i < kSub; ++i) R(kDelta, i) = a[i], R(kSlope, i) = slope[i];
-      if (grads) {
-        load_row(dout_row + t, n, a);
-#pragma unroll
-        for (int i = 0; i < kSub; ++i) R(kDy, i) = a[i];
-        if (z_row) {
-          load_row(z_row + t, n, a);
-#pragma unroll
-          for (int i = 0; i < kSub; ++i) R(kZ, i) = a[i];
-        }
-      }
+    for (int k = 0; k < kN; k += 4) {
+      const float4 q = (c > 0 && ch.active) ? *reinterpret_cast<const float4*>(ckpt + (c - 1) * kStates + k)
+                                            : make_float4(0.f, 0.f, 0.f, 0.f);
+      next_h0[k] = q.x, next_h0[k + 1] = q.y, next_h0[k + 2] = q.z, next_h0[k + 3] = q.w;
     }
-    __syncwarp();
+  };
+  auto stage = [&]() {  // the fetched chunk into shared memory
+    float a[kShare], slope[kShare];
+    unpack(next_u, a);
+#pragma unroll
+    for (int i = 0; i < kShare; ++i) R(kU, share0 + i) = a[i];
+    unpack(next_delta, a);
+    discretize(p, ch, a, slope);
+#pragma unroll
+    for (int i = 0; i < kShare; ++i) R(kDelta, share0 + i) = a[i], R(kSlope, share0 + i) = slope[i];
+    unpack(next_dy, a);
+#pragma unroll
+    for (int i = 0; i < kShare; ++i) R(kDy, share0 + i) = a[i];
+    if (z_row) {
+      unpack(next_z, a);
+#pragma unroll
+      for (int i = 0; i < kShare; ++i) R(kZ, share0 + i) = a[i];
+    }
+    put_BC_tile<kThreads>(next_bc, sB, sC);
   };
   auto unstage = [&](int r, T* dst, int count) {
-    float a[kSub];
+    float a[kShare];
 #pragma unroll
-    for (int i = 0; i < kSub; ++i) a[i] = R(r, i);
-    store_row(dst, count, a);
+    for (int i = 0; i < kShare; ++i) a[i] = R(r, share0 + i);
+    store_row(dst + share0, share_of(count), a);
   };
 
   float g[kN];       // adjoint of h carried to the previous step (already times exp(delta A))
@@ -373,11 +450,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(BlackMam
 #pragma unroll
   for (int n = 0; n < kN; ++n) g[n] = dA_acc[n] = 0.f;
 
+  fetch(chunks - 1);
   for (int c = chunks - 1; c >= 0; --c) {
     const int64_t t0 = int64_t(c) * kSteps;
-    const int valid = int(p.seqlen - t0 < kSteps ? p.seqlen - t0 : kSteps);
-    __syncthreads();  // the previous chunk's reads of sB/sC/reduced are done
-    load_BC_tile<T>(p, b, t0, valid, sB, sC);
+    const int valid = chunk_steps(p, c);
+    float h0[kN];
+#pragma unroll
+    for (int n = 0; n < kN; ++n) h0[n] = next_h0[n];
+    __syncthreads();  // the previous chunk's reads of the rows, sB/sC and reduced are done
+    stage();
+    if (c > 0) fetch(c - 1);
     __syncthreads();
 
     // Sub-chunks last to first: recompute the sub-chunk's states from the chunk's checkpoint
@@ -387,92 +469,82 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(BlackMam
       const int steps = valid - first < kSub ? valid - first : kSub;
       float h[kN];
 #pragma unroll
-      for (int n = 0; n < kN; n += 4) {
-        const float4 q = (c > 0 && ch.active) ? *reinterpret_cast<const float4*>(ckpt + (c - 1) * kStates + n)
-                                              : make_float4(0.f, 0.f, 0.f, 0.f);
-        h[n] = q.x, h[n + 1] = q.y, h[n + 2] = q.z, h[n + 3] = q.w;
-      }
+      for (int n = 0; n < kN; ++n) h[n] = h0[n];
 #pragma unroll 1
-      for (int k = 0; k < first; k += kSub) {  // the chunk's earlier sub-chunks: advance h only
-        stage(t0 + k, kSub, false);
-#pragma unroll 1
-        for (int t = 0; t < kSub; ++t) {
-          const float dt = R(kDelta, t), du = dt * R(kU, t);
+      for (int t = 0; t < first; ++t) {  // the chunk's earlier sub-chunks: advance h only
+        const float dt = R(kDelta, t), du = dt * R(kU, t);
 #pragma unroll
-          for (int n = 0; n < kN; ++n) h[n] = exp2f(dt * ch.A[n]) * h[n] + du * sB[k + t][s0 + n];
-        }
+        for (int n = 0; n < kN; ++n) h[n] = exp2f(dt * ch.A[n]) * h[n] + du * sB[t][s0 + n];
       }
-      stage(t0 + first, steps, true);
 
       // Recompute the states; with them y, hence dz, and the gradient reaching y + D u
       // (dy <- dout * silu(z)).
 #pragma unroll
       for (int n = 0; n < kN; ++n) H(0, n) = h[n];
 #pragma unroll 1
-      for (int t = 0; t < steps; ++t) {
+      for (int t = first; t < first + steps; ++t) {
         const float dt = R(kDelta, t), u = R(kU, t), du = dt * u;
         float y[2] = {0.f, 0.f};  // two partial sums: half-length chains
 #pragma unroll
         for (int n = 0; n < kN; ++n) {
-          h[n] = exp2f(dt * ch.A[n]) * h[n] + du * sB[first + t][s0 + n];
-          y[n & 1] += h[n] * sC[first + t][s0 + n];
-          H(t + 1, n) = h[n];
+          h[n] = exp2f(dt * ch.A[n]) * h[n] + du * sB[t][s0 + n];
+          y[n & 1] += h[n] * sC[t][s0 + n];
+          H(t - first + 1, n) = h[n];
         }
         const float yt = sum_over_split<kSplit>(y[0] + y[1]);
-        if (z_row) {
+        if (z_row && part == 0) {
           const float z = R(kZ, t), dy = R(kDy, t), sig = sigmoid(z);
-          __syncwarp();
-          if (part == 0) {
-            R(kZ, t) = dy * (yt + ch.D * u) * sig * (1.f + z * (1.f - sig));
-            R(kDy, t) = dy * z * sig;
-          }
-          __syncwarp();
+          R(kZ, t) = dy * (yt + ch.D * u) * sig * (1.f + z * (1.f - sig));
+          R(kDy, t) = dy * z * sig;
         }
       }
+      __syncwarp();  // lane 0's gated dy reaches the channel's other lanes
       // The adjoint recurrence, last step first. With w_n = g_n exp(delta A_n) h_{t-1,n}:
       // d delta = sum_n w_n A_n + u <g, B>;  du = delta <g, B> + D dy;  dA_n += w_n delta;
-      // dB_n = g_n delta u and dC_n = dy h_n, summed over the block's channels.
+      // dB_n = g_n delta u and dC_n = dy h_n, summed over the block's channels. h holds h_t
+      // (first the sub-chunk's last state, from the recomputation), so only h_{t-1} is read back.
 #pragma unroll 1
-      for (int t = steps - 1; t >= 0; --t) {
+      for (int t = first + steps - 1; t >= first; --t) {
         const float dt = R(kDelta, t), u = R(kU, t), dy = R(kDy, t), du = dt * u;
         float v[2 * kN];
         float gB[2] = {0.f, 0.f}, wA[2] = {0.f, 0.f};  // two partial sums: half-length chains
 #pragma unroll
         for (int n = 0; n < kN; ++n) {
-          const float gn = g[n] + dy * sC[first + t][s0 + n];
+          const float gn = g[n] + dy * sC[t][s0 + n];
           const float decay = exp2f(dt * ch.A[n]);
-          const float w = gn * decay * H(t, n);
+          const float previous = H(t - first, n);
+          const float w = gn * decay * previous;
           wA[n & 1] += w * ch.A[n];
           dA_acc[n] += w * dt;
-          gB[n & 1] += gn * sB[first + t][s0 + n];
+          gB[n & 1] += gn * sB[t][s0 + n];
           v[n] = gn * du;
-          v[kN + n] = dy * H(t + 1, n);
+          v[kN + n] = dy * h[n];
+          h[n] = previous;
           g[n] = gn * decay;
         }
-        reduced[warp][first + t][lane] = reduce_scatter(v, lane);
+        reduced[warp][t][lane] = reduce_scatter(v, lane);
         const float gBt = sum_over_split<kSplit>(gB[0] + gB[1]);
         // wA used A' = A log2(e): convert back to d/d delta.
-        const float ddelta = (sum_over_split<kSplit>(wA[0] + wA[1]) / kLog2e + u * gBt) * R(kSlope, t);
-        __syncwarp();
+        const float ddelta_softplus = sum_over_split<kSplit>(wA[0] + wA[1]) / kLog2e + u * gBt;
         if (part == 0) {
-          R(kU, t) = dt * gBt + ch.D * dy;
+          const float ddelta = ddelta_softplus * R(kSlope, t);
+          R(kDu, t) = dt * gBt + ch.D * dy;
           R(kSlope, t) = ddelta;
           dbias_acc += ddelta;
           dD_acc += dy * u;
         }
-        __syncwarp();
-      }
-      if (writer) {
-        unstage(kU, static_cast<T*>(p.du) + out_off + t0 + first, steps);
-        unstage(kSlope, static_cast<T*>(p.ddelta) + out_off + t0 + first, steps);
-        if (z_row) unstage(kZ, static_cast<T*>(p.dz) + out_off + t0 + first, steps);
       }
     }
+    __syncwarp();  // lane 0's rows of du, d delta and dz reach the lanes that store them
+    unstage(kDu, static_cast<T*>(p.du) + out_off + t0, valid);
+    unstage(kSlope, static_cast<T*>(p.ddelta) + out_off + t0, valid);
+    if (z_row) unstage(kZ, static_cast<T*>(p.dz) + out_off + t0, valid);
     __syncthreads();
     // Lane i of a warp holds, for its state slice i / kLanes, value i % kLanes of v: dB of the
-    // slice's state j for j < kN, dC of state j - kN above.
+    // slice's state j for j < kN, dC of state j - kN above. Consecutive threads take consecutive
+    // steps of one slot, so a warp's atomics land on two contiguous runs of dB/dC.
     for (int i = threadIdx.x; i < kSteps * kWarp; i += kThreads) {
-      const int t = i / kWarp, slot = i % kWarp;
+      const int t = i % kSteps, slot = i / kSteps;
       if (t >= valid) continue;
       float s = 0.f;
 #pragma unroll
@@ -491,11 +563,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(BlackMam
 }
 
 // Launch shapes, chosen by a sweep on an H100 at the 340M layer (bench/scan_kernels.py):
-// backward 128 threads, 5 blocks per SM, each channel's states split over 4 lanes.
-constexpr int kFwdThreads = 128;
+// backward 128 threads, 5 blocks per SM, each channel's states split over 4 lanes, 8-step
+// sub-chunks held in shared memory.
 constexpr int kBwdThreads = 128;
 constexpr int kBwdMinBlocks = 5;
 constexpr int kBwdSplit = 4;
+constexpr int kBwdSub = 8;
 
 template <typename T>
 cudaError_t launch_fwd(const BlackMambaScanParams& p, cudaStream_t stream) {
@@ -506,9 +579,9 @@ cudaError_t launch_fwd(const BlackMambaScanParams& p, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t launch_bwd(const BlackMambaScanParams& p, cudaStream_t stream) {
-  auto kernel = scan_bwd_kernel<T, kBwdThreads, kBwdMinBlocks, kBwdSplit>;
+  auto kernel = scan_bwd_kernel<T, kBwdThreads, kBwdMinBlocks, kBwdSplit, kBwdSub>;
   constexpr int kChannels = kBwdThreads / kBwdSplit;
-  const size_t smem = (size_t(kSub + 1) * (kStates / kBwdSplit) * kBwdThreads + kSubRows * kSub * kChannels) * sizeof(float);
+  const size_t smem = (size_t(kBwdSub + 1) * (kStates / kBwdSplit) * kBwdThreads + kChunkRows * kSteps * kChannels) * sizeof(float);
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   if (err != cudaSuccess) return err;
   const dim3 grid(unsigned((p.dim + kChannels - 1) / kChannels), unsigned(p.batch));
