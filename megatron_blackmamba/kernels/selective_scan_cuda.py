@@ -76,9 +76,10 @@ def choose(u: Tensor, A: Tensor) -> tuple[bool, str]:
     choice = requested()
     if choice == "mamba_ssm":
         return False, f"{KERNEL_ENV_VAR}=mamba_ssm"
-    why = unsupported(u, A, has_initial_state=False) or load_error(device_arch(u.device))
+    arch = device_arch(u.device)
+    why = unsupported(u, A, has_initial_state=False) or load_error(arch)
     if why is None:
-        return True, f"{KERNEL_ENV_VAR}={choice}, {library_path(device_arch(u.device))}"
+        return True, f"{KERNEL_ENV_VAR}={choice}, {library_path(arch)}"
     if choice == "blackmamba":
         raise RuntimeError(f"selective_scan: {KERNEL_ENV_VAR}=blackmamba was requested but {why}")
     return False, f"{KERNEL_ENV_VAR}=auto and this project's kernel cannot run: {why}"
@@ -88,10 +89,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "megatron_blackmamba")
 
 
+@functools.cache
+def _source_digest() -> str:
+    """The kernel source's hash, read once per process: choose() names the build on every scan call."""
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+
+
 def library_path(arch: str) -> Path:
     """Where the build for ``arch`` (e.g. "sm_90") of the current source lives in the cache."""
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-    return cache_dir() / f"selective_scan_{arch}_{digest}.so"
+    return cache_dir() / f"selective_scan_{arch}_{_source_digest()}.so"
 
 
 def _nvcc() -> str:
