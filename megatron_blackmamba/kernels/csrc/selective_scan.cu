@@ -7,7 +7,7 @@
 // (bench/PERF_NOTES.md). Here the forward runs one thread per (batch, channel) over its 16
 // states; the backward splits a channel's states over kBwdSplit lanes, and a block's channels sum
 // their dB/dC contributions on chip (a warp reduce-scatter) before one atomic per (block, state,
-// step). Measured on an H100 at the 340M layer: forward+backward 1.42x mamba-ssm's.
+// step). Measured on an H100 at the 340M layer: forward+backward 1.47x mamba-ssm's.
 //
 // Memory plan: the forward stores the state every kSteps steps (fp32 checkpoints, [b, d, chunks,
 // 16]); the backward walks the chunks last to first, stages each chunk's rows in shared memory
@@ -348,6 +348,14 @@ __device__ __forceinline__ float sum_over_split(float x) {
 // time loops need no __syncwarp.
 enum ChunkRow { kU, kDelta, kSlope, kDy, kZ, kDu, kChunkRows };
 
+// Floats between consecutive steps of a chunk row: one per channel of the block, plus a pad of
+// kWarp / kSteps. A channel's kSplit lanes stage steps kSteps / kSplit apart, so with the pad lane
+// p's store lands kWarp / kSplit banks past lane p - 1's, beyond the warp's other channels (for
+// kChannels a multiple of 32); unpadded, a channel's lanes hit one bank (4-way conflicts on every
+// staged and unstaged row: 1.42x -> 1.47x mamba-ssm's forward+backward when removed).
+template <int kChannels>
+constexpr int kRowStride = kChannels + kWarp / kSteps;
+
 // One channel's 16 states are split over kSplit lanes of a warp, kWarp / kSplit apart (more
 // threads in flight at BlackMamba's shapes, where one thread per channel leaves most of each SM's
 // warp slots empty); each lane runs its kStates / kSplit states.
@@ -377,7 +385,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(BlackMam
   // Per warp and step: lane i's reduced value (padded: the atomics below read along steps).
   __shared__ float reduced[kWarps][kSteps][kWarp + 1];
   auto H = [&](int slot, int n) -> float& { return hs[(slot * kN + n) * kThreads + threadIdx.x]; };
-  auto R = [&](int r, int t) -> float& { return rows[(r * kSteps + t) * kChannels + local]; };
+  auto R = [&](int r, int t) -> float& { return rows[(r * kSteps + t) * kRowStride<kChannels> + local]; };
 
   const int b = blockIdx.y;
   const int s0 = part * kN;
@@ -581,7 +589,8 @@ template <typename T>
 cudaError_t launch_bwd(const BlackMambaScanParams& p, cudaStream_t stream) {
   auto kernel = scan_bwd_kernel<T, kBwdThreads, kBwdMinBlocks, kBwdSplit, kBwdSub>;
   constexpr int kChannels = kBwdThreads / kBwdSplit;
-  const size_t smem = (size_t(kBwdSub + 1) * (kStates / kBwdSplit) * kBwdThreads + kChunkRows * kSteps * kChannels) * sizeof(float);
+  const size_t smem =
+      (size_t(kBwdSub + 1) * (kStates / kBwdSplit) * kBwdThreads + kChunkRows * kSteps * kRowStride<kChannels>) * sizeof(float);
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   if (err != cudaSuccess) return err;
   const dim3 grid(unsigned((p.dim + kChannels - 1) / kChannels), unsigned(p.batch));
