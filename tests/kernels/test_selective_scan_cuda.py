@@ -114,6 +114,21 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
 )
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, 1e-2)])
 def test_matches_float64(shape, gated, skip, bias, softplus, dtype, tol):
+    _check_against_float64(shape, gated, skip, bias, softplus, dtype, tol)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, 1e-2)])
+def test_large_grids_match_float64(dtype, tol):
+    """The forward has two kernels: a channel's states split over lanes where all of that grid's
+    blocks are resident at once (every shape above), else one thread per channel. More channels
+    than 32 split blocks of 64 channels per SM (an SM holds at most 32 blocks) take the latter."""
+    dim = 2048
+    batch = 64 * 32 * torch.cuda.get_device_properties(0).multi_processor_count // dim + 1
+    _check_against_float64((batch, dim, 24), True, True, True, True, dtype, tol)
+
+
+def _check_against_float64(shape, gated, skip, bias, softplus, dtype, tol):
     x = _inputs(*shape, dtype, seed=sum(shape), gated=gated, skip=skip, bias=bias)
     dout = torch.randn(shape, device="cuda", dtype=torch.float64)
     out, last, grads = _run(own.selective_scan, x, dout, softplus)

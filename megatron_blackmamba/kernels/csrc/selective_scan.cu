@@ -5,7 +5,8 @@
 // along time with a block-wide parallel scan, then adds every channel's dB/dC contribution with
 // its own global atomic; at BlackMamba's shapes it runs far below its FLOP and byte floors
 // (bench/PERF_NOTES.md). Here the forward runs one thread per (batch, channel) over its 16
-// states; the backward splits a channel's states over kBwdSplit lanes, and a block's channels sum
+// states, or, where the grid is small enough, splits them over kFwdSplit lanes (launch_fwd);
+// the backward splits a channel's states over kBwdSplit lanes, and a block's channels sum
 // their dB/dC contributions on chip (a warp reduce-scatter) before one atomic per (block, state,
 // step). Measured on an H100 at the 340M layer: forward+backward 1.47x mamba-ssm's.
 //
@@ -181,6 +182,39 @@ __device__ __forceinline__ int chunk_steps(const BlackMambaScanParams& p, int c)
   return int(left < kSteps ? left : kSteps);
 }
 
+// Chunks of kSteps steps in a sequence.
+__device__ __forceinline__ int chunk_count(const BlackMambaScanParams& p) { return int((p.seqlen + kSteps - 1) / kSteps); }
+
+// One (batch, channel) row of each [b, d, L] tensor: the inputs as strided (z and dout null where
+// absent), the row's element offset in the contiguous outputs (out, du, ddelta, dz) and its state
+// checkpoints ([chunks, 16]).
+template <typename T>
+struct ChannelRows {
+  const T *u, *delta, *z, *dout;
+  int64_t out;
+  float* ckpt;
+};
+
+template <typename T>
+__device__ __forceinline__ ChannelRows<T> channel_rows(const BlackMambaScanParams& p, int b, int64_t row) {
+  ChannelRows<T> io;
+  io.u = static_cast<const T*>(p.u) + b * p.u_batch_stride + row * p.u_dim_stride;
+  io.delta = static_cast<const T*>(p.delta) + b * p.delta_batch_stride + row * p.delta_dim_stride;
+  io.z = p.z ? static_cast<const T*>(p.z) + b * p.z_batch_stride + row * p.z_dim_stride : nullptr;
+  io.dout = p.dout ? static_cast<const T*>(p.dout) + b * p.dout_batch_stride + row * p.dout_dim_stride : nullptr;
+  io.out = (b * p.dim + row) * p.seqlen;
+  io.ckpt = p.checkpoints + (b * p.dim + row) * chunk_count(p) * kStates;
+  return io;
+}
+
+// Of a chunk's steps, the share [share0, share0 + kShare) that one of a channel's lanes loads and
+// stores: how many of them are among the chunk's `valid` steps (none for an inactive channel).
+template <int kShare>
+__device__ __forceinline__ int share_steps(bool active, int valid, int share0) {
+  const int n = active ? valid - share0 : 0;
+  return n < 0 ? 0 : (n < kShare ? n : kShare);
+}
+
 // softplus with mamba-ssm's cut-off (identity above 20) and its derivative, sigmoid.
 __device__ __forceinline__ void softplus_and_slope(float x, float& value, float& slope) {
   if (x <= 20.f) {
@@ -233,8 +267,29 @@ __device__ __forceinline__ void discretize(const BlackMambaScanParams& p, const 
 
 constexpr int kFwdThreads = 128;
 
+// What a forward lane loads of a chunk: its share of the rows (kShare steps from share0) and its
+// part of the B/C tile, held in registers a chunk ahead so that the loads are in flight while the
+// current chunk is scanned.
+template <typename T, int kShare, int kThreads>
+struct ForwardPrefetch {
+  PackedRow<T, kShare> u, delta, z;
+  float bc[kBCPerThread<kThreads>];
+
+  __device__ __forceinline__ void fetch(const BlackMambaScanParams& p, const ChannelRows<T>& io, int b, int c,
+                                        int share0, bool active) {
+    const int64_t t0 = int64_t(c) * kSteps;
+    const int valid = chunk_steps(p, c), n = share_steps<kShare>(active, valid, share0);
+    u = load_packed<T, kShare>(io.u + t0 + share0, n);
+    delta = load_packed<T, kShare>(io.delta + t0 + share0, n);
+    if (io.z) z = load_packed<T, kShare>(io.z + t0 + share0, n);
+    fetch_BC_tile<T, kThreads>(p, b, t0, valid, bc);
+  }
+};
+
+
 // One thread per (batch, channel). The next chunk's rows and B/C tile are loaded while this one
-// is scanned: with one thread per channel an SM holds few warps, too few to hide the loads.
+// is scanned: with one thread per channel an SM holds few warps, too few to hide the loads. Where
+// the grid is small enough, scan_fwd_split_kernel below runs instead (launch_fwd).
 template <typename T>
 __global__ void __launch_bounds__(kFwdThreads) scan_fwd_kernel(BlackMambaScanParams p) {
   __shared__ __align__(16) float sB[kSteps][kStates];
@@ -242,43 +297,32 @@ __global__ void __launch_bounds__(kFwdThreads) scan_fwd_kernel(BlackMambaScanPar
   const int b = blockIdx.y;
   const auto ch = load_channel<kStates>(p, int64_t(blockIdx.x) * blockDim.x + threadIdx.x, 0);
   const int64_t row = ch.active ? ch.d : 0;
-  const T* u_row = static_cast<const T*>(p.u) + b * p.u_batch_stride + row * p.u_dim_stride;
-  const T* delta_row = static_cast<const T*>(p.delta) + b * p.delta_batch_stride + row * p.delta_dim_stride;
-  const T* z_row = p.z ? static_cast<const T*>(p.z) + b * p.z_batch_stride + row * p.z_dim_stride : nullptr;
-  T* out_row = static_cast<T*>(p.out) + (b * p.dim + row) * p.seqlen;
-  const int chunks = int((p.seqlen + kSteps - 1) / kSteps);
-  float* ckpt = p.checkpoints + ((b * p.dim + row) * chunks) * kStates;
+  const auto io = channel_rows<T>(p, b, row);
+  T* out_row = static_cast<T*>(p.out) + io.out;
+  const int chunks = chunk_count(p);
+  float* ckpt = io.ckpt;
 
   float h[kStates];
 #pragma unroll
   for (int n = 0; n < kStates; ++n) h[n] = 0.f;
 
-  PackedRow<T, kSteps> next_u, next_delta, next_z;
-  float next_bc[kBCPerThread<kFwdThreads>];
-  auto fetch = [&](int c) {
-    const int64_t t0 = int64_t(c) * kSteps;
-    const int valid = chunk_steps(p, c), n = ch.active ? valid : 0;
-    next_u = load_packed<T, kSteps>(u_row + t0, n);
-    next_delta = load_packed<T, kSteps>(delta_row + t0, n);
-    if (z_row) next_z = load_packed<T, kSteps>(z_row + t0, n);
-    fetch_BC_tile<T, kFwdThreads>(p, b, t0, valid, next_bc);
-  };
-  fetch(0);
+  ForwardPrefetch<T, kSteps, kFwdThreads> next;
+  next.fetch(p, io, b, 0, 0, ch.active);
 
   for (int c = 0; c < chunks; ++c) {
     const int64_t t0 = int64_t(c) * kSteps;
     const int valid = chunk_steps(p, c);
     float u[kSteps], delta[kSteps], slope[kSteps], gate[kSteps], out[kSteps];
     __syncthreads();  // the previous chunk's reads of sB/sC are done
-    put_BC_tile<kFwdThreads>(next_bc, sB, sC);
-    unpack(next_u, u);
-    unpack(next_delta, delta);
-    if (z_row) unpack(next_z, gate);
-    if (c + 1 < chunks) fetch(c + 1);
+    put_BC_tile<kFwdThreads>(next.bc, sB, sC);
+    unpack(next.u, u);
+    unpack(next.delta, delta);
+    if (io.z) unpack(next.z, gate);
+    if (c + 1 < chunks) next.fetch(p, io, b, c + 1, 0, ch.active);
     __syncthreads();
     if (!ch.active) continue;
     discretize(p, ch, delta, slope);
-    if (z_row) {
+    if (io.z) {
 #pragma unroll
       for (int t = 0; t < kSteps; ++t) gate[t] *= sigmoid(gate[t]);
     }
@@ -292,7 +336,7 @@ __global__ void __launch_bounds__(kFwdThreads) scan_fwd_kernel(BlackMambaScanPar
           h[n] = exp2f(delta[t] * ch.A[n]) * h[n] + du * sB[t][n];
           y[n & 1] += h[n] * sC[t][n];
         }
-        out[t] = z_row ? (y[0] + y[1]) * gate[t] : y[0] + y[1];
+        out[t] = io.z ? (y[0] + y[1]) * gate[t] : y[0] + y[1];
       }
     }
     store_row(out_row + t0, valid, out);
@@ -340,6 +384,95 @@ __device__ __forceinline__ float sum_over_split(float x) {
   return x;
 }
 
+// Floats between consecutive steps of a row that a block stages in shared memory (one value per
+// channel and step): one per channel of the block, plus a pad of kWarp / kSteps. A channel's
+// kSplit lanes stage steps kSteps / kSplit apart, so with the pad lane p's store lands
+// kWarp / kSplit banks past lane p - 1's, beyond the warp's other channels (for kChannels a
+// multiple of 32); unpadded, a channel's lanes hit one bank (in the backward, 4-way conflicts on
+// every staged and unstaged row: 1.42x -> 1.47x mamba-ssm's forward+backward when removed).
+template <int kChannels>
+constexpr int kRowStride = kChannels + kWarp / kSteps;
+
+// The forward with a channel's states split over kSplit lanes, as in the backward: kSplit times the
+// warps of scan_fwd_kernel, for grids where one thread per channel leaves the SMs latency-bound
+// (ncu at 36,864 channels: 14% occupancy, 0.46 eligible warps per scheduler), at the price of
+// more instructions per state-step (y summed by shuffles, rows staged in shared memory). Each lane
+// loads and discretizes its share of a chunk's steps into shared memory, scans its states over all
+// of them, and writes its share of the output; the next chunk's share and B/C tile are loaded
+// while this one is scanned.
+template <typename T, int kThreads, int kMinBlocks, int kSplit>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) scan_fwd_split_kernel(BlackMambaScanParams p) {
+  static_assert(kThreads % kWarp == 0 && kSteps % kSplit == 0, "whole warps, equal shares");
+  constexpr int kN = kStates / kSplit;          // states per lane
+  constexpr int kLanes = kWarp / kSplit;        // channels per warp
+  constexpr int kChannels = kThreads / kSplit;  // channels per block
+  constexpr int kShare = kSteps / kSplit;       // steps of a chunk each lane loads and stores
+  __shared__ __align__(16) float sB[kSteps][kStates];
+  __shared__ __align__(16) float sC[kSteps][kStates];
+  __shared__ float sDelta[kSteps][kRowStride<kChannels>];  // softplus(delta + bias)
+  __shared__ float sDu[kSteps][kRowStride<kChannels>];     // that times u
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int part = lane / kLanes, local = warp * kLanes + lane % kLanes;
+  const int b = blockIdx.y, s0 = part * kN, share0 = part * kShare;
+  const auto ch = load_channel<kN>(p, int64_t(blockIdx.x) * kChannels + local, s0);
+  const int64_t row = ch.active ? ch.d : 0;
+  const auto io = channel_rows<T>(p, b, row);
+  T* out_row = static_cast<T*>(p.out) + io.out;
+  const int chunks = chunk_count(p);
+  float* ckpt = io.ckpt + s0;
+
+  float h[kN];
+#pragma unroll
+  for (int n = 0; n < kN; ++n) h[n] = 0.f;
+
+  ForwardPrefetch<T, kShare, kThreads> next;
+  next.fetch(p, io, b, 0, share0, ch.active);
+
+  for (int c = 0; c < chunks; ++c) {
+    const int64_t t0 = int64_t(c) * kSteps;
+    const int valid = chunk_steps(p, c);
+    float u[kShare], delta[kShare], slope[kShare], gate[kShare], out[kShare];
+    __syncthreads();  // the previous chunk's reads of the shared rows and tile are done
+    put_BC_tile<kThreads>(next.bc, sB, sC);
+    unpack(next.u, u);
+    unpack(next.delta, delta);
+    if (io.z) unpack(next.z, gate);
+    if (c + 1 < chunks) next.fetch(p, io, b, c + 1, share0, ch.active);
+    discretize(p, ch, delta, slope);
+#pragma unroll
+    for (int i = 0; i < kShare; ++i) {
+      sDelta[share0 + i][local] = delta[i];
+      sDu[share0 + i][local] = delta[i] * u[i];
+      if (io.z) gate[i] *= sigmoid(gate[i]);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int t = 0; t < kSteps; ++t) {
+      if (t < valid) {
+        const float dt = sDelta[t][local], du = sDu[t][local];
+        float y[2] = {0.f, 0.f};  // two partial sums: half-length chains
+#pragma unroll
+        for (int n = 0; n < kN; ++n) {
+          h[n] = exp2f(dt * ch.A[n]) * h[n] + du * sB[t][s0 + n];
+          y[n & 1] += h[n] * sC[t][s0 + n];
+        }
+        const float yt = sum_over_split<kSplit>(y[0] + y[1]);
+        if (t / kShare == part) out[t % kShare] = yt;  // t is a constant here: no local memory
+      }
+    }
+    if (!ch.active) continue;
+#pragma unroll
+    for (int i = 0; i < kShare; ++i) {
+      out[i] += ch.D * u[i];
+      if (io.z) out[i] *= gate[i];
+    }
+    store_row(out_row + t0 + share0, share_steps<kShare>(true, valid, share0), out);
+#pragma unroll
+    for (int n = 0; n < kN; n += 4)
+      *reinterpret_cast<float4*>(ckpt + c * kStates + n) = make_float4(h[n], h[n + 1], h[n + 2], h[n + 3]);
+  }
+}
+
 // A channel's rows of one chunk in shared memory, [row][step][channel]: the time loops below
 // index them with a run-time step, which keeps those loops rolled (a fully unrolled backward
 // overflows the instruction cache) without moving register arrays to local memory. Lane 0 of
@@ -347,14 +480,6 @@ __device__ __forceinline__ float sum_over_split(float x) {
 // that only it reads at that step; du gets a row of its own because every lane reads u, so the
 // time loops need no __syncwarp.
 enum ChunkRow { kU, kDelta, kSlope, kDy, kZ, kDu, kChunkRows };
-
-// Floats between consecutive steps of a chunk row: one per channel of the block, plus a pad of
-// kWarp / kSteps. A channel's kSplit lanes stage steps kSteps / kSplit apart, so with the pad lane
-// p's store lands kWarp / kSplit banks past lane p - 1's, beyond the warp's other channels (for
-// kChannels a multiple of 32); unpadded, a channel's lanes hit one bank (4-way conflicts on every
-// staged and unstaged row: 1.42x -> 1.47x mamba-ssm's forward+backward when removed).
-template <int kChannels>
-constexpr int kRowStride = kChannels + kWarp / kSteps;
 
 // One channel's 16 states are split over kSplit lanes of a warp, kWarp / kSplit apart (more
 // threads in flight at BlackMamba's shapes, where one thread per channel leaves most of each SM's
@@ -391,33 +516,26 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(BlackMam
   const int s0 = part * kN;
   const auto ch = load_channel<kN>(p, int64_t(blockIdx.x) * kChannels + local, s0);
   const int64_t row = ch.active ? ch.d : 0;
-  const int64_t out_off = (b * p.dim + row) * p.seqlen;
-  const T* u_row = static_cast<const T*>(p.u) + b * p.u_batch_stride + row * p.u_dim_stride;
-  const T* delta_row = static_cast<const T*>(p.delta) + b * p.delta_batch_stride + row * p.delta_dim_stride;
-  const T* z_row = p.z ? static_cast<const T*>(p.z) + b * p.z_batch_stride + row * p.z_dim_stride : nullptr;
-  const T* dout_row = static_cast<const T*>(p.dout) + b * p.dout_batch_stride + row * p.dout_dim_stride;
-  const int chunks = int((p.seqlen + kSteps - 1) / kSteps);
-  const float* ckpt = p.checkpoints + ((b * p.dim + row) * chunks) * kStates + s0;
+  const auto io = channel_rows<T>(p, b, row);
+  const int chunks = chunk_count(p);
+  const float* ckpt = io.ckpt + s0;
 
   // Each of a channel's kSplit lanes loads and stores kShare of a chunk's steps (one lane doing
   // all of them left the others idle through its loads and softplus). The next chunk's share,
   // B/C tile and checkpoint are loaded while this chunk is reversed; rows of inactive channels
   // read as zeros.
   const int share0 = part * kShare;  // this lane's first step within a chunk
-  auto share_of = [&](int count) {
-    const int n = ch.active ? count - share0 : 0;
-    return n < 0 ? 0 : (n < kShare ? n : kShare);
-  };
+  auto share_of = [&](int count) { return share_steps<kShare>(ch.active, count, share0); };
   PackedRow<T, kShare> next_u, next_delta, next_dy, next_z;
   float next_bc[kBCPerThread<kThreads>];
   float next_h0[kN];  // the state before the chunk: its predecessor's checkpoint
   auto fetch = [&](int c) {
     const int64_t t = int64_t(c) * kSteps + share0;
     const int valid = chunk_steps(p, c), n = share_of(valid);
-    next_u = load_packed<T, kShare>(u_row + t, n);
-    next_delta = load_packed<T, kShare>(delta_row + t, n);
-    next_dy = load_packed<T, kShare>(dout_row + t, n);
-    if (z_row) next_z = load_packed<T, kShare>(z_row + t, n);
+    next_u = load_packed<T, kShare>(io.u + t, n);
+    next_delta = load_packed<T, kShare>(io.delta + t, n);
+    next_dy = load_packed<T, kShare>(io.dout + t, n);
+    if (io.z) next_z = load_packed<T, kShare>(io.z + t, n);
     fetch_BC_tile<T, kThreads>(p, b, t - share0, valid, next_bc);
 #pragma unroll
     for (int k = 0; k < kN; k += 4) {
@@ -438,7 +556,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(BlackMam
     unpack(next_dy, a);
 #pragma unroll
     for (int i = 0; i < kShare; ++i) R(kDy, share0 + i) = a[i];
-    if (z_row) {
+    if (io.z) {
       unpack(next_z, a);
 #pragma unroll
       for (int i = 0; i < kShare; ++i) R(kZ, share0 + i) = a[i];
@@ -500,7 +618,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(BlackMam
           H(t - first + 1, n) = h[n];
         }
         const float yt = sum_over_split<kSplit>(y[0] + y[1]);
-        if (z_row && part == 0) {
+        if (io.z && part == 0) {
           const float z = R(kZ, t), dy = R(kDy, t), sig = sigmoid(z);
           R(kZ, t) = dy * (yt + ch.D * u) * sig * (1.f + z * (1.f - sig));
           R(kDy, t) = dy * z * sig;
@@ -544,9 +662,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(BlackMam
       }
     }
     __syncwarp();  // lane 0's rows of du, d delta and dz reach the lanes that store them
-    unstage(kDu, static_cast<T*>(p.du) + out_off + t0, valid);
-    unstage(kSlope, static_cast<T*>(p.ddelta) + out_off + t0, valid);
-    if (z_row) unstage(kZ, static_cast<T*>(p.dz) + out_off + t0, valid);
+    unstage(kDu, static_cast<T*>(p.du) + io.out + t0, valid);
+    unstage(kSlope, static_cast<T*>(p.ddelta) + io.out + t0, valid);
+    if (io.z) unstage(kZ, static_cast<T*>(p.dz) + io.out + t0, valid);
     __syncthreads();
     // Lane i of a warp holds, for its state slice i / kLanes, value i % kLanes of v: dB of the
     // slice's state j for j < kN, dC of state j - kN above. Consecutive threads take consecutive
@@ -570,18 +688,37 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(BlackMam
   if (p.ddelta_bias) atomicAdd(p.ddelta_bias + ch.d, dbias_acc);
 }
 
-// Launch shapes, chosen by a sweep on an H100 at the 340M layer (bench/scan_kernels.py):
-// backward 128 threads, 5 blocks per SM, each channel's states split over 4 lanes, 8-step
+// Launch shapes, chosen by sweeps on an H100 at the 340M and 630M layers (bench/scan_kernels.py):
+// split forward 128 threads, 4 blocks per SM (126 registers, no spills), a channel's states over 2
+// lanes; backward 128 threads, 5 blocks per SM, each channel's states split over 4 lanes, 8-step
 // sub-chunks held in shared memory.
+constexpr int kFwdSplit = 2;
+constexpr int kFwdSplitMinBlocks = 4;
 constexpr int kBwdThreads = 128;
 constexpr int kBwdMinBlocks = 5;
 constexpr int kBwdSplit = 4;
 constexpr int kBwdSub = 8;
 
+// The split forward where all of its blocks are resident at once, else one thread per channel:
+// each block walks its channels' whole sequence, so blocks beyond one round on the SMs run after
+// the others instead of beside them (measured on an H100: split at [8, 2944, 2048], 0.73 vs 1.11 ms;
+// not at [16, 2304, 2048], whose 576 split blocks exceed the 528 resident).
 template <typename T>
 cudaError_t launch_fwd(const BlackMambaScanParams& p, cudaStream_t stream) {
-  const dim3 grid(unsigned((p.dim + kFwdThreads - 1) / kFwdThreads), unsigned(p.batch));
-  scan_fwd_kernel<T><<<grid, kFwdThreads, 0, stream>>>(p);
+  auto split = scan_fwd_split_kernel<T, kFwdThreads, kFwdSplitMinBlocks, kFwdSplit>;
+  constexpr int kSplitChannels = kFwdThreads / kFwdSplit;
+  const dim3 split_grid(unsigned((p.dim + kSplitChannels - 1) / kSplitChannels), unsigned(p.batch));
+  int device = 0, sms = 0, per_sm = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, split, kFwdThreads, 0);
+  if (err != cudaSuccess) return err;
+  if (int64_t(split_grid.x) * split_grid.y <= int64_t(per_sm) * sms) {
+    split<<<split_grid, kFwdThreads, 0, stream>>>(p);
+  } else {
+    const dim3 grid(unsigned((p.dim + kFwdThreads - 1) / kFwdThreads), unsigned(p.batch));
+    scan_fwd_kernel<T><<<grid, kFwdThreads, 0, stream>>>(p);
+  }
   return cudaGetLastError();
 }
 
