@@ -99,11 +99,16 @@ def _resolve(op: str, device: torch.device, backend: str | None, limitation: str
     return "cuda", f"{package} {_cuda.package_version(package)}"
 
 
+def _log_choice(what: str, name: str, reason: str) -> None:
+    """Logs ``what``'s choice at INFO the first time it is ``name``."""
+    if (what, name) not in _logged:
+        _logged.add((what, name))
+        logger.info("%s: %s (%s)", what, name, reason)
+
+
 def _select(op: str, device: torch.device, backend: str | None, limitation: str | None = None) -> str:
     name, reason = _resolve(op, device, backend, limitation)
-    if (op, name) not in _logged:
-        _logged.add((op, name))
-        logger.info("%s backend: %s (%s)", op, name, reason)
+    _log_choice(f"{op} backend", name, reason)
     return name
 
 
@@ -157,10 +162,7 @@ def selective_scan(
 def _use_own_scan(u: Tensor, A: Tensor) -> bool:
     """Whether the CUDA scan is this project's kernel rather than mamba-ssm's (logged once per choice)."""
     own, why = _own_scan.choose(u, A)
-    kernel = "this project's" if own else "mamba-ssm's"
-    if ("selective_scan kernel", kernel) not in _logged:
-        _logged.add(("selective_scan kernel", kernel))
-        logger.info("selective_scan kernel: %s (%s)", kernel, why)
+    _log_choice("selective_scan kernel", "this project's" if own else "mamba-ssm's", why)
     return own
 
 
