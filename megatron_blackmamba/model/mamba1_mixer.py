@@ -214,8 +214,7 @@ class Mamba1Mixer(MegatronModule):
         if isinstance(inference_context, RecurrentState) and inference_context.seqlen_offset > 0:
             return self._decode(hidden_states, inference_context)
 
-        xz = self._in_proj(hidden_states)  # [b, 2*d_local, s]
-        x, z = xz.chunk(2, dim=1)
+        x, z = self._in_proj(hidden_states)  # [b, d_local, s] each
 
         state = None
         if isinstance(inference_context, RecurrentState):
@@ -243,17 +242,21 @@ class Mamba1Mixer(MegatronModule):
             state.ssm.copy_(last)
         return self._out_proj(y)
 
-    def _in_proj(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[s, b, h] (sequence-parallel shard under SP) -> [b, 2*d_local, s_full], sequence contiguous."""
+    def _in_proj(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[s, b, h] (sequence-parallel shard under SP) -> x, z [b, d_local, s_full], sequence contiguous.
+
+        Two GEMMs on in_proj's [x_r; z_r] row blocks rather than one split afterwards: the backward
+        then sums their input gradients in the GEMMs instead of concatenating grad x and grad z."""
         proj = self.in_proj
         if getattr(proj, "sequence_parallel", self.config.sequence_parallel):
             hidden_states = gather_from_sequence_parallel_region(hidden_states, group=self.tp_group)
         elif self.tp_group.size() > 1:
             hidden_states = copy_to_tensor_model_parallel_region(hidden_states, group=self.tp_group)
-        xz = linear_from_sequence_major(proj.weight, hidden_states)
+        x, z = linear_from_sequence_major(proj.weight, hidden_states, parts=2)
         if getattr(proj, "bias", None) is not None and not getattr(proj, "skip_bias_add", False):
-            xz = xz + proj.bias[:, None]
-        return xz
+            bias_x, bias_z = proj.bias.chunk(2)
+            x, z = x + bias_x[:, None], z + bias_z[:, None]
+        return x, z
 
     def _out_proj(self, y: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """y [b, d_local, s] -> ([s, b, h] summed over TP (reduce-scattered under SP), bias or None)."""
@@ -286,7 +289,7 @@ class Mamba1Mixer(MegatronModule):
     def _decode(self, hidden_states: torch.Tensor, ctx: RecurrentState):
         """One token per sequence: O(1) work and memory in the context length."""
         assert hidden_states.shape[0] == 1, "decode steps take one token at a time"
-        x, z = self._in_proj(hidden_states)[..., 0].chunk(2, dim=1)  # [b, d_local] each
+        x, z = (t[..., 0] for t in self._in_proj(hidden_states))  # [b, d_local] each
         state = ctx.layer_state(self, batch_size=x.shape[0], dtype=x.dtype)
         x = kernels.causal_conv1d_update(
             x, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu"

@@ -49,12 +49,37 @@ def _run_against_float64(fn, equation: str, weight_shape, input_shape, grad_shap
 @pytest.mark.parametrize("device,dtype,tol", list(_cases()))
 def test_from_sequence_major_matches_float64(device, dtype, tol):
     s, b, h, out = 13, 3, 8, 24  # ragged on purpose
-    got, want = _run_against_float64(linear_from_sequence_major, "oh,sbh->bos", (out, h), (s, b, h),
+    got, want = _run_against_float64(lambda w, x: linear_from_sequence_major(w, x)[0], "oh,sbh->bos", (out, h), (s, b, h),
                                      (b, out, s), device, dtype, seed=0)
     assert got[0].shape == (b, out, s) and got[0].is_contiguous()
     assert got[2].shape == (s, b, h) and got[2].is_contiguous()  # written [s, b, h], no copy needed
     for tensor, ref in zip(got, want):
         assert _rel(tensor.cpu(), ref) < tol
+
+
+@pytest.mark.parametrize("device,dtype,tol", list(_cases()))
+def test_from_sequence_major_in_parts_matches_float64(device, dtype, tol):
+    """in_proj's two row blocks (x, z) as separate outputs: the backward sums both blocks' input
+    gradients in its GEMMs (the second accumulating into the first's [s, b, h] result)."""
+    s, b, h, out = 9, 2, 8, 12
+    gen = torch.Generator().manual_seed(4)
+    w = _leaf(out, h, device=device, dtype=dtype, gen=gen)
+    x = _leaf(s, b, h, device=device, dtype=dtype, gen=gen)
+    grads = [torch.randn(b, out // 2, s, generator=gen, dtype=torch.float64) for _ in range(2)]
+    parts = linear_from_sequence_major(w, x, parts=2)
+    torch.autograd.backward(parts, [g.to(device, dtype) for g in grads])
+    w64, x64 = w.detach().double().cpu().requires_grad_(), x.detach().double().cpu().requires_grad_()
+    ref = torch.einsum("oh,sbh->bos", w64, x64)
+    ref.backward(torch.cat(grads, dim=1))
+    assert all(p.shape == (b, out // 2, s) and p.is_contiguous() for p in parts)
+    assert x.grad.shape == (s, b, h) and x.grad.is_contiguous()
+    for tensor, want in ((torch.cat(parts, dim=1), ref.detach()), (w.grad, w64.grad), (x.grad, x64.grad)):
+        assert _rel(tensor.detach().cpu(), want) < tol
+
+
+def test_from_sequence_major_rejects_unequal_parts():
+    with pytest.raises(ValueError, match="7 output rows do not split into 2"):
+        linear_from_sequence_major(torch.zeros(7, 3), torch.zeros(2, 1, 3), parts=2)
 
 
 @pytest.mark.parametrize("device,dtype,tol", list(_cases()))
@@ -75,6 +100,7 @@ def test_gradcheck_float64():
     w_out = _leaf(3, 5, device="cpu", dtype=torch.float64, gen=gen)
     y = _leaf(2, 5, 6, device="cpu", dtype=torch.float64, gen=gen)
     assert torch.autograd.gradcheck(linear_from_sequence_major, (w, x))
+    assert torch.autograd.gradcheck(lambda w, x: linear_from_sequence_major(w, x, parts=5), (w, x))
     assert torch.autograd.gradcheck(linear_to_sequence_major, (w_out, y))
 
 
