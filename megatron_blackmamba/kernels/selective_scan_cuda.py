@@ -4,8 +4,8 @@ The CUDA scan for d_state 16 wherever it builds; mamba-ssm's kernel otherwise.
 ``BLACKMAMBA_SCAN_KERNEL`` picks: ``auto`` (default) this kernel where it can run, else
 mamba-ssm's; ``blackmamba`` this kernel or an error saying why it cannot run; ``mamba_ssm``
 mamba-ssm's. It walks each channel's states sequentially in time and sums dB/dC over a block's
-channels on chip; on an H100 its forward+backward is 1.47x mamba-ssm's at the 340M layer and 1.32x
-at the 630M one (training +15% and +10%), and it saves fp32 state checkpoints (4 bytes per element
+channels on chip; on an H100 its forward+backward is 1.49x mamba-ssm's at the 340M layer and 1.34x
+at the 630M one (training +17% and +11%), and it saves fp32 state checkpoints (4 bytes per element
 of u) instead of mamba-ssm's output copy (bf16: 2 bytes), see bench/PERF_NOTES.md.
 
 It has a C ABI, so it is compiled with nvcc alone on first use, for the GPU at hand, into a cache
