@@ -207,6 +207,25 @@ __device__ __forceinline__ ChannelRows<T> channel_rows(const BlackMambaScanParam
   return io;
 }
 
+// A lane's kN states at one checkpoint, 16-byte aligned (kN a multiple of 4 and s0 too): the
+// forwards store them, the backward reloads its predecessor chunk's.
+template <int kN>
+__device__ __forceinline__ void store_states(float* dst, const float (&h)[kN]) {
+  static_assert(kN % 4 == 0, "whole float4s");
+#pragma unroll
+  for (int n = 0; n < kN; n += 4) *reinterpret_cast<float4*>(dst + n) = make_float4(h[n], h[n + 1], h[n + 2], h[n + 3]);
+}
+
+template <int kN>
+__device__ __forceinline__ void load_states(const float* src, float (&h)[kN]) {
+  static_assert(kN % 4 == 0, "whole float4s");
+#pragma unroll
+  for (int n = 0; n < kN; n += 4) {
+    const float4 q = *reinterpret_cast<const float4*>(src + n);
+    h[n] = q.x, h[n + 1] = q.y, h[n + 2] = q.z, h[n + 3] = q.w;
+  }
+}
+
 // Of a chunk's steps, the share [share0, share0 + kShare) that one of a channel's lanes loads and
 // stores: how many of them are among the chunk's `valid` steps (none for an inactive channel).
 template <int kShare>
@@ -338,9 +357,7 @@ __global__ void __launch_bounds__(kFwdThreads) scan_fwd_kernel(BlackMambaScanPar
       }
     }
     store_row(out_row + t0, valid, out);
-#pragma unroll
-    for (int n = 0; n < kStates; n += 4)
-      *reinterpret_cast<float4*>(io.ckpt + c * kStates + n) = make_float4(h[n], h[n + 1], h[n + 2], h[n + 3]);
+    store_states(io.ckpt + c * kStates, h);
   }
 }
 
@@ -465,9 +482,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_fwd_split_kernel(Bl
       if (io.z) out[i] *= gate[i];
     }
     store_row(out_row + t0 + share0, share_steps<kShare>(true, valid, share0), out);
-#pragma unroll
-    for (int n = 0; n < kN; n += 4)
-      *reinterpret_cast<float4*>(ckpt + c * kStates + n) = make_float4(h[n], h[n + 1], h[n + 2], h[n + 3]);
+    store_states(ckpt + c * kStates, h);
   }
 }
 
@@ -535,11 +550,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(BlackMam
     next_dy = load_packed<T, kShare>(io.dout + t, n);
     if (io.z) next_z = load_packed<T, kShare>(io.z + t, n);
     fetch_BC_tile<T, kThreads>(p, b, t - share0, valid, next_bc);
+    if (c > 0 && ch.active) {
+      load_states(ckpt + (c - 1) * kStates, next_h0);
+    } else {
 #pragma unroll
-    for (int k = 0; k < kN; k += 4) {
-      const float4 q = (c > 0 && ch.active) ? *reinterpret_cast<const float4*>(ckpt + (c - 1) * kStates + k)
-                                            : make_float4(0.f, 0.f, 0.f, 0.f);
-      next_h0[k] = q.x, next_h0[k + 1] = q.y, next_h0[k + 2] = q.z, next_h0[k + 3] = q.w;
+      for (int n = 0; n < kN; ++n) next_h0[n] = 0.f;
     }
   };
   auto stage = [&]() {  // the fetched chunk into shared memory
