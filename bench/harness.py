@@ -5,6 +5,8 @@ A variant is a name, a scan backend and config overrides on top of the benchmark
   blackmamba-cuda   the model with the CUDA kernels (this project's scan where it builds, else
                     mamba-ssm's; causal-conv1d), experts one GEMM pair each
   blackmamba-grouped  the same with all experts in two grouped GEMMs (model.moe_grouped_gemm=true)
+  blackmamba-eager  blackmamba-grouped without CUDA graphs for the Mamba layers (training.cuda_graphs=false;
+                    the paper configs turn them on)
   blackmamba-mamba-ssm-scan  blackmamba-grouped with mamba-ssm's scan (BLACKMAMBA_SCAN_KERNEL=mamba_ssm)
   blackmamba-alltoall  blackmamba-grouped on megatron's alltoall dispatcher instead of the local one
   blackmamba-compiled-glu  blackmamba-grouped with megatron's torch.compile'd gated activation
@@ -48,6 +50,7 @@ class Variant:
 VARIANTS = {
     "blackmamba-cuda": Variant("cuda"),
     "blackmamba-grouped": Variant("cuda", ("model.moe_grouped_gemm=true",)),
+    "blackmamba-eager": Variant("cuda", ("model.moe_grouped_gemm=true", "training.cuda_graphs=false")),
     "blackmamba-mamba-ssm-scan": Variant("cuda", ("model.moe_grouped_gemm=true",), scan="mamba_ssm"),
     # megatron's alltoall dispatcher (a host sync per MoE layer) in place of the local one at ep=1.
     "blackmamba-alltoall": Variant("cuda", ("model.moe_grouped_gemm=true", "parallel.moe_dispatcher=alltoall")),
@@ -73,11 +76,13 @@ def check_variants(names: list[str]) -> None:
 
 
 def synthetic_batches(vocab: int, mbs: int, seq: int, seed: int = 0) -> Iterator[dict]:
-    """Random tokens (a fixed seed, so every variant sees the same stream)."""
+    """Random tokens (a fixed seed, so every variant sees the same stream), pinned as the training
+    data loader pins them (training/data.py)."""
     g = torch.Generator().manual_seed(seed)
     while True:
         tokens = torch.randint(0, vocab, (mbs, seq + 1), generator=g)
-        yield {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(mbs, seq)}
+        batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(mbs, seq)}
+        yield {k: v.pin_memory() for k, v in batch.items()} if torch.cuda.is_available() else batch
 
 
 @dataclass
@@ -117,7 +122,7 @@ def build_trainer(name: str, config: Optional[str], overrides: list[str]) -> Tra
     os.environ["BLACKMAMBA_KERNEL_BACKEND"] = variant.kernels
     os.environ["BLACKMAMBA_SCAN_KERNEL"] = variant.scan
     job = load_config(config, list(overrides) + list(variant.overrides))
-    init_distributed(job.parallel, job.training.seed)
+    init_distributed(job.parallel, job.training.seed, cuda_graphs=job.training.cuda_graphs)
     if variant.gpt:
         import gpt_baseline
 
@@ -131,6 +136,13 @@ def build_trainer(name: str, config: Optional[str], overrides: list[str]) -> Tra
     n_micro = num_microbatches(job, parallel_state.get_data_parallel_world_size())
     return Trainer(name, job, model, optimizer, n_micro,
                    synthetic_batches(job.model.vocab_size, t.micro_batch_size, t.seq_length), flops)
+
+
+def inside_cuda_graphs(model: torch.nn.Module) -> set[int]:
+    """ids of the modules megatron's per-layer CUDA graphs replay (training.cuda_graphs): hooks on
+    them would not run at replay, and megatron refuses forward pre-hooks there."""
+    return {id(m) for layer in model.modules() if getattr(layer, "cudagraph_manager", None) is not None
+            for m in layer.modules()}
 
 
 def release(trainer: Trainer) -> None:

@@ -36,7 +36,8 @@ from typing import Callable
 
 import torch
 
-from harness import VARIANTS, append_table, bench_parser, build_trainer, check_variants, device_line, median_seconds, release, sync
+from harness import (VARIANTS, append_table, bench_parser, build_trainer, check_variants, device_line, inside_cuda_graphs,
+                     median_seconds, release, sync)
 
 # First match wins; names are lower-cased kernel names.
 KERNEL_CLASSES = [
@@ -80,11 +81,13 @@ def classify(kernel: str) -> str:
 
 
 def add_module_ranges(model: torch.nn.Module) -> list:
-    """record_function ranges named 'module:<kind>' around the forward of every module we classify."""
+    """record_function ranges named 'module:<kind>' around the forward of every module we classify
+    (none inside layers replayed from CUDA graphs)."""
     handles = []
+    graphed = inside_cuda_graphs(model)
     for module in model.modules():
         kind = MODULE_KINDS.get(type(module).__name__)
-        if kind is None:
+        if kind is None or id(module) in graphed:
             continue
         ranges = []
 

@@ -4,7 +4,8 @@ For each variant (bench/harness.py): tokens/s, step time, MFU (model FLOPs on ac
 over the bf16 datasheet peak; see training/flops.py and gpt_baseline.train_flops_per_token) and
 peak memory, over real megatron training steps (DDP, optimizer, schedules) on synthetic tokens.
 Ratios are against the first variant. Use a global batch of several micro-batches to amortise
-the optimizer step as a real run does.
+the optimizer step as a real run does. On one GPU each variant runs in its own process, one after
+the other, and the parent prints the table.
 
     python bench/train_throughput.py --config configs/blackmamba-340m-1.5b.yaml --steps 6 \
         parallel.ep=1 training.micro_batch_size=4 training.global_batch_size=32
@@ -13,9 +14,15 @@ the optimizer step as a real run does.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import json
+import os
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -47,6 +54,26 @@ def run_variant(name: str, config: str | None, overrides: list[str], steps: int,
     return Result(name, tokens_per_s, step_s, mfu, peak_gib, loss)
 
 
+def isolate(names: list[str]) -> bool:
+    """One process per variant on a single GPU: megatron's captured CUDA graphs (training.cuda_graphs)
+    keep their model and memory pool alive for the rest of a process, which would leave the next
+    variant short of memory. Under torchrun every rank must run the same variant in-process."""
+    return torch.cuda.is_available() and len(names) > 1 and "RANK" not in os.environ
+
+
+def run_in_subprocess(name: str, args) -> Result:
+    """``name`` measured by this script in a fresh process; a failed run is a row of nan."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, __file__, "--variants", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--result-json", str(out), *(["--config", args.config] if args.config else []), *args.overrides]
+        done = subprocess.run(cmd)
+        if done.returncode or not out.exists():
+            print(f"{name}: failed (exit {done.returncode})", flush=True)
+            return Result(name, *[float("nan")] * 5)
+        return Result(**json.loads(out.read_text()))
+
+
 def table(results: list[Result]) -> str:
     base = results[0].tokens_per_s
     lines = ["| variant | tokens/s | step s | MFU | peak GiB | loss | vs first |", "|---|---|---|---|---|---|---|"]
@@ -61,6 +88,7 @@ def main() -> int:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variant names")
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--result-json", default="", help="measure the one variant and write its result here (used per variant by the isolating parent)")
     args = p.parse_args()
     names = args.variants.split(",")
     check_variants(names)
@@ -71,14 +99,22 @@ def main() -> int:
         return 0
     results = []
     for name in names:
-        try:
+        if args.result_json:
             results.append(run_variant(name, args.config, args.overrides, args.steps, args.warmup))
-        except torch.OutOfMemoryError as error:  # reported as a row of nan; the next variant still runs
-            print(f"{name}: out of memory: {str(error).splitlines()[0]}", flush=True)
-            results.append(Result(name, *[float("nan")] * 5))
-            gc.collect()
-            torch.cuda.empty_cache()
+            Path(args.result_json).write_text(json.dumps(dataclasses.asdict(results[-1])))
+        elif isolate(names):
+            results.append(run_in_subprocess(name, args))
+        else:
+            try:
+                results.append(run_variant(name, args.config, args.overrides, args.steps, args.warmup))
+            except torch.OutOfMemoryError as error:  # reported as a row of nan; the next variant still runs
+                print(f"{name}: out of memory: {str(error).splitlines()[0]}", flush=True)
+                results.append(Result(name, *[float("nan")] * 5))
+                gc.collect()
+                torch.cuda.empty_cache()
         print(f"{name}: {results[-1]}", flush=True)
+    if args.result_json:
+        return 0
     text = f"{device_line()}\nconfig {args.config} {' '.join(args.overrides)}\n" + table(results)
     print(text)
     append_table(args.out, "train_throughput.md", text)

@@ -25,3 +25,19 @@ def capture(fn: Callable[[], T], device: torch.device, warmup: int = 1) -> tuple
     with torch.cuda.graph(graph):
         out = fn()
     return graph, out
+
+
+def keep_layer_graph_inputs() -> None:
+    """Give every graphed layer its own static input buffer (training.cuda_graphs).
+
+    megatron's per-layer graphs (cuda_graph_impl="local") copy an eager input into a static buffer
+    and, once a graph is captured, hand that buffer to the next graph captured. A layer whose input
+    comes from an eager one (BlackMamba: every Mamba layer follows an MoE layer) and whose first
+    op saves its input for backward (the RMSNorm) then finds it overwritten by the next graphed
+    layer's forward before its own backward runs: wrong norm-weight gradients from the second
+    micro-batch on (tests/training/test_cuda_graphs.py). Not returning buffers costs one
+    [s, b, h] activation per graphed layer.
+    """
+    from megatron.core.transformer.cuda_graphs import TensorReusePool
+
+    TensorReusePool.insert = lambda self, tensor: None

@@ -83,7 +83,7 @@ def evaluate(job: JobConfig, model, dataset, eval_index: int) -> float:
 def train(job: JobConfig) -> dict:
     """Run the job; returns the last step's metrics with ``iteration`` and ``steps`` (how many
     steps this call trained: 0 when resumed at the end), for tests and the CLI's exit summary."""
-    init_distributed(job.parallel, job.training.seed)
+    init_distributed(job.parallel, job.training.seed, cuda_graphs=job.training.cuda_graphs)
     rank0 = dist.get_rank() == 0
     t, ck = job.training, job.checkpoint
     total_steps = t.resolved_train_iters()
@@ -113,7 +113,9 @@ def train(job: JobConfig) -> dict:
     metrics_log.message(
         f"BlackMamba {job.model.resolved_layer_pattern()} | world {dist.get_world_size()} "
         f"(tp {job.parallel.tp}, pp {job.parallel.pp}, ep {job.parallel.ep}, dp {dp}) | "
-        f"kernels: {kernels.kernel_backend(device())} | {flops_per_token / 3 / 2 / 1e6:.1f}M active params/token "
+        f"kernels: {kernels.kernel_backend(device())} | cuda graphs: "
+        f"{'Mamba layers' if model[0].config.cuda_graph_impl == 'local' else 'off'} | "
+        f"{flops_per_token / 3 / 2 / 1e6:.1f}M active params/token "
         f"| peak {peak_tflops:.2f} TFLOP/s/device ({peak_source}) | start step {iteration}/{total_steps}"
     )
 

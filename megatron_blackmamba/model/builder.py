@@ -13,6 +13,7 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_blackmamba import compat
 from megatron_blackmamba.config import JobConfig
+from megatron_blackmamba.cuda_graph import keep_layer_graph_inputs
 from megatron_blackmamba.model.language_model import BlackMambaModel
 from megatron_blackmamba.model.norm import LayerNorm
 from megatron_blackmamba.model.spec import blackmamba_stack_spec
@@ -55,6 +56,7 @@ def transformer_config(job: JobConfig) -> TransformerConfig:
     if m.routing == "sinkhorn" and m.aux_loss_coeff:
         raise ValueError("model.aux_loss_coeff must be 0 with model.routing=sinkhorn (Sinkhorn balances instead)")
     cuda = torch.cuda.is_available()
+    graphs = job.training.cuda_graphs and cuda
     dtype = params_dtype(job)
     dispatcher = moe_dispatcher(job)
     return TransformerConfig(
@@ -95,6 +97,10 @@ def transformer_config(job: JobConfig) -> TransformerConfig:
         bias_dropout_fusion=cuda,
         gradient_accumulation_fusion=False,
         recompute_granularity=None,
+        # Per-layer graphs for the Mamba layers only: megatron refuses to graph dropless MoE
+        # layers (their token counts vary), and their host-read expert sizes could not be replayed.
+        cuda_graph_impl="local" if graphs else "none",
+        cuda_graph_scope="mamba" if graphs else [],
     )
 
 
@@ -120,6 +126,8 @@ def build_model(
         post_process = parallel_state.is_pipeline_last_stage()
     m = job.model
     config = transformer_config(job)
+    if config.cuda_graph_impl == "local":
+        keep_layer_graph_inputs()
     model_class = BlackMambaModel if m.fused_cross_entropy else MambaModel
     model = model_class(
         config=config,

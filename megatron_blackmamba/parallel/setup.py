@@ -17,6 +17,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.tensor_parallel.random import initialize_rng_tracker
+from megatron.core.transformer.cuda_graphs import delete_cuda_graphs
 
 from megatron_blackmamba import compat
 from megatron_blackmamba.config import ParallelConfig
@@ -40,8 +41,11 @@ def _env_rank() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int = 30) -> None:
-    """torch.distributed + megatron parallel_state; idempotent within a process."""
+def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int = 30, cuda_graphs: bool = False) -> None:
+    """torch.distributed + megatron parallel_state; idempotent within a process.
+
+    ``cuda_graphs`` (training.cuda_graphs) makes megatron's RNG tracker graph-safe, which its CUDA
+    graph manager requires."""
     compat.apply()
     if not dist.is_initialized():
         rank, world, local_rank = _env_rank()
@@ -77,10 +81,10 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int =
             expert_model_parallel_size=parallel.ep,
             expert_tensor_parallel_size=parallel.resolved_etp(),
         )
-    seed_everything(seed)
+    seed_everything(seed, cuda_graphs)
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, cuda_graphs: bool = False) -> None:
     """Same seed on every rank for replicated weights; megatron's tracker varies it per TP rank.
 
     Without CUDA there are no per-device generators to track: megatron's inference tracker, whose
@@ -88,12 +92,14 @@ def seed_everything(seed: int) -> None:
     """
     torch.manual_seed(seed)
     if torch.cuda.is_available():
-        model_parallel_cuda_manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed, use_cudagraphable_rng=cuda_graphs, force_reset_rng=True)
     else:
         initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
 
 
 def destroy() -> None:
+    if torch.cuda.is_available():
+        delete_cuda_graphs()  # megatron keeps its graphs and their memory pool in globals
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -110,6 +110,9 @@ def micro_batches(
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=_collate,
         persistent_workers=num_workers > 0,
+        # A copy from pageable memory makes the host wait for the GPU's queue to drain, at every
+        # micro-batch; from pinned memory it is queued like a kernel (bench/PERF_NOTES.md, session 11).
+        pin_memory=torch.cuda.is_available(),
     )
     return iter(loader)
 

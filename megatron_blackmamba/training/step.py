@@ -1,7 +1,8 @@
 """One optimizer step through megatron's pipeline schedules (the same code at any TP/PP/EP/DP).
 
-Batches are dicts of CPU tensors ``tokens``, ``labels``, ``loss_mask`` ([b, s]); megatron's
-schedule pulls one micro-batch per forward from ``data_iterator``. Loss is the token-mean LM loss
+Batches are dicts of CPU tensors ``tokens``, ``labels``, ``loss_mask`` ([b, s]), pinned on CUDA
+machines so their copies to the GPU do not wait for its queue to drain; megatron's schedule pulls
+one micro-batch per forward from ``data_iterator``. Loss is the token-mean LM loss
 of each micro-batch, averaged over micro-batches and data-parallel ranks: a run split across ranks
 computes exactly what one process computes on the same global batch.
 """
@@ -39,7 +40,7 @@ def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
     labels = batch["labels"].to(dev, non_blocking=True)
     position_ids = torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)
     output = model(tokens, position_ids, None, labels=labels)
-    return output, partial(_loss_func, batch["loss_mask"].to(dev))
+    return output, partial(_loss_func, batch["loss_mask"].to(dev, non_blocking=True))
 
 
 def forward_backward(

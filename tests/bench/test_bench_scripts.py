@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 DRY_RUNS = {
     "train_throughput.py": "gpt-dense: kernels=cuda scan=auto gpt=True",
     "profile_step.py": "kernel classes: selective scan",
+    "host_lead.py": "blackmamba-grouped: marks at each of ['mamba', 'moe']",
     "generation_latency.py": "contexts [1024, 4096, 16384, 65536]",
     "grouped_gemm_check.py": "fc1 (geglu)",
     "gpu_kernel_check.py": "340m-b2",
