@@ -39,6 +39,11 @@ class Result:
     peak_gib: float
     loss: float
 
+    @classmethod
+    def missing(cls, name: str) -> "Result":
+        """A row of nan for a variant that could not be measured; the table still prints."""
+        return cls(name, *[float("nan")] * 5)
+
 
 def run_variant(name: str, config: str | None, overrides: list[str], steps: int, warmup: int) -> Result:
     trainer = build_trainer(name, config, overrides)
@@ -70,7 +75,7 @@ def run_in_subprocess(name: str, args) -> Result:
         done = subprocess.run(cmd)
         if done.returncode or not out.exists():
             print(f"{name}: failed (exit {done.returncode})", flush=True)
-            return Result(name, *[float("nan")] * 5)
+            return Result.missing(name)
         return Result(**json.loads(out.read_text()))
 
 
@@ -97,24 +102,24 @@ def main() -> int:
             v = VARIANTS[name]
             print(f"{name}: kernels={v.kernels} scan={v.scan} gpt={v.gpt} config={args.config} overrides={args.overrides + list(v.overrides)}")
         return 0
+    if args.result_json:  # one variant, for run_in_subprocess
+        (name,) = names
+        result = run_variant(name, args.config, args.overrides, args.steps, args.warmup)
+        Path(args.result_json).write_text(json.dumps(dataclasses.asdict(result)))
+        return 0
     results = []
     for name in names:
-        if args.result_json:
-            results.append(run_variant(name, args.config, args.overrides, args.steps, args.warmup))
-            Path(args.result_json).write_text(json.dumps(dataclasses.asdict(results[-1])))
-        elif isolate(names):
+        if isolate(names):
             results.append(run_in_subprocess(name, args))
         else:
             try:
                 results.append(run_variant(name, args.config, args.overrides, args.steps, args.warmup))
             except torch.OutOfMemoryError as error:  # reported as a row of nan; the next variant still runs
                 print(f"{name}: out of memory: {str(error).splitlines()[0]}", flush=True)
-                results.append(Result(name, *[float("nan")] * 5))
+                results.append(Result.missing(name))
                 gc.collect()
                 torch.cuda.empty_cache()
         print(f"{name}: {results[-1]}", flush=True)
-    if args.result_json:
-        return 0
     text = f"{device_line()}\nconfig {args.config} {' '.join(args.overrides)}\n" + table(results)
     print(text)
     append_table(args.out, "train_throughput.md", text)

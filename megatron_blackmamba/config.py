@@ -114,7 +114,7 @@ class TrainingConfig:
     adam_eps: float = opt(1e-8, "AdamW epsilon")
     clip_grad: float = opt(1.0, "global gradient-norm clip")
     fused_wgrad_accumulation: bool = opt(True, "grouped experts' weight grads summed into fp32 main grads in the GEMM (false: DDP adds bf16 grads)")
-    cuda_graphs: bool = opt(False, "replay each Mamba layer's forward and backward from CUDA graphs (megatron's local impl), so the host's launch cost no longer bounds small micro-batches; CUDA only")
+    cuda_graphs: bool = opt(False, "training: replay each Mamba layer's forward and backward from CUDA graphs (megatron's local impl), so the host's launch cost no longer bounds small micro-batches; CUDA only")
     precision: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32")
     seed: int = opt(1234, "random seed for init, data order and dropout")
     eval_interval: int = opt(1000, "steps between validation runs; 0 disables")

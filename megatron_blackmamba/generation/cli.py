@@ -32,7 +32,6 @@ def load_model(ckpt: str | Path, config: str | Path, overrides: Sequence[str] = 
     """The checkpoint's model, in eval mode, as a single process (TP=PP=EP=1) on this machine's device."""
     job = load_config(config, overrides)
     job.parallel = ParallelConfig()
-    job.training.cuda_graphs = False  # training's per-layer graphs; decoding replays whole steps (decode_graph.py)
     init_distributed(job.parallel, job.training.seed)
     model = build_model(job).to(device())
     load_checkpoint(ckpt, [model])

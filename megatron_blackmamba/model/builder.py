@@ -44,8 +44,11 @@ def params_dtype(job: JobConfig) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def transformer_config(job: JobConfig) -> TransformerConfig:
-    """The megatron config BlackMamba's layers read; attention fields are placeholders (no attention)."""
+def transformer_config(job: JobConfig, cuda_graphs: bool = False) -> TransformerConfig:
+    """The megatron config BlackMamba's layers read; attention fields are placeholders (no attention).
+
+    ``cuda_graphs``: the Mamba layers replay megatron's per-layer training graphs (on CUDA only);
+    training asks for them (training.setup.build_training_model), inference never does."""
     m, p = job.model, job.parallel
     if m.routing not in _ROUTING:
         raise ValueError(f"model.routing={m.routing!r}: choose one of {sorted(_ROUTING)}")
@@ -56,7 +59,7 @@ def transformer_config(job: JobConfig) -> TransformerConfig:
     if m.routing == "sinkhorn" and m.aux_loss_coeff:
         raise ValueError("model.aux_loss_coeff must be 0 with model.routing=sinkhorn (Sinkhorn balances instead)")
     cuda = torch.cuda.is_available()
-    graphs = job.training.cuda_graphs and cuda
+    graphs = cuda_graphs and cuda
     dtype = params_dtype(job)
     dispatcher = moe_dispatcher(job)
     return TransformerConfig(
@@ -115,8 +118,10 @@ def build_model(
     pre_process: bool | None = None,
     post_process: bool | None = None,
     pg_collection: ProcessGroupCollection | None = None,
+    cuda_graphs: bool = False,
 ) -> MambaModel:
-    """This rank's model chunk (its pipeline stage, its TP/EP shards)."""
+    """This rank's model chunk (its pipeline stage, its TP/EP shards); ``cuda_graphs`` as in
+    ``transformer_config``."""
     compat.apply()
     if pg_collection is None:
         pg_collection = ProcessGroupCollection.use_mpu_process_groups()
@@ -125,7 +130,7 @@ def build_model(
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
     m = job.model
-    config = transformer_config(job)
+    config = transformer_config(job, cuda_graphs)
     if config.cuda_graph_impl == "local":
         keep_layer_graph_inputs()
     model_class = BlackMambaModel if m.fused_cross_entropy else MambaModel

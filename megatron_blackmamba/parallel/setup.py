@@ -99,7 +99,10 @@ def seed_everything(seed: int, cuda_graphs: bool = False) -> None:
 
 def destroy() -> None:
     if torch.cuda.is_available():
-        delete_cuda_graphs()  # megatron keeps its graphs and their memory pool in globals
+        # Resets megatron's global graph state (the graphs-created flag, records, memory-pool
+        # handle) so a later model in this process starts clean; captured graphs stay with their
+        # layers, i.e. live as long as the model.
+        delete_cuda_graphs()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -36,7 +36,13 @@ def _expert_wgrad_into_main_grad(model: torch.nn.Module) -> None:
             module.weight1.wgrad_into_main_grad = module.weight2.wgrad_into_main_grad = True
 
 
-def build_ddp_model(job: JobConfig, build: Callable[[JobConfig], torch.nn.Module] = build_model) -> list[DistributedDataParallel]:
+def build_training_model(job: JobConfig) -> torch.nn.Module:
+    """The model as training builds it: with training.cuda_graphs honoured (generation and
+    checkpoint conversion build without graphs)."""
+    return build_model(job, cuda_graphs=job.training.cuda_graphs)
+
+
+def build_ddp_model(job: JobConfig, build: Callable[[JobConfig], torch.nn.Module] = build_training_model) -> list[DistributedDataParallel]:
     """This rank's model chunk on its device, wrapped in megatron DDP (grad buffers, DP/EP reduce).
 
     ``build`` makes the bare model (benchmarks pass baselines built from the same config)."""

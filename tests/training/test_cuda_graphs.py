@@ -80,12 +80,14 @@ def test_graphed_mamba_layers_train_like_eager_ones(tmp_path):
     assert worst <= max(10 * noise, 1e-5), f"graphed main grads differ from eager by {worst:.2e} (eager vs eager: {noise:.2e})"
 
 
-def test_cuda_graphs_only_where_there_is_cuda():
+def test_cuda_graphs_only_in_training_on_cuda():
     job = load_config(None, MODEL + ["training.precision=fp32", "training.cuda_graphs=true"])
-    config = transformer_config(job)
+    config = transformer_config(job, cuda_graphs=job.training.cuda_graphs)
     if torch.cuda.is_available():
         assert config.cuda_graph_impl == "local" and [s.name for s in config.cuda_graph_scope] == ["mamba"]
     else:
         assert config.cuda_graph_impl == "none"
     off = transformer_config(load_config(None, MODEL + ["training.precision=fp32"]))
     assert off.cuda_graph_impl == "none" and off.cuda_graph_scope == []
+    # Inference builds never graph, whatever the training config says.
+    assert transformer_config(job).cuda_graph_impl == "none"
