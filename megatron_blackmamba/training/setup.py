@@ -13,6 +13,7 @@ from megatron.core.transformer.moe.experts import GroupedMLP
 
 from megatron_blackmamba.config import JobConfig
 from megatron_blackmamba.model.builder import build_model, params_dtype, use_distributed_optimizer
+from megatron_blackmamba.training.optimizer_state import inner_optimizers, make_checkpointable
 from megatron_blackmamba.training.step import device
 
 
@@ -91,6 +92,7 @@ def build_optimizer(job: JobConfig, model: list[DistributedDataParallel]):
     overrides = {ParamKey(predicate=ParamPredicate(name="no_weight_decay", fn=_no_weight_decay)): {"wd_mult": 0.0}}
     optimizer = get_megatron_optimizer(config, model, config_overrides=overrides)
     _use_fused_torch_adam(optimizer)
+    make_checkpointable(optimizer)
     return optimizer
 
 
@@ -101,7 +103,7 @@ def _use_fused_torch_adam(optimizer) -> None:
 
     if not megatron_optim.USING_PYTORCH_OPTIMIZER:
         return
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for inner in inner_optimizers(optimizer):
         for group in inner.optimizer.param_groups:
             group["fused"], group["foreach"] = True, False
 
