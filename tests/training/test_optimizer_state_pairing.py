@@ -19,6 +19,7 @@ import torch
 from megatron_blackmamba.checkpointing import load_checkpoint, save_checkpoint
 from megatron_blackmamba.config import load_config
 from megatron_blackmamba.parallel.setup import destroy, init_distributed, seed_everything
+from megatron_blackmamba.training.optimizer_state import inner_optimizers
 from megatron_blackmamba.training.setup import build_ddp_model, build_optimizer, build_scheduler
 from megatron_blackmamba.training.step import train_step
 from tests.multiproc import run_ranks
@@ -44,13 +45,19 @@ def _build(job):
     return model, optimizer, build_scheduler(job, optimizer)
 
 
+def _params_by_name(model, optimizer):
+    """(name, parameter, the distributed optimizer that owns it) for every trained parameter."""
+    names = {param: name for name, param in model[0].module.named_parameters()}
+    for inner in inner_optimizers(optimizer):
+        for param in inner.model_param_group_index_map:
+            yield names[param], param, inner
+
+
 def _optimizer_state(model, optimizer) -> dict[str, dict[str, torch.Tensor]]:
     """name -> the main copy and Adam state that megatron's checkpoint code reads for that parameter."""
-    names = {param: name for name, param in model[0].module.named_parameters()}
     return {
-        names[param]: {k: v.detach().cpu().clone() for k, v in inner._get_main_param_and_optimizer_states(param).items()}
-        for inner in optimizer.chained_optimizers
-        for param in inner.model_param_group_index_map
+        name: {k: v.detach().cpu().clone() for k, v in inner._get_main_param_and_optimizer_states(param).items()}
+        for name, param, inner in _params_by_name(model, optimizer)
     }
 
 
@@ -58,19 +65,18 @@ def _not_own_main_copy(model, optimizer) -> list[str]:
     """Parameters whose looked-up main copy is not their own: a 16-bit parameter is its main copy
     rounded after every step, an fp32 one is its main copy."""
     wrong = []
-    for inner in optimizer.chained_optimizers:
-        for param in inner.model_param_group_index_map:
-            main = inner._get_main_param_and_optimizer_states(param)["param"]
-            rows = inner._get_model_param_range_map(param)["param"]
-            shard = param.detach().view(-1)[rows.start:rows.end]
-            if main.shape != shard.shape or not torch.equal(main.to(param.dtype), shard):
-                wrong.append(next(n for n, p in model[0].module.named_parameters() if p is param))
+    for name, param, inner in _params_by_name(model, optimizer):
+        main = inner._get_main_param_and_optimizer_states(param)["param"]
+        rows = inner._get_model_param_range_map(param)["param"]
+        shard = param.detach().view(-1)[rows.start:rows.end]
+        if main.shape != shard.shape or not torch.equal(main.to(param.dtype), shard):
+            wrong.append(name)
     return wrong
 
 
 def _mixed_dtype_groups(optimizer) -> int:
     return sum(
-        1 for inner in optimizer.chained_optimizers
+        1 for inner in inner_optimizers(optimizer)
         for fp32, float16 in zip(inner.model_fp32_groups, inner.model_float16_groups) if fp32 and float16
     )
 
