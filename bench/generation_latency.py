@@ -28,7 +28,7 @@ import sys
 
 import torch
 
-from harness import append_table, bench_parser, device_line, median_seconds, sync
+from harness import bench_parser, device_line, median_seconds, publish_table, sync
 
 CONTEXTS = (1024, 4096, 16384, 65536)
 PREFILL_CHUNK = 4096
@@ -149,8 +149,7 @@ def main() -> int:
         "| context | BlackMamba eager ms | BlackMamba graph ms | state MiB | peak GiB | transformer eager ms | "
         "transformer graph ms | KV cache MiB | peak GiB | transformer/BlackMamba eager | graph |",
         "|---|---|---|---|---|---|---|---|---|---|---|", *rows])
-    print(text)
-    append_table(args.out, "generation_latency.md", text)
+    publish_table(args.out, "generation_latency.md", text)
     return 0
 
 

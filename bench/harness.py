@@ -224,8 +224,10 @@ def bench_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def append_table(out_dir: str, filename: str, text: str) -> None:
-    """Append ``text`` to ``out_dir/filename`` (the GPU run's $OUT); no-op without a folder."""
+def publish_table(out_dir: str, filename: str, text: str) -> None:
+    """Print a benchmark's table and append it to ``out_dir/filename`` (the GPU run's $OUT; no file
+    without a folder)."""
+    print(text, flush=True)
     if not out_dir:
         return
     Path(out_dir).mkdir(parents=True, exist_ok=True)

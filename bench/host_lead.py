@@ -28,7 +28,7 @@ from collections import defaultdict
 
 import torch
 
-from harness import VARIANTS, append_table, bench_parser, build_trainer, check_variants, device_line, inside_cuda_graphs, release, sync
+from harness import VARIANTS, bench_parser, build_trainer, check_variants, device_line, inside_cuda_graphs, publish_table, release, sync
 
 LAYER_KINDS = {"MambaLayer": "mamba", "TransformerLayer": "moe", "MoETransformerLayer": "moe"}
 
@@ -133,8 +133,7 @@ def main() -> int:
              "| from mark | n | host ms | GPU ms | GPU behind host, ms | marks with the GPU idle |", "|---|---|---|---|---|---|"]
     lines += [f"| {label} | {n} | {h:.3f} | {g:.3f} | {lead:.3f} | {idle} |" for label, n, h, g, lead, idle in summarise(timeline)]
     text = "\n".join(lines)
-    print(text, flush=True)
-    append_table(args.out, f"host_lead_{args.variant}.md", text)
+    publish_table(args.out, f"host_lead_{args.variant}.md", text)
     release(trainer)
     return 0
 

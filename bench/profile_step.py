@@ -36,8 +36,8 @@ from typing import Callable
 
 import torch
 
-from harness import (VARIANTS, append_table, bench_parser, build_trainer, check_variants, device_line, inside_cuda_graphs,
-                     median_seconds, release, sync)
+from harness import (VARIANTS, bench_parser, build_trainer, check_variants, device_line, inside_cuda_graphs,
+                     median_seconds, publish_table, release, sync)
 
 # First match wins; names are lower-cased kernel names.
 KERNEL_CLASSES = [
@@ -243,8 +243,7 @@ def main() -> int:
     lines += ["", f"host syncs in one step: {sum(syncs.values())}", "", "| sync site | count |", "|---|---|"]
     lines += [f"| {site} | {n} |" for site, n in syncs.most_common(12)]
     text = "\n".join(lines)
-    print(text, flush=True)
-    append_table(args.out, f"profile_{args.variant}.md", text)
+    publish_table(args.out, f"profile_{args.variant}.md", text)
     release(trainer)
     return 0
 

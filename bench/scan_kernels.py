@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from harness import append_table, device_line, device_ms, rel_err, time_ms  # noqa: I001  (puts the repo on sys.path)
+from harness import device_line, device_ms, publish_table, rel_err, time_ms  # noqa: I001  (puts the repo on sys.path)
 from megatron_blackmamba import kernels
 from megatron_blackmamba.kernels import cuda as mamba_ssm_kernels
 from megatron_blackmamba.kernels import selective_scan_cuda
@@ -129,8 +129,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{args.repeats} repeats; float64 check on {args.ref_batch} sequences")
         return
     table = "\n".join([device_line(), *HEADER, *rows_for(args)])
-    print(table)
-    append_table(args.out, "scan_kernels.md", table)
+    publish_table(args.out, "scan_kernels.md", table)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from harness import VARIANTS, append_table, bench_parser, build_trainer, check_variants, device_line, median_seconds, release
+from harness import VARIANTS, bench_parser, build_trainer, check_variants, device_line, median_seconds, publish_table, release
 from megatron_blackmamba.training.flops import device_peak_tflops
 
 
@@ -121,8 +121,7 @@ def main() -> int:
                 torch.cuda.empty_cache()
         print(f"{name}: {results[-1]}", flush=True)
     text = f"{device_line()}\nconfig {args.config} {' '.join(args.overrides)}\n" + table(results)
-    print(text)
-    append_table(args.out, "train_throughput.md", text)
+    publish_table(args.out, "train_throughput.md", text)
     return 0
 
 

@@ -31,7 +31,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from harness import append_table, device_line, device_ms, rel_err, time_ms  # noqa: I001  (puts the repo on sys.path)
+from harness import device_line, device_ms, publish_table, rel_err, time_ms  # noqa: I001  (puts the repo on sys.path)
 from megatron_blackmamba.config import ModelConfig, load_config
 from megatron_blackmamba.cuda_graph import capture
 from megatron_blackmamba.kernels.cross_entropy import vocab_parallel_cross_entropy
@@ -203,8 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     text = "\n".join([plan, device_line(), *HEADER, *sinkhorn_rows(args), *glu_rows(args), *cross_entropy_rows(args),
                       *rms_norm_rows(args)])
-    print(text)
-    append_table(args.out, "triton_kernels.md", text)
+    publish_table(args.out, "triton_kernels.md", text)
     return 0
 
 
