@@ -3,7 +3,10 @@
 For fresh random bf16 inputs with uneven group sizes (Sinkhorn balances, but not exactly), it
 reports ‖out − ref‖/‖ref‖ of the output and both input gradients against a float64 per-expert
 reference, and the median forward+backward time of the grouped kernel vs a loop of per-expert
-matmuls (what SequentialMLP launches), side by side.
+matmuls (what SequentialMLP launches), side by side. A second table times the experts' weight
+gradients summed into fp32 main grads: the Triton kernel training uses (group ends on the device,
+kernels/grouped_wgrad_triton.py) vs one cuBLAS ``addmm(out_dtype=fp32)`` per expert (sizes on the
+host), with the kernel's error against float64.
 
     python bench/grouped_gemm_check.py [--tokens 16384] [--dry-run]
 """
@@ -16,7 +19,7 @@ import sys
 import torch
 
 from harness import device_line  # also puts the repo on sys.path
-from megatron_blackmamba.kernels.grouped_gemm import gmm
+from megatron_blackmamba.kernels.grouped_gemm import accumulate_wgrad, gmm
 
 SHAPES = {"fc1 (geglu)": (1152, 2 * 3072), "fc2": (3072, 1152)}
 
@@ -27,6 +30,38 @@ def loop_gmm(a, b, sizes):
 
 def rel(got, want) -> float:
     return float(torch.linalg.norm(got.double() - want) / torch.linalg.norm(want))
+
+
+def addmm_wgrad(main, a, dy, sizes):
+    """The per-expert cuBLAS weight gradient into fp32 (needs the sizes on the host)."""
+    start = 0
+    for e, rows in enumerate(sizes.tolist()):
+        if rows:
+            torch.addmm(main[e], a[start:start + rows].t(), dy[start:start + rows], out_dtype=torch.float32, out=main[e])
+        start += rows
+
+
+def wgrad_table(sizes, experts: int, tokens: int, g) -> None:
+    import triton.testing
+
+    print("| weight gradient into fp32 | rel err | Triton ms | cuBLAS per expert ms | Triton TFLOP/s | cuBLAS/Triton |")
+    print("|---|---|---|---|---|---|")
+    for name, (k, n) in SHAPES.items():
+        a = torch.randn(tokens, k, device="cuda", generator=g, dtype=torch.bfloat16)
+        dy = torch.randn(tokens, n, device="cuda", generator=g, dtype=torch.bfloat16)
+        main = torch.randn(experts, k, n, device="cuda", generator=g)
+        want = main.double()
+        start = 0
+        for e, rows in enumerate(sizes.tolist()):
+            want[e] += a[start:start + rows].double().t() @ dy[start:start + rows].double()
+            start += rows
+        device_sizes = sizes.cuda()
+        accumulate_wgrad(main, a, dy, device_sizes)
+        err = rel(main, want)
+        t_triton = triton.testing.do_bench(lambda: accumulate_wgrad(main, a, dy, device_sizes), warmup=20, rep=200, return_mode="median")
+        t_cublas = triton.testing.do_bench(lambda: addmm_wgrad(main, a, dy, sizes), warmup=20, rep=200, return_mode="median")
+        print(f"| {name} {tokens}x{k}x{n} | {err:.1e} | {t_triton:.3f} | {t_cublas:.3f} | "
+              f"{2 * tokens * k * n / t_triton / 1e9:.0f} | {t_cublas / t_triton:.2f}x |")
 
 
 def main() -> int:
@@ -69,6 +104,8 @@ def main() -> int:
         flag = "" if max(errs) < 2e-2 else " HIGH"
         print(f"| {name} {args.tokens}x{k}x{n} | {errs[0]:.1e} | {errs[1]:.1e} | {errs[2]:.1e}{flag} | "
               f"{t_grouped:.3f} | {t_loop:.3f} | {t_loop / t_grouped:.2f}x |")
+    print()
+    wgrad_table(sizes, args.experts, args.tokens, g)
     return 0
 
 

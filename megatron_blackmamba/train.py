@@ -26,6 +26,7 @@ from megatron.core import parallel_state
 from megatron_blackmamba import kernels
 from megatron_blackmamba.checkpointing import load_checkpoint, save_checkpoint
 from megatron_blackmamba.config import JobConfig, describe, load_config
+from megatron_blackmamba.model.builder import graphed_layers
 from megatron_blackmamba.parallel.setup import destroy, init_distributed
 from megatron_blackmamba.training.data import build_datasets, micro_batches
 from megatron_blackmamba.training.expert_load import gather_expert_load, load_summary
@@ -107,6 +108,8 @@ def train(job: JobConfig) -> dict:
                           eval_windows * t.eval_iters * t.micro_batch_size * dp)
     batches = micro_batches(data.train, consumed, t.micro_batch_size, job.data.num_workers)
 
+    graphed, why = graphed_layers(job, t.cuda_graphs)
+    graphs_line = {"all": "every layer", "mamba": "Mamba layers", "none": "off"}[graphed] + (f" ({why})" if why else "")
     flops_per_token = train_flops_per_token(job.model)
     peak_tflops, peak_source = device_peak_tflops(job.logging.peak_tflops)
     metrics_log = MetricsLogger(job, total_steps, iteration, enabled=rank0)
@@ -114,7 +117,7 @@ def train(job: JobConfig) -> dict:
         f"BlackMamba {job.model.resolved_layer_pattern()} | world {dist.get_world_size()} "
         f"(tp {job.parallel.tp}, pp {job.parallel.pp}, ep {job.parallel.ep}, dp {dp}) | "
         f"kernels: {kernels.kernel_backend(device())} | cuda graphs: "
-        f"{'Mamba layers' if model[0].config.cuda_graph_impl == 'local' else 'off'} | "
+        f"{graphs_line} | "
         f"{flops_per_token / 3 / 2 / 1e6:.1f}M active params/token "
         f"| peak {peak_tflops:.2f} TFLOP/s/device ({peak_source}) | start step {iteration}/{total_steps}"
     )

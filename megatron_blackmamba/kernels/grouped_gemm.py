@@ -12,10 +12,14 @@ its place, so ``model.moe_grouped_gemm=true`` works with nothing to build:
 Weight gradients can go straight into megatron's fp32 main grads. megatron's DDP otherwise adds
 each micro-batch's bf16 weight gradient into them (the experts hold ~88% of BlackMamba's
 parameters, so that is most of the step's gradient traffic). For a weight whose parameter is
-marked ``wgrad_into_main_grad`` and carries DDP's ``main_grad``, the backward instead accumulates
-``a_e^T @ dy_e`` into the main grad of each expert with one fp32-output GEMM (``addmm`` with
-``out_dtype``) and marks the parameter ``grad_added_to_main_grad``: the protocol megatron's own
-linear layers follow with ``gradient_accumulation_fusion``, which needs apex here.
+marked ``wgrad_into_main_grad`` and carries DDP's ``main_grad``, the backward instead sums
+``a_e^T @ dy_e`` into the main grad of every expert in fp32, and autograd never sees the weight
+(it enters the GEMM detached): no bf16 gradient is made, DDP's per-parameter hook never runs for
+it, and a CUDA graph of the layer has no weight gradient to hand back. Skipping the hook is safe
+because training builds DDP with ``overlap_grad_reduce=False`` (the reduction does not wait for
+hooks). On GPUs the sum is one Triton launch that reads the group ends on the device
+(kernels/grouped_wgrad_triton.py), so nothing in the layer waits for the host or depends on a
+host value: the MoE layer can be captured and replayed (training.cuda_graphs).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import types
 
 import torch
 from torch import Tensor
+
+from megatron_blackmamba.kernels.triton_support import triton_kernels
 
 
 def _torch_grouped_mm_applies(a: Tensor, b: Tensor) -> bool:
@@ -50,8 +56,6 @@ def _main_grad_param(b: Tensor) -> torch.nn.Parameter | None:
     param = b if b._base is None else b._base
     if not getattr(param, "wgrad_into_main_grad", False) or getattr(param, "main_grad", None) is None:
         return None
-    if not hasattr(param, "grad_added_to_main_grad"):
-        return None  # not megatron's DDP: nobody would skip adding param.grad on top
     return param
 
 
@@ -63,44 +67,39 @@ def _main_grad_view(param: torch.nn.Parameter, b: Tensor) -> Tensor:
     return main.as_strided(b.shape, b.stride(), main.storage_offset() + b.storage_offset() - param.storage_offset())
 
 
-def _accumulate(main: Tensor, a: Tensor, dy: Tensor) -> None:
-    """main += a^T @ dy with fp32 sums and one rounding (on CPU: on upcast operands)."""
-    if a.is_cuda and main.dtype != a.dtype:
-        torch.addmm(main, a.t(), dy, out_dtype=main.dtype, out=main)
-    else:
-        main.addmm_(a.t().to(main.dtype), dy.to(main.dtype))
+def accumulate_wgrad(main: Tensor, a: Tensor, dy: Tensor, batch_sizes: Tensor) -> None:
+    """main[e] += a_e^T @ dy_e for the row groups of ``batch_sizes``, fp32 sums, one rounding.
+
+    GPUs (16-bit operands): one Triton launch, group ends read on the device. Elsewhere one GEMM
+    per group on upcast operands (reads the sizes on the host).
+    """
+    kernels = triton_kernels("grouped_wgrad_triton")
+    if kernels is not None and kernels.applies(a, dy, main):
+        ends = torch.cumsum(batch_sizes.to(a.device, non_blocking=True), 0, dtype=torch.int32)
+        kernels.accumulate(main, a, dy, ends)
+        return
+    start = 0
+    for expert, rows in enumerate(batch_sizes.tolist()):
+        if rows:
+            main[expert].addmm_(a[start:start + rows].t().to(main.dtype), dy[start:start + rows].to(main.dtype))
+        start += rows
 
 
 class _GroupedMMIntoMainGrad(torch.autograd.Function):
+    """``_grouped(a, b)`` whose weight gradient goes into ``main`` (``b`` comes in detached)."""
+
     @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor, batch_sizes: Tensor, param: torch.nn.Parameter) -> Tensor:
-        ctx.save_for_backward(a, b)
-        ctx.param = param
-        # The backward splits the rows per expert on the host: copy the sizes now, without a
-        # sync; the copy has long finished when the backward reads it.
-        ctx.sizes = torch.empty(batch_sizes.shape, dtype=batch_sizes.dtype, pin_memory=batch_sizes.is_cuda)
-        ctx.sizes.copy_(batch_sizes, non_blocking=True)
-        ctx.copied = torch.cuda.Event() if batch_sizes.is_cuda else None
-        if ctx.copied is not None:
-            ctx.copied.record()
+    def forward(ctx, a: Tensor, b: Tensor, batch_sizes: Tensor, main: Tensor) -> Tensor:
+        ctx.save_for_backward(a, b, batch_sizes)
+        ctx.main = main
         return _grouped(a, b, batch_sizes)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        a, b = ctx.saved_tensors
-        if ctx.copied is not None:
-            ctx.copied.synchronize()
+        a, b, batch_sizes = ctx.saved_tensors
         dy = dy.contiguous()
-        grad_a = _grouped(dy, b.transpose(1, 2), ctx.sizes) if ctx.needs_input_grad[0] else None
-        main = _main_grad_view(ctx.param, b)
-        start = 0
-        for expert, rows in enumerate(ctx.sizes.tolist()):
-            if rows:
-                _accumulate(main[expert], a[start:start + rows], dy[start:start + rows])
-            start += rows
-        ctx.param.grad_added_to_main_grad = True
-        # Autograd still hands a gradient to the parameter, so DDP's hook runs (and skips it).
-        return grad_a, torch.empty_like(b), None, None
+        accumulate_wgrad(ctx.main, a, dy, batch_sizes)
+        return _grouped(dy, b.transpose(1, 2), batch_sizes), None, None, None
 
 
 def gmm(a: Tensor, b: Tensor, batch_sizes: Tensor, trans_b: bool = False) -> Tensor:
@@ -112,9 +111,11 @@ def gmm(a: Tensor, b: Tensor, batch_sizes: Tensor, trans_b: bool = False) -> Ten
         b = b.transpose(1, 2)
     if batch_sizes.numel() != b.shape[0]:
         raise ValueError(f"gmm: {batch_sizes.numel()} group sizes for {b.shape[0]} weight matrices")
-    param = _main_grad_param(b) if torch.is_grad_enabled() and b.requires_grad else None
+    # The fused path needs a to carry the autograd graph; without it, b's gradient goes to autograd.
+    fused = torch.is_grad_enabled() and b.requires_grad and a.requires_grad
+    param = _main_grad_param(b) if fused else None
     if param is not None:
-        return _GroupedMMIntoMainGrad.apply(a, b, batch_sizes, param)
+        return _GroupedMMIntoMainGrad.apply(a, b.detach(), batch_sizes, _main_grad_view(param, b))
     return _grouped(a, b, batch_sizes)
 
 

@@ -13,7 +13,7 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_blackmamba import compat
 from megatron_blackmamba.config import JobConfig
-from megatron_blackmamba.cuda_graph import keep_layer_graph_inputs
+from megatron_blackmamba.cuda_graph import fix_layer_graphs
 from megatron_blackmamba.model.language_model import BlackMambaModel
 from megatron_blackmamba.model.norm import LayerNorm
 from megatron_blackmamba.model.spec import blackmamba_stack_spec
@@ -44,11 +44,59 @@ def params_dtype(job: JobConfig) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+def moe_graph_blocker(job: JobConfig) -> str | None:
+    """Why this job's MoE layers cannot be replayed from CUDA graphs, or None if they can.
+
+    A captured layer must neither wait for the host nor read a host value that changes between
+    micro-batches (the expert sizes do). The MoE layer meets that on one path: all experts on the
+    rank (the local dispatcher), Sinkhorn routing, bf16 grouped GEMMs on torch._grouped_mm and
+    their weight gradients summed by the Triton kernel (kernels/grouped_gemm.py).
+    """
+    from megatron.core.transformer.moe import grouped_gemm_util
+
+    from megatron_blackmamba.kernels import grouped_gemm
+    from megatron_blackmamba.kernels.triton_support import triton_kernels
+
+    m, t = job.model, job.training
+    dispatcher = moe_dispatcher(job)
+    if dispatcher != "local":
+        return f"the {dispatcher} token dispatcher moves expert token counts through the host"
+    if m.routing != "sinkhorn":
+        return f"model.routing={m.routing} is not checked under graphs"
+    if not m.moe_grouped_gemm:
+        return "model.moe_grouped_gemm=false: the per-expert MLPs split the tokens on the host"
+    if not t.fused_wgrad_accumulation:
+        return "training.fused_wgrad_accumulation=false: torch._grouped_mm's own backward is not checked under graphs"
+    if params_dtype(job) != torch.bfloat16 or torch.cuda.get_device_capability() < (9, 0):
+        return "torch._grouped_mm needs bf16 on compute capability 9.0+"
+    if m.hidden_size % 8 or m.resolved_ffn_hidden_size() % 8:
+        return "torch._grouped_mm needs model.hidden_size and model.ffn_hidden_size to be multiples of 8"
+    if grouped_gemm_util.grouped_gemm not in (None, grouped_gemm.package):  # compat installs ours
+        return "the grouped_gemm package takes the expert sizes on the host"
+    if triton_kernels("grouped_wgrad_triton") is None:
+        return "Triton is not installed (the experts' weight gradients would be split on the host)"
+    return None
+
+
+def graphed_layers(job: JobConfig, cuda_graphs: bool) -> tuple[str, str]:
+    """(which layers replay CUDA graphs: 'all', 'mamba' or 'none'; why not more, or '')."""
+    wanted = job.training.cuda_graph_layers
+    if wanted not in ("all", "mamba"):
+        raise ValueError(f"training.cuda_graph_layers={wanted!r}: choose all or mamba")
+    if not (cuda_graphs and torch.cuda.is_available()):
+        return "none", ""
+    if wanted == "mamba":
+        return "mamba", ""
+    blocker = moe_graph_blocker(job)
+    return ("mamba", f"MoE layers eager: {blocker}") if blocker else ("all", "")
+
+
 def transformer_config(job: JobConfig, cuda_graphs: bool = False) -> TransformerConfig:
     """The megatron config BlackMamba's layers read; attention fields are placeholders (no attention).
 
-    ``cuda_graphs``: the Mamba layers replay megatron's per-layer training graphs (on CUDA only);
-    training asks for them (training.setup.build_training_model), inference never does."""
+    ``cuda_graphs``: layers replay megatron's per-layer training graphs (on CUDA only; which ones:
+    ``graphed_layers``); training asks for them (training.setup.build_training_model), inference
+    never does."""
     m, p = job.model, job.parallel
     if m.routing not in _ROUTING:
         raise ValueError(f"model.routing={m.routing!r}: choose one of {sorted(_ROUTING)}")
@@ -59,7 +107,7 @@ def transformer_config(job: JobConfig, cuda_graphs: bool = False) -> Transformer
     if m.routing == "sinkhorn" and m.aux_loss_coeff:
         raise ValueError("model.aux_loss_coeff must be 0 with model.routing=sinkhorn (Sinkhorn balances instead)")
     cuda = torch.cuda.is_available()
-    graphs = cuda_graphs and cuda
+    graphs, _ = graphed_layers(job, cuda_graphs)
     dtype = params_dtype(job)
     dispatcher = moe_dispatcher(job)
     return TransformerConfig(
@@ -100,10 +148,10 @@ def transformer_config(job: JobConfig, cuda_graphs: bool = False) -> Transformer
         bias_dropout_fusion=cuda,
         gradient_accumulation_fusion=False,
         recompute_granularity=None,
-        # Per-layer graphs for the Mamba layers only: megatron refuses to graph dropless MoE
-        # layers (their token counts vary), and their host-read expert sizes could not be replayed.
-        cuda_graph_impl="local" if graphs else "none",
-        cuda_graph_scope="mamba" if graphs else [],
+        # Per-layer graphs: an empty scope graphs every layer (megatron's 'moe' scope is for
+        # padded MoE layers only; BlackMamba's dropless ones are graph-safe on their own path).
+        cuda_graph_impl="none" if graphs == "none" else "local",
+        cuda_graph_scope="mamba" if graphs == "mamba" else [],
     )
 
 
@@ -132,7 +180,7 @@ def build_model(
     m = job.model
     config = transformer_config(job, cuda_graphs)
     if config.cuda_graph_impl == "local":
-        keep_layer_graph_inputs()
+        fix_layer_graphs()
     model_class = BlackMambaModel if m.fused_cross_entropy else MambaModel
     model = model_class(
         config=config,

@@ -13,6 +13,7 @@ late layers). The gating GEMM of bf16 models runs on tensor cores at fp32-router
 from __future__ import annotations
 
 import torch
+from megatron.core.transformer.cuda_graphs import is_graph_warmup
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_blackmamba.kernels import router_gating
@@ -80,8 +81,11 @@ class BlackMambaRouter(TopKRouter):
 
     def routing(self, logits: torch.Tensor, padding_mask=None):
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
-        with torch.no_grad():
-            self.load_counts += routing_map.sum(dim=0).to(self.load_counts.dtype)
+        # megatron warms a layer up on all-zero inputs before capturing its graph: not real tokens
+        # (cuda_graph.end_graph_warmup makes the flag fall again afterwards).
+        if not is_graph_warmup():
+            with torch.no_grad():
+                self.load_counts += routing_map.sum(dim=0).to(self.load_counts.dtype)
         return probs, routing_map
 
     def take_load_counts(self) -> torch.Tensor:

@@ -203,13 +203,16 @@ def sinkhorn_replayed(logits: torch.Tensor, **kwargs) -> SinkhornResult:
     layer in bench/results/h100_profile_step.md). It never syncs and its shapes are fixed per
     (tokens, experts), so it is captured once per shape and replayed as one launch; where the
     fused Triton loop applies (``sinkhorn_fused``: fp32 logits, which megatron's router produces)
-    the graph holds that instead, max_iters + 2 kernel nodes rather than ~380. Elsewhere (CPU, or
-    while another graph is being captured) it is a plain ``sinkhorn`` call. The result is copied
-    out of the graph's static buffers, so it stays valid after later replays.
+    the graph holds that instead, max_iters + 2 kernel nodes rather than ~380. While the MoE layer
+    itself is being captured (training.cuda_graphs) the solver runs directly into that graph, and
+    on CPU it is a plain ``sinkhorn`` call. The result is copied out of the graph's static buffers,
+    so it stays valid after later replays.
     """
-    if logits.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+    if logits.device.type != "cuda":
         return sinkhorn(logits, **kwargs)
     solver = sinkhorn_fused if _fused_applies(logits) else sinkhorn
+    if torch.cuda.is_current_stream_capturing():
+        return solver(logits, **kwargs)
     key = (solver.__name__, tuple(logits.shape), logits.dtype, logits.device, tuple(sorted(kwargs.items())))
     if key not in _GRAPHS:
         _GRAPHS[key] = _capture(solver, logits, kwargs)

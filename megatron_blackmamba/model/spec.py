@@ -16,17 +16,18 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
 from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
-from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
+from megatron.core.ssm.mamba_layer import MambaLayerSubmodules
 from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer.moe.experts import GroupedMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_layer import MoETransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 from megatron_blackmamba.compat import have_transformer_engine
 from megatron_blackmamba.config import ModelConfig
 from megatron_blackmamba.model.experts import FusedGLUGroupedMLP
 from megatron_blackmamba.model.local_dispatcher import LocalDispatchMoELayer
 from megatron_blackmamba.model.mamba1_mixer import Mamba1Mixer, Mamba1MixerSubmodules
+from megatron_blackmamba.model.graphed_layers import TrainingGraphedMambaLayer, TrainingGraphedMoETransformerLayer
 from megatron_blackmamba.model.norm import RMSNorm
 from megatron_blackmamba.model.router import BlackMambaRouter
 
@@ -69,7 +70,7 @@ def mamba_layer_spec(model: ModelConfig, backend: BackendSpecProvider, norm: typ
         ),
     )
     return ModuleSpec(
-        module=MambaLayer,
+        module=TrainingGraphedMambaLayer,
         submodules=MambaLayerSubmodules(
             norm=norm, mixer=mixer, mamba_bda=get_bias_dropout_add
         ),
@@ -93,7 +94,7 @@ def moe_layer_spec(model: ModelConfig, backend: BackendSpecProvider, norm: type,
         bias=model.router_bias,
     )
     return ModuleSpec(
-        module=MoETransformerLayer,
+        module=TrainingGraphedMoETransformerLayer,
         submodules=TransformerLayerSubmodules(
             pre_mlp_layernorm=norm, mlp=moe, mlp_bda=get_bias_dropout_add
         ),
