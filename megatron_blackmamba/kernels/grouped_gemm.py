@@ -33,6 +33,8 @@ from megatron_blackmamba.kernels.triton_support import triton_kernels
 
 
 def _torch_grouped_mm_applies(a: Tensor, b: Tensor) -> bool:
+    """Where this fails, ``_grouped`` splits on the host; model.builder.moe_graph_blocker keeps
+    graphs off for configs that would get here (a host read inside a capture is an error)."""
     if not (a.is_cuda and hasattr(torch, "_grouped_mm")):
         return False
     if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16:

@@ -55,6 +55,8 @@ def build_ddp_model(job: JobConfig, build: Callable[[JobConfig], torch.nn.Module
         config=config,
         ddp_config=DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
+            # Off: the reduction must not wait on per-parameter hooks, which the grouped experts'
+            # weights never fire (their gradients go straight into the main grads: kernels/grouped_gemm.py).
             overlap_grad_reduce=False,
             use_distributed_optimizer=use_dist_opt,
         ),

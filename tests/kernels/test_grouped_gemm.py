@@ -93,3 +93,17 @@ def test_unmarked_or_plain_parameters_keep_autograd_gradients():
     before = w.main_grad.clone()
     gmm(torch.randn(6, 8, generator=g), w.view(2, 8, 8), torch.tensor([2, 4])).sum().backward()
     assert torch.equal(w.main_grad, before) and w.grad is not None
+
+
+def test_marked_weight_with_a_constant_input_keeps_autograd_gradient():
+    """The fused path hangs the weight gradient on the input's autograd graph; an input that needs
+    no gradient leaves the weight's to autograd (and DDP), so it is never lost."""
+    g = torch.Generator().manual_seed(6)
+    w = _marked_weight(2, 8, 8, torch.float32, g)
+    before = w.main_grad.clone()
+    a, sizes = torch.randn(6, 8, generator=g), torch.tensor([2, 4])
+    gmm(a, w.view(2, 8, 8), sizes).sum().backward()
+    assert torch.equal(w.main_grad, before)
+    plain = w.detach().clone().requires_grad_()  # unmarked: the reference-checked autograd path
+    gmm(a, plain.view(2, 8, 8), sizes).sum().backward()
+    assert w.grad is not None and torch.equal(w.grad, plain.grad)
