@@ -25,9 +25,9 @@ from megatron.core.transformer.transformer_layer import TransformerLayerSubmodul
 from megatron_blackmamba.compat import have_transformer_engine
 from megatron_blackmamba.config import ModelConfig
 from megatron_blackmamba.model.experts import FusedGLUGroupedMLP
+from megatron_blackmamba.model.graphed_layers import TrainingGraphedMambaLayer, TrainingGraphedMoETransformerLayer
 from megatron_blackmamba.model.local_dispatcher import LocalDispatchMoELayer
 from megatron_blackmamba.model.mamba1_mixer import Mamba1Mixer, Mamba1MixerSubmodules
-from megatron_blackmamba.model.graphed_layers import TrainingGraphedMambaLayer, TrainingGraphedMoETransformerLayer
 from megatron_blackmamba.model.norm import RMSNorm
 from megatron_blackmamba.model.router import BlackMambaRouter
 

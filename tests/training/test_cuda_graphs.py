@@ -56,7 +56,7 @@ def _train(graphs: bool, weights: Path | None, out: Path) -> None:
     with torch.no_grad():
         batches = make_microbatches(MICRO_BATCHES, t.micro_batch_size, t.seq_length, job.model.vocab_size, seed=99)
         val = forward_backward([model], iter(batches), MICRO_BATCHES, t.seq_length, t.micro_batch_size, forward_only=True)
-    load = {layer: counts for layer, counts in take_local_counts([model]).items()}
+    load = take_local_counts([model])
     torch.save({"weights": model.module.state_dict(), "steps": steps, "replayed": replayed, "val": val, "load": load}, out)
     destroy()
 
