@@ -6,7 +6,9 @@ reference, and the median forward+backward time of the grouped kernel vs a loop 
 matmuls (what SequentialMLP launches), side by side. A second table times the experts' weight
 gradients summed into fp32 main grads: the Triton kernel training uses (group ends on the device,
 kernels/grouped_wgrad_triton.py) vs one cuBLAS ``addmm(out_dtype=fp32)`` per expert (sizes on the
-host), with the kernel's error against float64.
+host), with the kernel's error against float64, and against CUTLASS's grouped GEMM of the same
+weight gradients (``torch._grouped_mm`` with offsets along the token dimension) writing bf16 and
+adding nothing: how far the fp32 accumulation and the kernel stand from that GEMM alone.
 
     python bench/grouped_gemm_check.py [--tokens 16384] [--dry-run]
 """
@@ -44,8 +46,9 @@ def addmm_wgrad(main, a, dy, sizes):
 def wgrad_table(sizes, experts: int, tokens: int, g) -> None:
     import triton.testing
 
-    print("| weight gradient into fp32 | rel err | Triton ms | cuBLAS per expert ms | Triton TFLOP/s | cuBLAS/Triton |")
-    print("|---|---|---|---|---|---|")
+    print("| weight gradient into fp32 | rel err | Triton ms | cuBLAS per expert ms | Triton TFLOP/s | cuBLAS/Triton "
+          "| CUTLASS grouped, bf16, no add ms | CUTLASS/Triton |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, (k, n) in SHAPES.items():
         a = torch.randn(tokens, k, device="cuda", generator=g, dtype=torch.bfloat16)
         dy = torch.randn(tokens, n, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -60,8 +63,10 @@ def wgrad_table(sizes, experts: int, tokens: int, g) -> None:
         err = rel(main, want)
         t_triton = triton.testing.do_bench(lambda: accumulate_wgrad(main, a, dy, device_sizes), warmup=20, rep=200, return_mode="median")
         t_cublas = triton.testing.do_bench(lambda: addmm_wgrad(main, a, dy, sizes), warmup=20, rep=200, return_mode="median")
+        ends = torch.cumsum(device_sizes, 0, dtype=torch.int32)
+        t_cutlass = triton.testing.do_bench(lambda: torch._grouped_mm(a.t(), dy, offs=ends), warmup=20, rep=200, return_mode="median")
         print(f"| {name} {tokens}x{k}x{n} | {err:.1e} | {t_triton:.3f} | {t_cublas:.3f} | "
-              f"{2 * tokens * k * n / t_triton / 1e9:.0f} | {t_cublas / t_triton:.2f}x |")
+              f"{2 * tokens * k * n / t_triton / 1e9:.0f} | {t_cublas / t_triton:.2f}x | {t_cutlass:.3f} | {t_cutlass / t_triton:.2f}x |")
 
 
 def main() -> int:
