@@ -140,11 +140,17 @@ def build_trainer(name: str, config: Optional[str], overrides: list[str]) -> Tra
                    synthetic_batches(job.model.vocab_size, t.micro_batch_size, t.seq_length), flops)
 
 
-def inside_cuda_graphs(model: torch.nn.Module) -> set[int]:
-    """ids of the modules megatron's per-layer CUDA graphs replay (training.cuda_graphs): hooks on
-    them would not run at replay, and megatron refuses forward pre-hooks there."""
-    return {id(m) for layer in model.modules() if getattr(layer, "cudagraph_manager", None) is not None
-            for m in layer.modules()}
+def classified_modules(model: torch.nn.Module, kinds: dict[str, str]) -> Iterator[tuple[torch.nn.Module, str]]:
+    """(module, kind) for each module whose class, or a base class, is named in ``kinds`` (the
+    spec's layers subclass megatron's, e.g. TrainingGraphedMambaLayer), outside the layers that
+    megatron's per-layer CUDA graphs replay (training.cuda_graphs): hooks there would not run at
+    replay, and megatron refuses forward pre-hooks there."""
+    graphed = {id(m) for layer in model.modules() if getattr(layer, "cudagraph_manager", None) is not None
+               for m in layer.modules()}
+    for module in model.modules():
+        kind = next((kinds[c.__name__] for c in type(module).__mro__ if c.__name__ in kinds), None)
+        if kind is not None and id(module) not in graphed:
+            yield module, kind
 
 
 def release(trainer: Trainer) -> None:

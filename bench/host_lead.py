@@ -28,7 +28,7 @@ from collections import defaultdict
 
 import torch
 
-from harness import VARIANTS, bench_parser, build_trainer, check_variants, device_line, inside_cuda_graphs, publish_table, release, sync
+from harness import VARIANTS, bench_parser, build_trainer, check_variants, classified_modules, device_line, publish_table, release, sync
 
 LAYER_KINDS = {"MambaLayer": "mamba", "TransformerLayer": "moe", "MoETransformerLayer": "moe"}
 
@@ -53,11 +53,7 @@ class Marks:
 
 def attach(model: torch.nn.Module, marks: Marks) -> list:
     handles = []
-    graphed = inside_cuda_graphs(model)
-    for module in model.modules():
-        kind = LAYER_KINDS.get(type(module).__name__)
-        if kind is None or id(module) in graphed:
-            continue
+    for module, kind in classified_modules(model, LAYER_KINDS):
 
         def pre(_m, _args, kind=kind):
             marks.mark(f"fwd {kind}")

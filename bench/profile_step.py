@@ -36,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from harness import (VARIANTS, bench_parser, build_trainer, check_variants, device_line, inside_cuda_graphs,
+from harness import (VARIANTS, bench_parser, build_trainer, check_variants, classified_modules, device_line,
                      median_seconds, publish_table, release, sync)
 
 # First match wins; names are lower-cased kernel names.
@@ -84,11 +84,7 @@ def add_module_ranges(model: torch.nn.Module) -> list:
     """record_function ranges named 'module:<kind>' around the forward of every module we classify
     (none inside layers replayed from CUDA graphs)."""
     handles = []
-    graphed = inside_cuda_graphs(model)
-    for module in model.modules():
-        kind = MODULE_KINDS.get(type(module).__name__)
-        if kind is None or id(module) in graphed:
-            continue
+    for module, kind in classified_modules(model, MODULE_KINDS):
         ranges = []
 
         def pre(_m, _args, kind=kind, ranges=ranges):
