@@ -37,12 +37,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
-from data_prep.build import BuildSpec, build  # noqa: E402
-from data_prep.fileio import AtomicFile  # noqa: E402
-from data_prep.readers.jsonl import decompressed_chunks  # noqa: E402
-from data_prep.sample import SAMPLE_DIR, sample_tokenizer_path  # noqa: E402
-from data_prep.stats import format_table  # noqa: E402
-from data_prep.tokenizer import EOD_TOKEN, optimal_dtype  # noqa: E402
+from megatron_blackmamba.data_prep.build import BuildSpec, build  # noqa: E402
+from megatron_blackmamba.data_prep.fileio import AtomicFile  # noqa: E402
+from megatron_blackmamba.data_prep.readers.jsonl import decompressed_chunks  # noqa: E402
+from megatron_blackmamba.data_prep.sample import SAMPLE_DIR, sample_tokenizer_path  # noqa: E402
+from megatron_blackmamba.data_prep.stats import format_table  # noqa: E402
+from megatron_blackmamba.data_prep.tokenizer import EOD_TOKEN, optimal_dtype  # noqa: E402
 
 
 # ----------------------------------------------------------------------- input corpus

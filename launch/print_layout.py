@@ -97,76 +97,16 @@ def compact_hostlist(prefix: str, count: int, width: int = 3) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def check_layout(job, nnodes: int, gpus_per_node: int) -> tuple[list[str], list[str], dict]:
-    """(errors, warnings, derived numbers) for running ``job`` on nnodes x gpus_per_node ranks.
+    """(errors, warnings, derived numbers) for running ``job`` on nnodes x gpus_per_node ranks:
+    the trainer's own config checks (megatron_blackmamba.config.checks) at that world size."""
+    from megatron_blackmamba.config import check_job
 
-    Mirrors what the trainer enforces at start-up (parallel.setup.init_distributed,
-    training.setup.num_microbatches, config validation) plus the divisibility megatron needs for
-    the sharded dimensions, so a bad layout fails on the login node instead of after the queue.
-    """
-    m, p, t = job.model, job.parallel, job.training
-    errors: list[str] = []
-    warnings: list[str] = []
     world = nnodes * gpus_per_node
-    info: dict = {"world": world, "nnodes": nnodes, "gpus_per_node": gpus_per_node}
-    try:
-        etp = p.resolved_etp()
-    except ValueError as exc:
-        errors.append(str(exc))
-        etp = p.tp
-    try:
-        pattern = m.resolved_layer_pattern()
-    except ValueError as exc:
-        errors.append(str(exc))
-        pattern = ""
-    info.update(tp=p.tp, pp=p.pp, ep=p.ep, etp=etp, pattern=pattern)
-
-    if min(p.tp, p.pp, p.ep, etp) < 1:
-        errors.append("parallel.tp/pp/ep/etp must be >= 1")
-        return errors, warnings, info
-    if world % (p.tp * p.pp):
-        errors.append(f"world size {world} is not divisible by tp*pp = {p.tp * p.pp}")
-    elif (world // p.pp) % (p.ep * etp):
-        errors.append(f"ep*etp = {p.ep * etp} must divide world/pp = {world // p.pp}")
-    dp = world // (p.tp * p.pp) if world % (p.tp * p.pp) == 0 else 0
-    expert_dp = world // (p.pp * p.ep * etp) if dp and (world // p.pp) % (p.ep * etp) == 0 else 0
-    info.update(dp=dp, expert_dp=expert_dp)
-
-    if m.num_experts % p.ep:
-        errors.append(f"parallel.ep={p.ep} must divide model.num_experts={m.num_experts}")
-    else:
-        info["local_experts"] = m.num_experts // p.ep
-    if not 1 <= m.moe_topk <= m.num_experts:
-        errors.append(f"model.moe_topk={m.moe_topk} must be in 1..num_experts={m.num_experts}")
-    d_inner = m.expand * m.hidden_size
-    ffn = m.resolved_ffn_hidden_size()
-    if d_inner % p.tp:
-        errors.append(f"parallel.tp={p.tp} must divide d_inner = expand*hidden = {d_inner}")
-    if ffn % etp:
-        errors.append(f"expert tp={etp} must divide the expert ffn width {ffn}")
-    if m.vocab_size % p.tp:
-        errors.append(f"parallel.tp={p.tp} must divide model.vocab_size={m.vocab_size}")
-    if m.vocab_size % 128:
-        warnings.append(f"model.vocab_size={m.vocab_size} is not a multiple of 128 (slower GEMMs)")
-    if pattern and p.pp > 1 and len(pattern) % p.pp:
-        warnings.append(f"{len(pattern)} layers do not split evenly over pp={p.pp} stages")
-    if t.seq_length > m.max_seq_length:
-        errors.append(f"training.seq_length={t.seq_length} > model.max_seq_length={m.max_seq_length}")
-    if dp:
-        per_step = t.micro_batch_size * dp
-        if t.global_batch_size % per_step:
-            errors.append(
-                f"training.global_batch_size={t.global_batch_size} must be a multiple of "
-                f"micro_batch_size*dp = {t.micro_batch_size}*{dp} = {per_step}"
-            )
-        else:
-            info["microbatches"] = t.global_batch_size // per_step
-    if p.tp > 1 and p.tp > gpus_per_node:
-        warnings.append(f"tp={p.tp} spans nodes (gpus_per_node={gpus_per_node}): TP traffic leaves NVLink")
-    if p.ep * etp > gpus_per_node:
-        warnings.append(f"ep*etp={p.ep * etp} spans nodes: the MoE all-to-all leaves NVLink")
-    info["tokens_per_step"] = t.global_batch_size * t.seq_length
-    info["train_iters"] = t.resolved_train_iters()
-    return errors, warnings, info
+    result = check_job(job, world, gpus_per_node)
+    info = {"world": world, "nnodes": nnodes, "gpus_per_node": gpus_per_node, **result.info,
+            "tokens_per_step": job.training.global_batch_size * job.training.seq_length,
+            "train_iters": job.training.resolved_train_iters()}
+    return result.errors, result.warnings, info
 
 
 def layout_report(config: str, overrides: Sequence[str], nnodes: int, gpus_per_node: int,
@@ -206,25 +146,9 @@ def layout_report(config: str, overrides: Sequence[str], nnodes: int, gpus_per_n
 
 def _count_parameters(job) -> str:
     """Unsharded counts via the model's own counter (meta device, one local gloo rank)."""
-    import copy
-    import warnings
+    from megatron_blackmamba.training.preflight import count_model_parameters
 
-    warnings.filterwarnings("ignore")
-    from megatron_blackmamba.model.param_count import count_parameters
-    from megatron_blackmamba.parallel.setup import destroy, init_distributed
-
-    single = copy.deepcopy(job)
-    single.parallel.tp = single.parallel.pp = single.parallel.ep = 1
-    single.parallel.etp = 0
-    single.parallel.backend = "gloo"
-    single.parallel.moe_dispatcher = "allgather"
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
-        os.environ.pop(key, None)
-    init_distributed(single.parallel, single.training.seed)
-    try:
-        return count_parameters(single).describe()
-    finally:
-        destroy()
+    return count_model_parameters(job).describe()
 
 
 # ---------------------------------------------------------------------------------------------

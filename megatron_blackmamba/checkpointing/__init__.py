@@ -2,9 +2,15 @@
 
 from megatron_blackmamba.checkpointing.store import (
     CheckpointError,
+    checkpoint_config,
+    checkpoint_tokenizer,
     find_resumable,
     load_checkpoint,
+    resolve_checkpoint,
     save_checkpoint,
 )
 
-__all__ = ["CheckpointError", "find_resumable", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CheckpointError", "checkpoint_config", "checkpoint_tokenizer", "find_resumable", "load_checkpoint",
+    "resolve_checkpoint", "save_checkpoint",
+]

@@ -3,6 +3,8 @@
 Layout on disk::
 
     SAVE_DIR/iter_0001000/   one megatron dist_checkpointing (torch_dist) checkpoint
+        config.yaml                  the resolved job config it was saved under
+        tokenizer.json               a copy of the tokenizer its data was prepared with
         blackmamba_checkpoint.json   written last: iteration, layout, every file and its size
     SAVE_DIR/latest          text: the newest committed iteration directory name
 
@@ -31,10 +33,14 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megatron_blackmamba.config import JobConfig, apply_dict, load_config, parse_override, to_yaml
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "blackmamba_checkpoint.json"
 LATEST = "latest"
+CONFIG = "config.yaml"
+TOKENIZER = "tokenizer.json"
 # Layout-free optimizer state: "fully_reshardable" for the distributed optimizer, and no
 # "chained_N." prefix (dense and expert optimizers are chained only when EP > 1).
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
@@ -120,8 +126,12 @@ def save_checkpoint(
     job=None,
     consumed_samples: int = 0,
     keep_last: int = 0,
+    tokenizer: Optional[str | Path] = None,
 ) -> Path:
-    """Collective: every rank calls it. Returns the committed directory."""
+    """Collective: every rank calls it. Returns the committed directory.
+
+    With ``job`` the checkpoint carries its ``config.yaml``, with ``tokenizer`` a copy of that
+    file, so generation, evaluation and conversion need nothing but the checkpoint."""
     save_dir = Path(save_dir)
     final = iteration_dir(save_dir, iteration)
     tmp = final.with_name(final.name + ".tmp")
@@ -137,6 +147,10 @@ def save_checkpoint(
     dist_checkpointing.save(state, str(tmp))
     dist.barrier()
     if rank0:
+        if job is not None:
+            _write_atomic(tmp / CONFIG, to_yaml(job))
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / TOKENIZER)
         manifest = {
             "iteration": iteration,
             "consumed_samples": consumed_samples,
@@ -218,14 +232,8 @@ def load_checkpoint(
     load_dir = Path(load_dir)
     chosen = [None]
     if dist.get_rank() == 0:
-        if (load_dir / MANIFEST).is_file() or load_dir.name.startswith("iter_"):
-            problem = verify(load_dir)
-            if problem:
-                raise CheckpointError(f"checkpoint {load_dir} is unusable: {problem}")
-            chosen[0] = str(load_dir)
-        else:
-            found = find_resumable(load_dir)
-            chosen[0] = str(found) if found else None
+        found = _choose(load_dir)
+        chosen[0] = str(found) if found else None
     dist.broadcast_object_list(chosen, src=0)
     if chosen[0] is None:
         if not required:
@@ -253,3 +261,43 @@ def load_checkpoint(
         logger.info("resharded %s from layout %s to %s", path, manifest["layout"], _layout())
     logger.info("loaded checkpoint %s (iteration %d)", path, manifest["iteration"])
     return {"iteration": manifest["iteration"], "consumed_samples": manifest["consumed_samples"], "path": path}
+
+
+def _choose(path: Path) -> Optional[Path]:
+    """The ``iter_*`` folder ``path`` names (refused if not intact), or the newest intact one
+    under a save folder, or None when there is none."""
+    if (path / MANIFEST).is_file() or path.name.startswith("iter_"):
+        problem = verify(path)
+        if problem:
+            raise CheckpointError(f"checkpoint {path} is unusable: {problem}")
+        return path
+    return find_resumable(path)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Like ``_choose``, but a save folder without an intact checkpoint is an error."""
+    found = _choose(Path(path))
+    if found is None:
+        raise CheckpointError(f"no intact checkpoint under {path}")
+    return found
+
+
+def checkpoint_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> JobConfig:
+    """The job config a checkpoint was saved under (its ``config.yaml``, else its manifest's copy),
+    with ``overrides`` applied on top."""
+    directory = resolve_checkpoint(path)
+    if (directory / CONFIG).is_file():
+        return load_config(directory / CONFIG, overrides)
+    saved = json.loads((directory / MANIFEST).read_text()).get("config")
+    if saved is None:
+        raise CheckpointError(f"{directory} holds no config (saved without one): pass --config")
+    job = apply_dict(JobConfig(), saved, str(directory / MANIFEST))
+    for text in overrides:
+        apply_dict(job, parse_override(text), f"override {text!r}")
+    return job
+
+
+def checkpoint_tokenizer(path: str | Path) -> Optional[Path]:
+    """The tokenizer.json a checkpoint carries, or None (saved without one)."""
+    found = resolve_checkpoint(path) / TOKENIZER
+    return found if found.is_file() else None

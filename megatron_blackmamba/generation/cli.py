@@ -1,4 +1,8 @@
-"""Generate text from a checkpoint: ``blackmamba-generate --ckpt DIR --config X.yaml --tokenizer T.json --prompt "..."``.
+"""Generate text from a checkpoint: ``blackmamba-generate --ckpt DIR --prompt "..."``.
+
+The model's config and the tokenizer come from the checkpoint (its ``config.yaml`` and
+``tokenizer.json``) unless ``--config`` / ``--tokenizer`` name others. A sequence stops at the
+data's end-of-document token (``<|endoftext|>``) by default.
 
 The checkpoint may have been saved at any TP/PP/EP layout; generation runs in one process on one
 device (CUDA when available, with mamba-ssm's decode kernels when installed; CPU otherwise).
@@ -18,19 +22,22 @@ import torch
 from megatron.core.models.mamba import MambaModel
 from tokenizers import Tokenizer
 
-from megatron_blackmamba.checkpointing import load_checkpoint
-from megatron_blackmamba.config import ParallelConfig, load_config
+from megatron_blackmamba.checkpointing import CheckpointError, checkpoint_config, checkpoint_tokenizer, load_checkpoint
+from megatron_blackmamba.config import ConfigError, ParallelConfig, load_config
+from megatron_blackmamba.data_prep.tokenizer import EOD_TOKEN
 from megatron_blackmamba.generation.generate import generate
 from megatron_blackmamba.generation.sampling import SamplingParams
 from megatron_blackmamba.model.builder import build_model
 from megatron_blackmamba.parallel.setup import destroy, init_distributed
-from megatron_blackmamba.train import configure_logging
+from megatron_blackmamba.logging_setup import configure_logging
+from megatron_blackmamba.training.data import tokenizer_path
 from megatron_blackmamba.training.step import device
 
 
-def load_model(ckpt: str | Path, config: str | Path, overrides: Sequence[str] = ()) -> MambaModel:
-    """The checkpoint's model, in eval mode, as a single process (TP=PP=EP=1) on this machine's device."""
-    job = load_config(config, overrides)
+def load_model(ckpt: str | Path, config: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> MambaModel:
+    """The checkpoint's model, in eval mode, as a single process (TP=PP=EP=1) on this machine's
+    device; built from ``config``, else from the config the checkpoint was saved under."""
+    job = load_config(config, overrides) if config is not None else checkpoint_config(ckpt, overrides)
     job.parallel = ParallelConfig()
     init_distributed(job.parallel, job.training.seed)
     model = build_model(job).to(device())
@@ -41,8 +48,8 @@ def load_model(ckpt: str | Path, config: str | Path, overrides: Sequence[str] = 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint directory (or one iter_* inside it)")
-    parser.add_argument("--config", required=True, help="YAML config the checkpoint's model was built from")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer.json (HF tokenizers format)")
+    parser.add_argument("--config", help="YAML config of the checkpoint's model (default: the checkpoint's config.yaml)")
+    parser.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's, else its config's data.tokenizer)")
     prompts = parser.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help="one prompt")
     prompts.add_argument("--batch-file", help="text file, one prompt per line (empty lines skipped)")
@@ -51,7 +58,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = all")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
-    parser.add_argument("--stop-token", help="stop a sequence after this token (e.g. '<|endoftext|>')")
+    stops = parser.add_mutually_exclusive_group()
+    stops.add_argument("--stop-token", default=EOD_TOKEN, help="stop a sequence after this token (default %(default)s)")
+    stops.add_argument("--no-stop", action="store_true", help="always generate --max-new-tokens tokens")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--no-cuda-graph", action="store_true",
                         help="decode eagerly on a GPU instead of replaying each step from a CUDA graph")
@@ -59,15 +68,32 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def resolve_tokenizer_path(ckpt: str | Path, given: Optional[str], config: Optional[str]) -> str:
+    """--tokenizer, else the checkpoint's copy, else the data.tokenizer of its config."""
+    if given:
+        return given
+    carried = checkpoint_tokenizer(ckpt)
+    if carried is not None:
+        return str(carried)
+    job = load_config(config) if config else checkpoint_config(ckpt)
+    return tokenizer_path(job)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     configure_logging(verbose=False)
-    tokenizer = Tokenizer.from_file(args.tokenizer)
+    try:
+        tokenizer_file = resolve_tokenizer_path(args.ckpt, args.tokenizer, args.config)
+    except (CheckpointError, ConfigError, ValueError) as exc:
+        print(f"error: {exc}; pass --tokenizer", file=sys.stderr)
+        return 2
+    tokenizer = Tokenizer.from_file(tokenizer_file)
     eos_id = None
-    if args.stop_token is not None:
+    if not args.no_stop:
         eos_id = tokenizer.token_to_id(args.stop_token)
         if eos_id is None:
-            print(f"error: --stop-token {args.stop_token!r} is not in {args.tokenizer}", file=sys.stderr)
+            print(f"error: --stop-token {args.stop_token!r} is not in {tokenizer_file} (--no-stop disables stopping)",
+                  file=sys.stderr)
             return 2
     if args.prompt is not None:
         texts = [args.prompt]
@@ -77,7 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         model = load_model(args.ckpt, args.config, args.overrides)
         if tokenizer.get_vocab_size() > model.vocab_size:
-            print(f"error: {args.tokenizer} has {tokenizer.get_vocab_size()} tokens, the model only "
+            print(f"error: {tokenizer_file} has {tokenizer.get_vocab_size()} tokens, the model only "
                   f"{model.vocab_size}", file=sys.stderr)
             return 2
         generator = torch.Generator(device=device()).manual_seed(args.seed)

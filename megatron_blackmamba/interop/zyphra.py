@@ -1,7 +1,11 @@
 """Convert between Zyphra's released BlackMamba checkpoints and this project's checkpoints.
 
-    python -m megatron_blackmamba.interop.zyphra import --zyphra-dir DIR --out CKPT_DIR [--config-out configs/x.yaml]
-    python -m megatron_blackmamba.interop.zyphra export --ckpt CKPT_DIR --config configs/x.yaml --out DIR
+    python -m megatron_blackmamba.interop.zyphra import --zyphra-dir DIR --out CKPT_DIR [--tokenizer T.json] [--config-out x.yaml]
+    python -m megatron_blackmamba.interop.zyphra export --ckpt CKPT_DIR --out DIR [--config x.yaml]
+
+The imported checkpoint carries its config (and, with ``--tokenizer``, the tokenizer), so export,
+generation and evaluation need nothing else; export reads the checkpoint's config unless
+``--config`` names another.
 
 Zyphra's layout (github.com/Zyphra/BlackMamba, ``MambaModel.from_pretrained``): ``DIR/config.json``
 and ``DIR/pytorch_model.bin`` = ``torch.save({"model": state_dict})`` with megatron-style names:
@@ -43,11 +47,11 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from megatron_blackmamba.checkpointing import load_checkpoint, save_checkpoint
-from megatron_blackmamba.config import JobConfig, ModelConfig, ParallelConfig, apply_dict, load_config
+from megatron_blackmamba.checkpointing import CheckpointError, checkpoint_config, load_checkpoint, save_checkpoint
+from megatron_blackmamba.config import ConfigError, JobConfig, ModelConfig, ParallelConfig, apply_dict, load_config
 from megatron_blackmamba.model.builder import build_model
 from megatron_blackmamba.parallel.setup import destroy, init_distributed
-from megatron_blackmamba.train import configure_logging
+from megatron_blackmamba.logging_setup import configure_logging
 
 WEIGHTS_FILE = "pytorch_model.bin"
 CONFIG_FILE = "config.json"
@@ -272,31 +276,37 @@ def import_zyphra(
     config_out: Optional[str | Path] = None,
     glu_activation: str = "gelu",
     trust_pickle: bool = False,
+    tokenizer: Optional[str | Path] = None,
 ) -> Path:
     """Zyphra checkpoint -> project checkpoint (``out/iter_0000000``, model only); returns its path."""
     zyphra_dir = Path(zyphra_dir)
     zcfg, state = read_zyphra(zyphra_dir, trust_pickle)
     source = str(zyphra_dir / CONFIG_FILE)
     job = apply_dict(load_config(None), {"model": model_fields(zcfg, glu_activation, source)}, source)
+    job.training.seq_length = job.model.max_seq_length
     model = _single_process_model(job)
     load_zyphra_tensors(model, state, str(zyphra_dir / WEIGHTS_FILE))
     if config_out is not None:
         config_out = Path(config_out)
         config_out.parent.mkdir(parents=True, exist_ok=True)
-        header = f"# Model section of Zyphra's BlackMamba checkpoint {zyphra_dir} (glu activation: {glu_activation}).\n"
-        config_out.write_text(header + yaml.safe_dump({"model": dataclasses.asdict(job.model)}, sort_keys=False))
-    return save_checkpoint(out, 0, [model], job=job)
+        header = f"# Model of Zyphra's BlackMamba checkpoint {zyphra_dir} (glu activation: {glu_activation}).\n"
+        sections = {"model": dataclasses.asdict(job.model), "training": {"seq_length": job.training.seq_length}}
+        config_out.write_text(header + yaml.safe_dump(sections, sort_keys=False))
+    if tokenizer is not None:
+        job.data.tokenizer = str(Path(tokenizer).resolve())
+    return save_checkpoint(out, 0, [model], job=job, tokenizer=tokenizer)
 
 
 def export_zyphra(
     ckpt: str | Path,
-    config: str | Path,
+    config: Optional[str | Path],
     out: str | Path,
     glu_activation: str = "gelu",
     dtype: str = "fp32",
 ) -> Path:
-    """Project checkpoint (any layout it was saved at) -> Zyphra checkpoint directory ``out``."""
-    job = load_config(config)
+    """Project checkpoint (any layout it was saved at) -> Zyphra checkpoint directory ``out``;
+    the model is built from ``config``, else from the checkpoint's own config."""
+    job = load_config(config) if config is not None else checkpoint_config(ckpt)
     zcfg = zyphra_config(job.model, glu_activation)
     model = _single_process_model(job)
     load_checkpoint(ckpt, [model])
@@ -311,11 +321,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     imp.add_argument("--zyphra-dir", required=True, help=f"directory with {CONFIG_FILE} and {WEIGHTS_FILE}")
     imp.add_argument("--out", required=True, help="checkpoint directory to write (iter_0000000 + latest)")
     imp.add_argument("--config-out", help="also write the model's YAML config here")
+    imp.add_argument("--tokenizer", help="tokenizer.json to store in the checkpoint (GPT-NeoX-20B's for the released models)")
     imp.add_argument("--glu-activation", choices=sorted(GLU_ACTIVATIONS), default="gelu", help=glu_help)
     imp.add_argument("--trust-pickle", action="store_true", help=f"unpickle {WEIGHTS_FILE} fully (runs code in it)")
     exp = commands.add_parser("export", help="project checkpoint -> Zyphra checkpoint")
     exp.add_argument("--ckpt", required=True, help="checkpoint directory (or one iter_* inside it)")
-    exp.add_argument("--config", required=True, help="the YAML config the checkpoint's model was built from")
+    exp.add_argument("--config", help="YAML config of the checkpoint's model (default: the checkpoint's config.yaml)")
     exp.add_argument("--out", required=True, help=f"directory to write {CONFIG_FILE} and {WEIGHTS_FILE} into")
     exp.add_argument("--glu-activation", choices=sorted(GLU_ACTIVATIONS), default="gelu", help=glu_help)
     exp.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written tensors")
@@ -327,10 +338,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     configure_logging(verbose=False)
     try:
         if args.command == "import":
-            path = import_zyphra(args.zyphra_dir, args.out, args.config_out, args.glu_activation, args.trust_pickle)
+            path = import_zyphra(args.zyphra_dir, args.out, args.config_out, args.glu_activation, args.trust_pickle,
+                                 args.tokenizer)
         else:
             path = export_zyphra(args.ckpt, args.config, args.out, args.glu_activation, args.dtype)
-    except ConversionError as e:
+    except (ConversionError, CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -143,7 +143,10 @@ def selective_scan(
     """Mamba-1 selective scan with mamba-ssm's ``selective_scan_fn`` conventions.
 
     u, delta, z: (batch, dim, seqlen); A: (dim, dstate), negative; B, C: (batch, dstate, seqlen);
-    D, delta_bias: (dim,); initial_state: (batch, dim, dstate), torch backend only.
+    D, delta_bias: (dim,); initial_state: (batch, dim, dstate), torch backend only. mamba-ssm's
+    kernel also takes a constant (dim, dstate) or grouped (batch, groups, dstate, seqlen) B/C;
+    this project's kernel refuses them (falling back to mamba-ssm's, ``selective_scan_cuda``) and
+    the torch backend raises a ValueError naming the argument.
     delta <- softplus(delta + delta_bias) if delta_softplus; h_t = exp(delta_t A) h_{t-1} +
     delta_t B_t u_t; y_t = <C_t, h_t> + D u_t; y *= silu(z). Returns y in u's dtype and, with
     ``return_last_state``, the final state (batch, dim, dstate) in fp32. ``chunk_size`` tunes the
@@ -151,7 +154,7 @@ def selective_scan(
     """
     limitation = _cuda.unsupported(u.dtype, has_initial_state=initial_state is not None)
     if _select("selective_scan", u.device, backend, limitation) == "cuda":
-        if _use_own_scan(u, A):
+        if _use_own_scan(u, delta, A, B, C, D, z, delta_bias):
             return _own_scan.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
         return _cuda.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     return selective_scan_chunked(
@@ -159,9 +162,10 @@ def selective_scan(
     )
 
 
-def _use_own_scan(u: Tensor, A: Tensor) -> bool:
-    """Whether the CUDA scan is this project's kernel rather than mamba-ssm's (logged once per choice)."""
-    own, why = _own_scan.choose(u, A)
+def _use_own_scan(*args: Tensor | None) -> bool:
+    """Whether the CUDA scan is this project's kernel rather than mamba-ssm's for these arguments
+    (u, delta, A, B, C, D, z, delta_bias); logged once per choice."""
+    own, why = _own_scan.choose(*args)
     _log_choice("selective_scan kernel", "this project's" if own else "mamba-ssm's", why)
     return own
 

@@ -38,6 +38,7 @@ KERNEL_ENV_VAR = "BLACKMAMBA_SCAN_KERNEL"
 KERNELS = ("auto", "blackmamba", "mamba_ssm")
 STATES = 16  # the kernel's d_state
 CHUNK = 16  # steps between the forward's state checkpoints
+MAX_BATCH = 65535  # sequences are the grid's y dimension
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
@@ -69,17 +70,17 @@ def requested() -> str:
     return value
 
 
-def choose(u: Tensor, A: Tensor) -> tuple[bool, str]:
-    """(whether this kernel runs these CUDA arguments, why). Raises RuntimeError where
-    ``BLACKMAMBA_SCAN_KERNEL=blackmamba`` asked for it and it cannot run; under ``auto`` that
-    falls back to mamba-ssm's kernel, with the reason."""
+def choose(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+           z: Tensor | None = None, delta_bias: Tensor | None = None) -> tuple[bool, str]:
+    """(whether this kernel runs these CUDA arguments, why). Raises RuntimeError naming the
+    argument where ``BLACKMAMBA_SCAN_KERNEL=blackmamba`` asked for it and it cannot run; under
+    ``auto`` that falls back to mamba-ssm's kernel, with the reason."""
     choice = requested()
     if choice == "mamba_ssm":
         return False, f"{KERNEL_ENV_VAR}=mamba_ssm"
-    arch = device_arch(u.device)
-    why = unsupported(u, A, has_initial_state=False) or load_error(arch)
+    why = unsupported(u, delta, A, B, C, D, z, delta_bias) or load_error(device_arch(u.device))
     if why is None:
-        return True, f"{KERNEL_ENV_VAR}={choice}, {library_path(arch)}"
+        return True, f"{KERNEL_ENV_VAR}={choice}, {library_path(device_arch(u.device))}"
     if choice == "blackmamba":
         raise RuntimeError(f"selective_scan: {KERNEL_ENV_VAR}=blackmamba was requested but {why}")
     return False, f"{KERNEL_ENV_VAR}=auto and this project's kernel cannot run: {why}"
@@ -167,14 +168,58 @@ def load_error(arch: str) -> str | None:
     return None
 
 
-def unsupported(u: Tensor, A: Tensor, has_initial_state: bool) -> str | None:
-    """What these arguments need that this kernel lacks, or None."""
-    if A.shape[-1] != STATES:
-        return f"d_state {A.shape[-1]} (this kernel is built for d_state {STATES})"
-    if u.dtype not in _DTYPE_CODES:
-        return f"{u.dtype} inputs"
+def unsupported(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    has_initial_state: bool = False,
+) -> str | None:
+    """What these arguments need that this kernel lacks, naming the argument, or None.
+
+    The kernel implements mamba-ssm's main case only: real A of shape (dim, 16), one per-step B
+    and C of shape (batch, 16, seqlen), u/delta/z (batch, dim, seqlen), D and delta_bias (dim,).
+    mamba-ssm also takes a constant (dim, d_state) or grouped (batch, groups, d_state, seqlen)
+    B/C, complex A and an initial state; those are refused here, never misread. Any strides are
+    read (rows are made unit-stride first), so no layout of a supported shape is refused.
+    """
     if has_initial_state:
-        return "initial_state"
+        return "initial_state (the kernel starts from a zero state)"
+    if u.dtype not in _DTYPE_CODES:
+        return f"u: {u.dtype} inputs (the kernel takes float32, float16 or bfloat16)"
+    if u.dim() != 3 or 0 in u.shape:
+        return f"u: shape {tuple(u.shape)} (the kernel takes a non-empty (batch, dim, seqlen))"
+    batch, dim, seqlen = u.shape
+    if batch > MAX_BATCH:
+        return f"u: batch {batch} (the kernel's grid takes at most {MAX_BATCH} sequences)"
+    tensors = {"delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.device != u.device:
+            return f"{name}: on {t.device}, u on {u.device}"
+        if t.is_complex() or not t.is_floating_point():
+            return f"{name}: {t.dtype} (the kernel is real-valued floating point)"
+    if A.dim() != 2 or A.shape[0] != dim:
+        return f"A: shape {tuple(A.shape)} (the kernel takes (dim, d_state) = ({dim}, {STATES}))"
+    if A.shape[1] != STATES:
+        return f"A: d_state {A.shape[1]} (this kernel is built for d_state {STATES})"
+    for name in ("B", "C"):
+        t = tensors[name]
+        if t.dim() == 2:
+            return f"{name}: a constant {name} of shape {tuple(t.shape)} (the kernel takes one {name} per step, (batch, d_state, seqlen))"
+        if t.dim() == 4:
+            return f"{name}: a grouped {name} of shape {tuple(t.shape)} (the kernel takes one group, (batch, d_state, seqlen))"
+        if tuple(t.shape) != (batch, STATES, seqlen):
+            return f"{name}: shape {tuple(t.shape)} (expected {(batch, STATES, seqlen)})"
+    for name, shape in (("delta", (batch, dim, seqlen)), ("z", (batch, dim, seqlen)), ("D", (dim,)), ("delta_bias", (dim,))):
+        t = tensors[name]
+        if t is not None and tuple(t.shape) != shape:
+            return f"{name}: shape {tuple(t.shape)} (expected {shape})"
     return None
 
 

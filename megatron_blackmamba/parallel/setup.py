@@ -21,6 +21,7 @@ from megatron.core.transformer.cuda_graphs import delete_cuda_graphs
 
 from megatron_blackmamba import compat
 from megatron_blackmamba.config import ParallelConfig
+from megatron_blackmamba.parallel.env import launch_env
 
 logger = logging.getLogger(__name__)
 
@@ -31,16 +32,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env_rank() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun or SLURM variables; (0, 1, 0) when alone."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-    return 0, 1, 0
-
-
 def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int = 30, cuda_graphs: bool = False) -> None:
     """torch.distributed + megatron parallel_state; idempotent within a process.
 
@@ -48,13 +39,12 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int =
     graph manager requires."""
     compat.apply()
     if not dist.is_initialized():
-        rank, world, local_rank = _env_rank()
+        rank, world, local_rank, launched = launch_env()
         backend = parallel.backend
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ
         if launched:
             if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
                 raise RuntimeError("MASTER_ADDR/MASTER_PORT unset: launch with torchrun, launch/local.sh or launch/*.sbatch")

@@ -15,9 +15,9 @@ from megatron.core import parallel_state
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
-from data_prep.mixture import read_megatron_blend
-from data_prep.sample import ensure_sample_dataset, sample_tokenizer_path
-from data_prep.tokenizer import TextTokenizer, load_tokenizer
+from megatron_blackmamba.data_prep.mixture import read_megatron_blend
+from megatron_blackmamba.data_prep.sample import ensure_sample_dataset, sample_tokenizer_path
+from megatron_blackmamba.data_prep.tokenizer import TextTokenizer, load_tokenizer
 from megatron_blackmamba.config import JobConfig
 
 
@@ -28,10 +28,17 @@ class Datasets:
     tokenizer: TextTokenizer
 
 
+def tokenizer_path(job: JobConfig) -> str:
+    """The tokenizer.json this job's data was prepared with (the bundled one for sample/mock)."""
+    if job.data.tokenizer:
+        return job.data.tokenizer
+    if job.data.blend in ("sample", "mock"):
+        return sample_tokenizer_path()
+    raise ValueError("data.tokenizer is required with a blend file: pass the tokenizer.json used by data_prep")
+
+
 def resolve_tokenizer(job: JobConfig) -> TextTokenizer:
-    path = job.data.tokenizer or (sample_tokenizer_path() if job.data.blend in ("sample", "mock") else "")
-    if not path:
-        raise ValueError("data.tokenizer is required with a blend file: pass the tokenizer.json used by data_prep")
+    path = tokenizer_path(job)
     tokenizer = load_tokenizer(path)
     if tokenizer.vocab_size > job.model.vocab_size:
         raise ValueError(

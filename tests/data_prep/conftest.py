@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from data_prep.tokenizer import train_bpe_tokenizer
+from megatron_blackmamba.data_prep.tokenizer import train_bpe_tokenizer
 
 from .prep_helpers import EXTRAS, make_texts
 

@@ -100,9 +100,9 @@ def write_pg19(root: Path, split: str, books: Dict[str, bytes]) -> Path:
 
 
 def run_cli(*args: str, env: Optional[Dict[str, str]] = None, **kwargs):
-    """Run ``python -m data_prep`` in a subprocess (from the repo root)."""
+    """Run ``blackmamba-prep`` in a subprocess (from the repo root)."""
     import subprocess
 
     full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
-    return subprocess.run([sys.executable, "-m", "data_prep", *args], cwd=REPO, env=full_env,
+    return subprocess.run([sys.executable, "-m", "megatron_blackmamba.data_prep", *args], cwd=REPO, env=full_env,
                           capture_output=True, text=True, **kwargs)

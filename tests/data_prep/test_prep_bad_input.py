@@ -10,8 +10,8 @@ import zlib
 
 import pytest
 
-from data_prep.build import BuildSpec, build
-from data_prep.issues import BadRecordError
+from megatron_blackmamba.data_prep.build import BuildSpec, build
+from megatron_blackmamba.data_prep.issues import BadRecordError
 
 from .prep_helpers import (expected_ids, jsonl_bytes, make_texts, pile_records, read_documents,
                            run_cli, write_compressed, write_parquet, write_pg19)
@@ -46,7 +46,7 @@ def test_bad_records_are_skipped_counted_and_located(tmp_path, tokenizer_path, h
     texts = make_texts(10, 3)
     data, bad = _bad_lines(texts)
     path = write_compressed(tmp_path / name, data)
-    with caplog.at_level(logging.WARNING, logger="data_prep"):
+    with caplog.at_level(logging.WARNING, logger="megatron_blackmamba.data_prep"):
         result = _build(tmp_path, "pile", path, tokenizer_path, shard_bytes=200)
     assert read_documents(result.prefix) == expected_ids(hf_tokenizer, texts)
     counts = {}
@@ -72,7 +72,7 @@ def test_truncated_stream(tmp_path, tokenizer_path, hf_tokenizer, caplog, name):
         decoded = zstandard.ZstdDecompressor().decompressobj().decompress(path.read_bytes())
     complete = decoded.count(b"\n")
     assert 0 < complete < 1000
-    with caplog.at_level(logging.WARNING, logger="data_prep"):
+    with caplog.at_level(logging.WARNING, logger="megatron_blackmamba.data_prep"):
         result = _build(tmp_path, "pile", path, tokenizer_path, shard_bytes=20_000)
     assert read_documents(result.prefix) == expected_ids(hf_tokenizer, texts[:complete])
     assert result.stats.skipped["corrupt_stream"] == 1
@@ -85,7 +85,7 @@ def test_unreadable_and_incomplete_parquet(tmp_path, tokenizer_path, hf_tokenize
     write_parquet(tmp_path / "python" / "a.parquet", texts[:4] + [None, ""] + texts[4:])
     (tmp_path / "python" / "b.parquet").write_bytes(b"PAR1 this is not parquet")
     write_parquet(tmp_path / "python" / "c.parquet", texts[:2], column="body")
-    with caplog.at_level(logging.WARNING, logger="data_prep"):
+    with caplog.at_level(logging.WARNING, logger="megatron_blackmamba.data_prep"):
         result = _build(tmp_path, "starcoder", tmp_path / "python", tokenizer_path)
     assert read_documents(result.prefix) == expected_ids(hf_tokenizer, texts)
     assert result.stats.skipped == {"missing_text": 3, "empty": 1, "unreadable_file": 1}
@@ -98,7 +98,7 @@ def test_unreadable_and_incomplete_parquet(tmp_path, tokenizer_path, hf_tokenize
 
 def test_pg19_bad_books(tmp_path, tokenizer_path, caplog):
     write_pg19(tmp_path, "train", {"1": b"A fine book.", "2": b"\xff\xfe bad", "3": b"  \n"})
-    with caplog.at_level(logging.WARNING, logger="data_prep"):
+    with caplog.at_level(logging.WARNING, logger="megatron_blackmamba.data_prep"):
         result = _build(tmp_path, "pg19", tmp_path / "train", tokenizer_path)
     assert result.output.documents == 1
     assert result.stats.skipped == {"non_utf8": 1, "empty": 1}

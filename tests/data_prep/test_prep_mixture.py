@@ -9,11 +9,11 @@ import warnings
 import numpy as np
 import pytest
 
-from data_prep import load_tokenizer, read_blend, read_megatron_blend
-from data_prep.issues import InputError
-from data_prep.mixture import load_mixture, summary_table
-from data_prep.readers import READERS
-from data_prep.writer import read_index
+from megatron_blackmamba.data_prep import load_tokenizer, read_blend, read_megatron_blend
+from megatron_blackmamba.data_prep.issues import InputError
+from megatron_blackmamba.data_prep.mixture import load_mixture, summary_table
+from megatron_blackmamba.data_prep.readers import READERS
+from megatron_blackmamba.data_prep.writer import read_index
 
 from .prep_helpers import REPO, jsonl_bytes, make_texts, pile_records, run_cli, write_compressed
 

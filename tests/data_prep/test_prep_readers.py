@@ -9,8 +9,8 @@ from typing import Callable, Dict, List, Tuple
 
 import pytest
 
-from data_prep.build import BuildSpec, build
-from data_prep.issues import InputError
+from megatron_blackmamba.data_prep.build import BuildSpec, build
+from megatron_blackmamba.data_prep.issues import InputError
 
 from .prep_helpers import (expected_ids, jsonl_bytes, make_texts, pile_records, read_documents,
                            write_compressed, write_parquet, write_pg19)

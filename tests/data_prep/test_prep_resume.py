@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.build import BuildSpec, build
+from megatron_blackmamba.data_prep.build import BuildSpec, build
 
 from .prep_helpers import REPO, jsonl_bytes, make_texts, pile_records, run_cli, write_compressed
 
@@ -61,7 +61,7 @@ def test_kill_and_resume_is_byte_identical(tmp_path, corpus, tokenizer_path):
     output = tmp_path / "run" / "out"
     args = _args(corpus, tokenizer_path, output, "--workers", "2")
     env = dict(os.environ, PYTHONPATH=str(REPO), DATA_PREP_TEST_SHARD_DELAY="0.3")
-    victim = subprocess.Popen([sys.executable, "-m", "data_prep", *args], cwd=REPO, env=env,
+    victim = subprocess.Popen([sys.executable, "-m", "megatron_blackmamba.data_prep", *args], cwd=REPO, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     manifest = Path(str(output) + ".shards") / "manifest.json"

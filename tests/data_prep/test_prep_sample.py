@@ -7,8 +7,8 @@ import json
 import time
 
 
-from data_prep import ensure_sample_dataset, load_tokenizer, sample_tokenizer_path
-from data_prep.readers.jsonl import decompressed_chunks
+from megatron_blackmamba.data_prep import ensure_sample_dataset, load_tokenizer, sample_tokenizer_path
+from megatron_blackmamba.data_prep.readers.jsonl import decompressed_chunks
 
 from .prep_helpers import REPO, read_documents
 

@@ -8,9 +8,9 @@ import warnings
 import numpy as np
 import pytest
 
-from data_prep.merge import merge_indexed_datasets
-from data_prep.tokenizer import optimal_dtype
-from data_prep.writer import IndexedDatasetWriter
+from megatron_blackmamba.data_prep.merge import merge_indexed_datasets
+from megatron_blackmamba.data_prep.tokenizer import optimal_dtype
+from megatron_blackmamba.data_prep.writer import IndexedDatasetWriter
 
 from .prep_helpers import read_documents
 

@@ -42,37 +42,82 @@ def test_kernel_choice_comes_from_the_env_var(monkeypatch):
         own.requested()
 
 
+def _args(batch: int = 1, dim: int = 4, seqlen: int = 8, d_state: int = 16, device: str = "cpu") -> dict:
+    """Arguments of one scan in the layout this project's kernel implements (fresh random values)."""
+    return dict(u=torch.randn(batch, dim, seqlen, device=device), delta=torch.rand(batch, dim, seqlen, device=device),
+                A=-torch.rand(dim, d_state, device=device) - 0.1, B=torch.randn(batch, d_state, seqlen, device=device),
+                C=torch.randn(batch, d_state, seqlen, device=device), D=torch.rand(dim, device=device),
+                z=torch.randn(batch, dim, seqlen, device=device), delta_bias=torch.rand(dim, device=device))
+
+
+def _choose(x: dict):
+    return own.choose(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"])
+
+
 @pytest.mark.parametrize("build_error", [None, "RuntimeError: nvcc not found"])
 def test_auto_falls_back_to_mamba_ssm_only_where_this_kernel_cannot_run(build_error, monkeypatch):
     monkeypatch.setattr(own, "device_arch", lambda device=None: "sm_90")
     monkeypatch.setattr(own, "load_error", lambda arch: build_error)
-    u, A, A8 = torch.zeros(1, 4, 8), torch.zeros(4, 16), torch.zeros(4, 8)
+    x, x8 = _args(), _args(d_state=8)
 
     monkeypatch.delenv(own.KERNEL_ENV_VAR, raising=False)
-    use, why = own.choose(u, A)
+    use, why = _choose(x)
     assert use == (build_error is None)
     assert build_error is None or build_error in why
-    use, why = own.choose(u, A8)  # a d_state the kernel is not built for
+    use, why = _choose(x8)  # a d_state the kernel is not built for
     assert not use and "d_state 8" in why
 
     monkeypatch.setenv(own.KERNEL_ENV_VAR, "mamba_ssm")
-    assert own.choose(u, A) == (False, f"{own.KERNEL_ENV_VAR}=mamba_ssm")
+    assert _choose(x) == (False, f"{own.KERNEL_ENV_VAR}=mamba_ssm")
 
     monkeypatch.setenv(own.KERNEL_ENV_VAR, "blackmamba")  # asked for by name: no silent fallback
     if build_error is None:
-        assert own.choose(u, A)[0]
+        assert _choose(x)[0]
     else:
         with pytest.raises(RuntimeError, match="nvcc not found"):
-            own.choose(u, A)
+            _choose(x)
     with pytest.raises(RuntimeError, match="d_state 8"):
-        own.choose(u, A8)
+        _choose(x8)
 
 
-def test_unsupported_arguments_are_named():
-    u = torch.zeros(1, 4, 8)
-    assert "d_state 8" in own.unsupported(u, torch.zeros(4, 8), has_initial_state=False)
-    assert "float64" in own.unsupported(u.double(), torch.zeros(4, 16), has_initial_state=False)
-    assert own.unsupported(u, torch.zeros(4, 16), has_initial_state=False) is None
+def _refused_layouts(device: str = "cpu") -> dict[str, tuple[dict, str]]:
+    """name -> (arguments that mamba-ssm's selective_scan_fn accepts and this kernel does not
+    implement, the start of the refusal, which names the argument)."""
+    batch, dim, seqlen, n = 2, 6, 10, 16
+    cases = {}
+    for name in ("B", "C"):
+        x = _args(batch, dim, seqlen, n, device)
+        x[name] = torch.randn(dim, n, device=device)
+        cases[f"constant {name}"] = (x, f"{name}: a constant {name}")
+        x = _args(batch, dim, seqlen, n, device)
+        x[name] = torch.randn(batch, 2, n, seqlen, device=device)
+        cases[f"grouped {name}"] = (x, f"{name}: a grouped {name}")
+    x = _args(batch, dim, seqlen, n, device)
+    x["A"] = torch.complex(x["A"], torch.rand_like(x["A"]))
+    cases["complex A"] = (x, "A: torch.complex64")
+    cases["d_state 8"] = (_args(batch, dim, seqlen, 8, device), "A: d_state 8")
+    x = _args(batch, dim, seqlen, n, device)
+    x["u"] = x["u"].double()
+    cases["float64 u"] = (x, "u: torch.float64")
+    return cases
+
+
+@pytest.mark.parametrize("case", sorted(_refused_layouts()))
+def test_refused_argument_layouts_are_named(case):
+    """Every layout the kernel does not implement is refused, and the refusal names the argument."""
+    x, named = _refused_layouts()[case]
+    why = own.unsupported(**x)
+    assert why is not None and why.startswith(named), why
+
+
+def test_supported_layouts_are_accepted_at_any_strides():
+    x = _args(2, 6, 10)
+    assert own.unsupported(**x) is None
+    u = torch.randn(2, 10, 6).transpose(1, 2)  # a (batch, dim, seqlen) view with dim stride 1
+    B = torch.randn(1, 16, 10).expand(2, 16, 10)  # one B for the whole batch: batch stride 0
+    assert own.unsupported(**{**x, "u": u, "B": B}) is None
+    assert own.unsupported(**x, has_initial_state=True).startswith("initial_state")
+    assert "batch 70000" in own.unsupported(**{**x, "u": torch.zeros(70000, 6, 1)})
 
 
 def _inputs(batch: int, dim: int, seqlen: int, dtype: torch.dtype, seed: int, gated: bool, skip: bool, bias: bool):
@@ -153,3 +198,51 @@ def test_dispatch_honours_the_env_var(choice, own_kernel, monkeypatch):
     assert (type(out.grad_fn).__name__ == "_SelectiveScanBackward") == own_kernel
     want = kernels.selective_scan(*args, backend="torch")
     assert _rel(out.detach(), want.double()) <= 2e-5
+
+
+def _reference_scan(u, delta, A, B, C, D, z, delta_bias):
+    """mamba-ssm's scan with softplus, step by step in float64, for any B/C layout it accepts:
+    constant (dim, N), per step (batch, N, L) or grouped (batch, groups, N, L)."""
+    u, delta, A, D, z = (t.double() for t in (u, delta, A, D, z))
+    delta = torch.nn.functional.softplus(delta + delta_bias.double()[:, None])
+    batch, dim, length = u.shape
+
+    def at(M: torch.Tensor, t: int) -> torch.Tensor:  # (batch, dim, N) at step t
+        M = M.double()
+        if M.dim() == 2:
+            return M[None].expand(batch, -1, -1)
+        if M.dim() == 3:
+            return M[:, None, :, t].expand(-1, dim, -1)
+        return M[:, :, :, t].repeat_interleave(dim // M.shape[1], dim=1)
+
+    h = u.new_zeros(batch, dim, A.shape[1])
+    ys = []
+    for t in range(length):
+        h = torch.exp(delta[..., t, None] * A) * h + (delta[..., t] * u[..., t])[..., None] * at(B, t)
+        ys.append((h * at(C, t)).sum(-1))
+    y = (torch.stack(ys, -1) + D[:, None] * u) * torch.nn.functional.silu(z)
+    return y, h
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", ["constant B", "constant C", "grouped B and C", "d_state 8", "float64 u"])
+def test_refused_layouts_run_elsewhere_and_match_float64(case, monkeypatch):
+    """Each refused layout, through the public function: under auto it runs on mamba-ssm's kernel
+    (or the torch backend, for float64) and matches a float64 reference; under
+    BLACKMAMBA_SCAN_KERNEL=blackmamba it raises, naming the argument."""
+    pytest.importorskip("mamba_ssm")
+    cases = _refused_layouts("cuda")
+    if case == "grouped B and C":  # mamba-ssm takes groups for both or neither
+        x, named = cases["grouped B"]
+        x["C"] = cases["grouped C"][0]["C"]
+    else:
+        x, named = cases[case]
+    monkeypatch.delenv(own.KERNEL_ENV_VAR, raising=False)
+    out, last = kernels.selective_scan(**x, delta_softplus=True, return_last_state=True)
+    ref, ref_last = _reference_scan(*(x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")))
+    tol = 1e-12 if case == "float64 u" else 1e-4
+    assert _rel(out, ref) < tol and _rel(last, ref_last) < tol, (_rel(out, ref), _rel(last, ref_last))
+    if case != "float64 u":  # float64 never reaches a CUDA kernel
+        monkeypatch.setenv(own.KERNEL_ENV_VAR, "blackmamba")
+        with pytest.raises(RuntimeError, match=named):
+            kernels.selective_scan(**x, delta_softplus=True)

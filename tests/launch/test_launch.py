@@ -82,6 +82,7 @@ def fake_slurm(tmp_path):
     env["PYTHON"] = sys.executable
     env["LOG_DIR"] = str(tmp_path / "slurm-logs")
     env["RANK"] = "5"  # a stale torchrun variable the script must drop
+    env["PREFLIGHT"] = "0"  # the paper configs' data paths are placeholders; preflight has its own tests
     for key in ("DRY_RUN", "CONFIG", "OVERRIDES", "CKPT_DIR", "TB_DIR", "NCCL_NVLS_ENABLE", "NCCL_SOCKET_IFNAME",
                 "OMP_NUM_THREADS", "MAX_RESTARTS", "REQUEUE_ON_FAILURE", "SRUN_EXTRA_ARGS", "RDZV_PORT"):
         env.pop(key, None)
@@ -188,7 +189,7 @@ def test_print_layout_simulates_the_allocation():
 @pytest.mark.parametrize("override, message", [
     ("parallel.ep=3", "must divide model.num_experts=8"),
     ("training.global_batch_size=1000", "must be a multiple of micro_batch_size*dp"),
-    ("parallel.tp=3", "not divisible by tp*pp"),
+    ("parallel.tp=3", "not divisible by parallel.tp*pp"),
 ])
 def test_bad_layout_is_refused_before_anything_runs(fake_slurm, override, message):
     env, log = fake_slurm
@@ -237,6 +238,18 @@ def test_usr1_is_forwarded_to_the_ranks_then_the_job_requeues(fake_slurm):
     assert "requeueing job 4242" in out
     launch_log = Path(env["LOG_DIR"]) / "launch-restart0.txt"
     assert "MASTER_ADDR=gpu-a01" in launch_log.read_text()
+
+
+def test_preflight_runs_before_srun_and_stops_a_job_that_would_fail(fake_slurm):
+    env, log = fake_slurm
+    env["PREFLIGHT"] = "1"
+    dry = _run_sbatch(env, "--dry-run", PAPER_1B5)
+    assert dry.returncode == 0
+    assert f"-m megatron_blackmamba.train --preflight --world-size 16 --config {PAPER_1B5}" in dry.stdout
+    result = _run_sbatch(env, PAPER_1B5)  # its blend and tokenizer are placeholders
+    assert result.returncode != 0 and "preflight found problems" in result.stderr
+    assert "PROBLEM : data.blend: blend file /path/to/processed/blend.txt does not exist" in result.stdout
+    assert "srun " not in _calls(log)
 
 
 def test_usr1_after_max_restarts_does_not_requeue(fake_slurm):
@@ -380,7 +393,7 @@ def test_tiny_config_fits_the_sample_tokenizer_and_one_or_two_ranks():
     n_tokens = len(vocab["model"]["vocab"]) + sum(t["id"] >= len(vocab["model"]["vocab"]) for t in vocab["added_tokens"])
     assert n_tokens <= job.model.vocab_size < n_tokens + 128
     assert job.data.blend == "sample" and job.checkpoint.save == "runs/tiny/ckpt"
-    assert job.logging.tensorboard_dir == "runs/tiny/tb"
+    assert job.logging.metrics_jsonl == "runs/tiny/metrics.jsonl"
     assert 4 <= job.model.num_layers <= 6 and 64 <= job.model.hidden_size <= 128
     assert 128 <= job.training.seq_length <= 256 and 200 <= job.training.train_iters <= 300
     for world in (1, 2):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.sample import ensure_sample_dataset
+from megatron_blackmamba.data_prep.sample import ensure_sample_dataset
 
 TINY_TRAIN = [
     "model.vocab_size=8192", "model.hidden_size=32", "model.num_layers=4", "model.d_state=4",

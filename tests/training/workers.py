@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from megatron_blackmamba.config import load_config
 from megatron_blackmamba.parallel.setup import destroy
-from megatron_blackmamba.train import train
+from megatron_blackmamba.training.loop import train
 
 
 def train_job(overrides: list[str]) -> None:

@@ -36,7 +36,7 @@ from .stats import NO_SUBSET, Stats, format_table
 from .tokenizer import EOD_TOKEN, TextTokenizer, load_tokenizer
 from .writer import IndexedDatasetWriter, OutputInfo
 
-logger = logging.getLogger("data_prep")
+logger = logging.getLogger("megatron_blackmamba.data_prep")
 
 DEFAULT_SHARD_BYTES = 64 << 20
 _BATCH_DOCS = 256

@@ -12,7 +12,7 @@ The text comes from the Python standard library of the interpreter running this 
 Modules that carry third-party permission notices (as opposed to the PSF licence) are left
 out. Output is deterministic for a given Python version::
 
-    python -m data_prep.make_sample_corpus            # writes data/sample/
+    python -m megatron_blackmamba.data_prep.make_sample_corpus            # writes data/sample/
 """
 
 from __future__ import annotations

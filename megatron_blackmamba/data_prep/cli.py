@@ -1,4 +1,4 @@
-"""python -m data_prep <subcommand>: corpora -> Megatron indexed datasets and blend files.
+"""blackmamba-prep <subcommand>: corpora -> Megatron indexed datasets and blend files.
 
   build    one corpus -> PREFIX.bin/.idx (resumable: rerun the same command after a crash)
   merge    concatenate indexed datasets, or a build's shards, into one prefix
@@ -103,7 +103,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m data_prep", description=__doc__,
+    parser = _Parser(prog="blackmamba-prep", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 

@@ -1,9 +1,9 @@
-"""One config object for a whole job: model, parallelism, training, data, checkpoints, logging.
+"""The fields of a job: one dataclass per section, each field with its type, default and help.
 
-Configs are plain YAML files whose top-level keys are the sections below; any field can be
-overridden on the command line as ``section.field=value`` (the value is parsed as YAML, so
-``training.lr=3e-4`` and ``parallel.tp=2`` do what they look like). Every field has a default and
-a one-line help string, which ``python -m megatron_blackmamba.train --help-config`` prints.
+The annotations are the schema: ``Literal[...]`` fields accept only the listed values,
+``Optional[...]`` fields also take ``null`` (empty strings mean the same for optional paths), and
+the loader (``config.loader``) parses every value by its field's type, so a bad value fails when
+the config is read, not hours into a job.
 """
 
 from __future__ import annotations
@@ -11,17 +11,21 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Optional, Sequence
-
-import yaml
+from typing import Any, Literal, Optional
 
 
-def opt(default: Any, help: str, **kwargs: Any) -> Any:
+def opt(default: Any, help: str) -> Any:
     """A dataclass field carrying its one-line help text."""
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+Activation = Literal["gelu", "swiglu", "geglu"]
+Routing = Literal["sinkhorn", "aux_loss", "none"]
+# What megatron-core 0.16.1's OptimizerParamScheduler implements.
+DecayStyle = Literal["constant", "linear", "cosine", "inverse-square-root", "WSD"]
+WsdDecayStyle = Literal["linear", "cosine", "exponential", "minus_sqrt"]
 
 
 @dataclass
@@ -40,11 +44,11 @@ class ModelConfig:
     num_experts: int = opt(8, "experts per MoE layer")
     moe_topk: int = opt(1, "experts per token (BlackMamba: 1)")
     ffn_hidden_size: int = opt(0, "expert MLP width; 0 = 4 * hidden_size")
-    activation: str = opt("gelu", "expert MLP activation: gelu | swiglu | geglu (gelu-gated, as Zyphra's released code runs)")
+    activation: Activation = opt("gelu", "expert MLP activation: gelu | swiglu | geglu (gelu-gated, as Zyphra's released code runs)")
     add_bias_linear: bool = opt(False, "biases on linear layers (experts, router, mamba projections)")
     router_bias: bool = opt(False, "bias on the router logits even without add_bias_linear (Zyphra's released models)")
-    routing: str = opt("sinkhorn", "router balancing: sinkhorn (paper) | aux_loss | none")
-    sinkhorn_init: str = opt("paper", "sinkhorn start point: paper (one-iteration init) | uniform")
+    routing: Routing = opt("sinkhorn", "router balancing: sinkhorn (paper) | aux_loss | none")
+    sinkhorn_init: Literal["paper", "uniform"] = opt("paper", "sinkhorn start point: paper (one-iteration init) | uniform")
     sinkhorn_temperature: float = opt(2.0, "cost = exp(temperature * logits) inside sinkhorn")
     sinkhorn_tol: float = opt(1e-4, "sinkhorn stops when max_i |T * rowsum_i - 1| < tol (max relative token-marginal error)")
     sinkhorn_max_iters: int = opt(20, "hard cap on sinkhorn iterations")
@@ -53,7 +57,7 @@ class ModelConfig:
     fused_glu: bool = opt(True, "grouped experts' gated activation as Triton kernels on GPUs (false: megatron's)")
     fused_cross_entropy: bool = opt(True, "LM loss in one pass each way, no fp32 logits copy (false: megatron's)")
     norm_epsilon: float = opt(1e-5, "epsilon of every norm (RMSNorm, and the final LayerNorm when chosen)")
-    final_norm: str = opt("rmsnorm", "norm before the output layer: rmsnorm | layernorm (with bias, as in Zyphra's released models)")
+    final_norm: Literal["rmsnorm", "layernorm"] = opt("rmsnorm", "norm before the output layer: rmsnorm | layernorm (with bias, as in Zyphra's released models)")
     tie_embeddings: bool = opt(True, "share input embedding and output layer weights")
     init_method_std: float = opt(0.02, "std of the normal init for linear weights")
     max_seq_length: int = opt(2048, "longest training sequence")
@@ -81,12 +85,11 @@ class ParallelConfig:
     ep: int = opt(1, "expert-parallel size (experts spread over ranks)")
     etp: int = opt(0, "expert tensor-parallel size; 0 = same as tp (required when ep == 1)")
     sequence_parallel: bool = opt(False, "megatron sequence parallelism; always on when tp > 1 (megatron MoE needs it)")
-    moe_dispatcher: str = opt(
+    moe_dispatcher: Literal["auto", "local", "allgather", "alltoall"] = opt(
         "auto", "token dispatcher: auto | local | allgather | alltoall (auto: local, sync-free, when ep=tp=1; "
         "else alltoall on CUDA, allgather on CPU)")
     distributed_optimizer: bool = opt(True, "shard optimizer state across data-parallel ranks")
-    backend: str = opt("auto", "torch.distributed backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo")
-
+    backend: Literal["auto", "nccl", "gloo"] = opt("auto", "torch.distributed backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo")
 
     def resolved_etp(self) -> int:
         etp = self.etp or self.tp
@@ -105,9 +108,11 @@ class TrainingConfig:
     train_iters: int = opt(0, "optimizer steps; 0 = derive from train_tokens")
     train_tokens: float = opt(300e9, "token budget when train_iters is 0")
     lr: float = opt(2e-4, "peak learning rate")
-    min_lr: float = opt(2e-5, "learning rate at the end of cosine decay")
+    min_lr: float = opt(2e-5, "learning rate at the end of the decay")
     warmup_iters: int = opt(2000, "linear warmup steps")
-    lr_decay_style: str = opt("cosine", "decay after warmup: cosine | linear | constant")
+    lr_decay_style: DecayStyle = opt("cosine", "decay after warmup: cosine | linear | constant | inverse-square-root | WSD")
+    lr_wsd_decay_iters: int = opt(0, "with lr_decay_style=WSD: steps of the final anneal (the rest is stable at lr)")
+    lr_wsd_decay_style: WsdDecayStyle = opt("linear", "with lr_decay_style=WSD: shape of the anneal")
     weight_decay: float = opt(0.1, "AdamW weight decay")
     adam_beta1: float = opt(0.9, "AdamW beta1")
     adam_beta2: float = opt(0.95, "AdamW beta2")
@@ -115,12 +120,12 @@ class TrainingConfig:
     clip_grad: float = opt(1.0, "global gradient-norm clip")
     fused_wgrad_accumulation: bool = opt(True, "grouped experts' weight grads summed into fp32 main grads in the GEMM (false: DDP adds bf16 grads)")
     cuda_graphs: bool = opt(False, "training: replay each layer's forward and backward from CUDA graphs (megatron's local impl), so the host's launch cost no longer bounds small micro-batches; CUDA only")
-    cuda_graph_layers: str = opt("all", "with cuda_graphs: all (MoE layers too, where they are graph-safe; else Mamba only, logged) | mamba")
-    precision: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32")
+    cuda_graph_layers: Literal["all", "mamba"] = opt("all", "with cuda_graphs: all (MoE layers too, where they are graph-safe; else Mamba only, logged) | mamba")
+    precision: Literal["auto", "bf16", "fp32"] = opt("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32")
     seed: int = opt(1234, "random seed for init, data order and dropout")
     eval_interval: int = opt(1000, "steps between validation runs; 0 disables")
     eval_iters: int = opt(10, "micro-batches per validation run")
-    log_interval: int = opt(10, "steps between log lines")
+    log_interval: int = opt(10, "steps between log lines (tokens/s is averaged over them)")
     stop_after: int = opt(0, "save and exit after this many steps in this invocation (time-sliced jobs); 0 = run to the end")
 
     def resolved_train_iters(self) -> int:
@@ -131,33 +136,34 @@ class TrainingConfig:
 
 @dataclass
 class DataConfig:
-    blend: str = opt("sample", "blend file from data_prep ('w prefix w prefix ...'), or 'sample' or 'mock'")
-    valid_blend: str = opt("", "separate validation blend; empty = split train blend")
-    split: str = opt("969,30,1", "train,valid,test split of each prefix when valid_blend is empty")
-    tokenizer: str = opt("", "path to tokenizer.json; empty with blend=sample = bundled tokenizer")
+    blend: str = opt("sample", "blend file from megatron_blackmamba.data_prep ('w prefix w prefix ...'), or 'sample' or 'mock'")
+    valid_blend: Optional[str] = opt(None, "separate validation blend; null = split the train blend")
+    split: str = opt("969,30,1", "train,valid,test split of each prefix when valid_blend is null")
+    tokenizer: Optional[str] = opt(None, "path to tokenizer.json; null with blend=sample = bundled tokenizer")
     cache_dir: str = opt("data/cache", "where sample data and dataset index caches are built")
     num_workers: int = opt(1, "DataLoader worker processes")
 
 
 @dataclass
 class CheckpointConfig:
-    save: str = opt("", "directory for checkpoints; empty disables saving")
-    load: str = opt("", "directory to resume from; empty = same as save")
+    save: Optional[str] = opt(None, "directory for checkpoints; null disables saving")
+    load: Optional[str] = opt(None, "directory to resume from; null = same as save")
     save_interval: int = opt(1000, "steps between checkpoints")
-    keep_last: int = opt(3, "checkpoints kept; older ones are deleted after a save commits")
+    keep_last: int = opt(3, "checkpoints kept; older ones are deleted after a save commits; 0 keeps all")
     finetune: bool = opt(False, "load weights only, reset optimizer, scheduler and step")
 
 
 @dataclass
 class LoggingConfig:
-    tensorboard_dir: str = opt("", "tensorboard event dir; empty disables")
-    wandb_project: str = opt("", "wandb project; empty disables wandb")
-    wandb_mode: str = opt("offline", "wandb mode: offline (no network) | online | disabled")
-    wandb_dir: str = opt("", "wandb run dir; empty = <checkpoint.save or runs>/wandb")
+    tensorboard_dir: Optional[str] = opt(None, "tensorboard event dir; null disables")
+    wandb_project: Optional[str] = opt(None, "wandb project; null disables wandb")
+    wandb_mode: Literal["offline", "online", "disabled"] = opt("offline", "wandb mode: offline (no network) | online | disabled")
+    wandb_dir: Optional[str] = opt(None, "wandb run dir; null = <checkpoint.save or runs>/wandb")
     run_name: str = opt("blackmamba", "run name for loggers")
     progress_bar: bool = opt(True, "tqdm progress bar on rank 0")
-    metrics_jsonl: str = opt("", "append one JSON line of metrics per step to this file (rank 0); empty disables")
+    metrics_jsonl: Optional[str] = opt(None, "append one JSON line of metrics per step to this file (rank 0); null disables")
     verbose: bool = opt(False, "show megatron-core's INFO logs (dataset, DDP bucket details)")
+    all_ranks: bool = opt(False, "every rank logs at INFO (default: rank 0 only; other ranks warnings and errors)")
     expert_load_interval: int = opt(0, "steps between per-layer expert-load logs; 0 = log_interval")
     peak_tflops: float = opt(0.0, "per-device peak for MFU; 0 = GPU datasheet by name, or measured GEMM on CPU")
 
@@ -173,92 +179,3 @@ class JobConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _apply(section_obj: Any, values: dict, where: str) -> None:
-    fields = {f.name: f for f in dataclasses.fields(section_obj)}
-    for key, value in values.items():
-        if key not in fields:
-            raise ValueError(f"{where}: unknown field {key!r}; valid fields: {', '.join(sorted(fields))}")
-        current = getattr(section_obj, key)
-        if isinstance(current, bool) and not isinstance(value, bool):
-            raise ValueError(f"{where}.{key}: expected true/false, got {value!r}")
-        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float):
-            if not value.is_integer():
-                raise ValueError(f"{where}.{key}: expected an integer, got {value!r}")
-            value = int(value)
-        if type(current) is not type(value):
-            raise ValueError(f"{where}.{key}: expected {type(current).__name__}, got {value!r}")
-        setattr(section_obj, key, value)
-
-
-def apply_dict(cfg: JobConfig, values: dict, where: str) -> JobConfig:
-    for section, body in values.items():
-        if not hasattr(cfg, section) or not dataclasses.is_dataclass(getattr(cfg, section)):
-            names = ", ".join(f.name for f in dataclasses.fields(cfg))
-            raise ValueError(f"{where}: unknown section {section!r}; valid sections: {names}")
-        if not isinstance(body, dict):
-            raise ValueError(f"{where}: section {section!r} must be a mapping, got {body!r}")
-        _apply(getattr(cfg, section), body, f"{where}: {section}")
-    return cfg
-
-
-def parse_override(text: str) -> dict:
-    """'training.lr=3e-4' -> {'training': {'lr': 0.0003}}."""
-    if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise ValueError(f"override {text!r} must look like section.field=value (e.g. parallel.tp=2)")
-    key, raw = text.split("=", 1)
-    section, name = key.split(".", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
-    if isinstance(value, str) and _looks_like_float(value):
-        value = float(value)
-    return {section: {name: value}}
-
-
-def _looks_like_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> JobConfig:
-    """Defaults, then the YAML file, then command-line overrides (last wins)."""
-    cfg = JobConfig()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} not found; configs/ lists the shipped ones")
-        with path.open() as f:
-            raw = yaml.safe_load(f) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: top level must be a mapping of sections")
-        apply_dict(cfg, _float_strings(raw), str(path))
-    for text in overrides:
-        apply_dict(cfg, parse_override(text), f"override {text!r}")
-    cfg.model.resolved_layer_pattern()
-    return cfg
-
-
-def _float_strings(raw: dict) -> dict:
-    """YAML 1.1 reads '3e-4' as a string; treat numeric-looking strings as floats."""
-    out = {}
-    for section, body in raw.items():
-        if isinstance(body, dict):
-            body = {k: float(v) if isinstance(v, str) and _looks_like_float(v) else v for k, v in body.items()}
-        out[section] = body
-    return out
-
-
-def describe() -> str:
-    """Every field with its default and help text, for --help-config."""
-    lines = []
-    for section in dataclasses.fields(JobConfig):
-        lines.append(f"[{section.name}]")
-        for f in dataclasses.fields(section.default_factory()):
-            default = getattr(section.default_factory(), f.name)
-            lines.append(f"  {section.name}.{f.name} = {default!r}  # {f.metadata.get('help', '')}")
-    return "\n".join(lines)

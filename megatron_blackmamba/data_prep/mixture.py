@@ -12,7 +12,7 @@ Config format (see ``configs/data/blackmamba_paper_mixture.yaml``)::
     tokenizer: path/to/tokenizer.json   # optional; --tokenizer overrides
     sources:
       - name: pile               # [A-Za-z0-9_.-]+, unique; output is DIR/pile/pile_text_document
-        reader: pile             # python -m data_prep readers
+        reader: pile             # blackmamba-prep readers
         inputs: ["${DATA_ROOT}/pile/train/*.jsonl.zst"]   # globs, ~ and $VARS expanded
         weight: 0.3
         filters: {include_subsets: [], exclude_subsets: [Books3]}   # optional

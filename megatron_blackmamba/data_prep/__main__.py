@@ -1,4 +1,4 @@
-"""``python -m data_prep``: see :mod:`data_prep.cli`."""
+"""``blackmamba-prep``: see :mod:`megatron_blackmamba.data_prep.cli`."""
 
 import sys
 

@@ -7,7 +7,7 @@ A reader has two halves because of where they run:
   file's content, which is what makes shard boundaries - and so the output bytes - identical
   on every run, whatever the worker count and however often the run is interrupted.
 * :meth:`Reader.read` runs in a worker and yields the documents of one shard. Bad records are
-  reported to an :class:`~data_prep.issues.IssueLog` with their file and line/row.
+  reported to an :class:`~megatron_blackmamba.data_prep.issues.IssueLog` with their file and line/row.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """data_prep: raw corpora -> Megatron indexed datasets (``PREFIX.bin/.idx``) and blend files.
 
-Command line: ``python -m data_prep --help`` (subcommands build, merge, mixture, readers,
+Command line: ``blackmamba-prep --help`` (subcommands build, merge, mixture, readers,
 sample). Python API for the training side:
 
 * :func:`ensure_sample_dataset` ``(cache_dir) -> prefix`` - the bundled sample, built once.
