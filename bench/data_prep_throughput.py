@@ -1,5 +1,6 @@
-"""Throughput of ``data_prep build`` against a baseline in the style of Megatron-LM's
-``tools/preprocess_data.py``, on the same input and tokenizer, with 1 and 2 workers.
+"""Throughput of ``blackmamba-prep build`` against Megatron-LM's own ``tools/preprocess_data.py``
+(from a local checkout, ``--megatron-lm PATH``) and a baseline in its style, on the same input
+and tokenizer, side by side at each worker count.
 
 The input is a >= ``--size-mb`` (uncompressed) Pile-format jsonl.zst of synthetic but realistic
 text: documents recombined at random from the paragraphs of the bundled sample corpus (Python
@@ -10,8 +11,13 @@ The baseline mirrors preprocess_data.py: the main process reads lines, a ``multi
 maps them (``imap``, chunks of 32) to workers that ``json.loads`` and encode one document at a
 time, and the main process appends each document with ``IndexedDatasetBuilder.add_document``.
 Both tools use one tokenizer thread per worker (TOKENIZERS_PARALLELISM=false) and must produce
-byte-identical outputs, which is checked.
+byte-identical outputs, which is checked. Megatron-LM's script reads plain jsonl (a decompressed
+copy of the corpus, which every tool then reads) and loads the tokenizer through transformers'
+AutoTokenizer (``--tokenizer-type HuggingFaceTokenizer``); its token ids are compared with ours
+document by document, and the first difference is shown. Without ``--megatron-lm`` (or when its
+imports fail, e.g. without triton) that column is skipped with the reason.
 
+    python bench/data_prep_throughput.py --megatron-lm ~/src/Megatron-LM --workers 1,2,4,8
     python bench/data_prep_throughput.py                 # 200 MB, workers 1 and 2
     python bench/data_prep_throughput.py --size-mb 20    # quick
     python bench/data_prep_throughput.py --dry-run       # print the plan, exit
@@ -21,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import filecmp
-import io
 import json
 import multiprocessing
 import os
@@ -32,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -107,7 +114,6 @@ def baseline(input_path: Path, tokenizer_path: str, prefix: str, workers: int) -
     """preprocess_data.py's approach; returns (documents, tokens)."""
     import warnings
 
-    import zstandard
     from tokenizers import Tokenizer
 
     with warnings.catch_warnings():
@@ -117,8 +123,7 @@ def baseline(input_path: Path, tokenizer_path: str, prefix: str, workers: int) -
     dtype = optimal_dtype(Tokenizer.from_file(tokenizer_path).get_vocab_size(True))
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
     documents = tokens = 0
-    with open(input_path, "rb") as raw:
-        lines = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw), "utf-8")
+    with open(input_path, encoding="utf-8") as lines:
         with multiprocessing.Pool(workers, _init_baseline_worker, (tokenizer_path,)) as pool:
             for ids, _ in pool.imap(_encode_line, lines, 32):
                 builder.add_document(ids, [len(ids)])
@@ -126,6 +131,57 @@ def baseline(input_path: Path, tokenizer_path: str, prefix: str, workers: int) -
                 tokens += len(ids)
     builder.finalize(prefix + ".idx")
     return documents, tokens
+
+
+# ----------------------------------------------------------------------- Megatron-LM itself
+
+def plain_copy(corpus: Path) -> Path:
+    """The corpus decompressed to .jsonl (what preprocess_data.py reads), cached beside it."""
+    path = corpus.with_suffix("")  # x.jsonl.zst -> x.jsonl
+    if not path.exists():
+        with AtomicFile(str(path)) as out:
+            for chunk in decompressed_chunks(str(corpus)):
+                out.write(chunk)
+    return path
+
+
+def megatron_lm(checkout: Path, input_path: Path, tokenizer_path: str, prefix: str, workers: int) -> str:
+    """Run the checkout's tools/preprocess_data.py; returns its output prefix. Raises
+    RuntimeError with the tail of its output if it fails."""
+    import subprocess
+
+    model_dir = Path(prefix + "-tokenizer")
+    model_dir.mkdir(exist_ok=True)
+    (model_dir / "tokenizer.json").write_bytes(Path(tokenizer_path).read_bytes())
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOD_TOKEN}))
+    command = [sys.executable, str(checkout / "tools" / "preprocess_data.py"), "--input", str(input_path),
+               "--output-prefix", prefix, "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+               str(model_dir), "--workers", str(workers), "--append-eod", "--log-interval", "100000000"]
+    env = {**os.environ, "PYTHONPATH": f"{checkout}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError((result.stdout + result.stderr).strip().splitlines()[-1])
+    return prefix + "_text_document"
+
+
+def compare_ids(ours: str, theirs: str) -> str:
+    """'same' or where the two datasets' token ids first differ."""
+    from megatron_blackmamba.data_prep.writer import bin_path, read_index
+
+    docs = []
+    for prefix in (ours, theirs):
+        header, lengths, _ = read_index(prefix)
+        data = np.memmap(bin_path(prefix), np.dtype(header.dtype), "r")
+        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        docs.append((data, offsets))
+    (a, ao), (b, bo) = docs
+    if len(ao) != len(bo):
+        return f"{len(ao) - 1} vs {len(bo) - 1} documents"
+    for i in range(len(ao) - 1):
+        x, y = a[ao[i]:ao[i + 1]], b[bo[i]:bo[i + 1]]
+        if len(x) != len(y) or not np.array_equal(x, y):
+            return f"document {i} differs: {x[:8].tolist()}... ({len(x)}) vs {y[:8].tolist()}... ({len(y)})"
+    return "same"
 
 
 # ----------------------------------------------------------------------- main
@@ -140,16 +196,25 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="tokenizer.json (default: the bundled sample tokenizer)")
     parser.add_argument("--shard-size-mb", type=float, default=16.0,
                         help="data_prep shard size (default %(default)g)")
+    parser.add_argument("--megatron-lm", type=Path, default=None,
+                        help="a Megatron-LM checkout whose tools/preprocess_data.py runs beside ours")
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(),
                                                             "data_prep_bench"))
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     args = parser.parse_args(argv)
     workers = [int(w) for w in args.workers.split(",")]
     cache = Path(args.cache_dir)
-    print(f"input: {args.size_mb:g} MB synthetic jsonl.zst in {cache}; tokenizer {args.tokenizer}; "
+    peer = args.megatron_lm
+    peer_note = None
+    if peer is None:
+        peer_note = "Megatron-LM: skipped (no --megatron-lm checkout given)"
+    elif not (peer / "tools" / "preprocess_data.py").is_file():
+        peer_note = f"Megatron-LM: skipped ({peer}/tools/preprocess_data.py not found)"
+    print(f"input: {args.size_mb:g} MB synthetic jsonl in {cache}; tokenizer {args.tokenizer}; "
           f"workers {workers}; data_prep shards of {args.shard_size_mb:g} MB")
     print(f"machine: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
           f"TOKENIZERS_PARALLELISM={os.environ['TOKENIZERS_PARALLELISM']}")
+    print(peer_note or f"Megatron-LM: {peer / 'tools' / 'preprocess_data.py'}")
     if not os.path.isfile(args.tokenizer):
         print(f"error: tokenizer not found: {args.tokenizer}", file=sys.stderr)
         return 1
@@ -157,36 +222,48 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     start = time.perf_counter()
-    corpus = synthetic_corpus(cache, args.size_mb)
-    input_bytes = sum(len(c) for c in decompressed_chunks(str(corpus)))  # also warms the cache
-    print(f"corpus {corpus} ({corpus.stat().st_size / 1e6:.1f} MB compressed, "
-          f"{input_bytes / 1e6:.1f} MB text) ready in {time.perf_counter() - start:.1f} s")
+    corpus = plain_copy(synthetic_corpus(cache, args.size_mb))
+    input_bytes = corpus.stat().st_size
+    print(f"corpus {corpus} ({input_bytes / 1e6:.1f} MB text) ready in {time.perf_counter() - start:.1f} s")
 
     rows = []
     with tempfile.TemporaryDirectory(dir=cache) as out:
         for count in workers:
-            base_prefix = os.path.join(out, f"baseline-{count}")
-            start = time.perf_counter()
-            docs, tokens = baseline(corpus, args.tokenizer, base_prefix, count)
-            base_s = time.perf_counter() - start
-
+            timings: List[Tuple[str, float, str]] = []
             ours_prefix = os.path.join(out, f"data_prep-{count}")
             start = time.perf_counter()
             result = build(BuildSpec(reader="pile", inputs=(str(corpus),),
                                      tokenizer=args.tokenizer, output=ours_prefix,
                                      workers=count, progress=False,
                                      shard_bytes=int(args.shard_size_mb * (1 << 20))))
-            ours_s = time.perf_counter() - start
+            timings.append(("blackmamba-prep", time.perf_counter() - start, "-"))
+            docs, tokens = result.output.documents, result.output.tokens
+
+            base_prefix = os.path.join(out, f"baseline-{count}")
+            start = time.perf_counter()
+            assert baseline(corpus, args.tokenizer, base_prefix, count) == (docs, tokens)
             identical = all(filecmp.cmp(base_prefix + ext, ours_prefix + ext, shallow=False)
                             for ext in (".bin", ".idx"))
-            assert result.output.documents == docs and result.output.tokens == tokens
-            for tool, seconds in (("megatron-style baseline", base_s), ("data_prep", ours_s)):
-                rows.append((tool, count, f"{seconds:.1f}", f"{docs / seconds:,.0f}",
-                             f"{tokens / seconds:,.0f}", f"{input_bytes / seconds / 1e6:.2f}",
-                             f"{base_s / seconds:.2f}x", "yes" if identical else "NO"))
+            timings.append(("megatron-style baseline", time.perf_counter() - start,
+                            "same bytes" if identical else "BYTES DIFFER"))
+            if peer_note is None:
+                start = time.perf_counter()
+                try:
+                    theirs = megatron_lm(peer, corpus, args.tokenizer, os.path.join(out, f"mlm-{count}"), count)
+                    timings.append(("Megatron-LM preprocess_data.py", time.perf_counter() - start,
+                                    compare_ids(ours_prefix, theirs)))
+                except RuntimeError as error:
+                    peer_note = f"Megatron-LM: skipped ({error})"
+            reference = timings[2][1] if len(timings) > 2 else timings[1][1]
+            for tool, seconds, same in timings:
+                rows.append((tool, count, f"{seconds:.1f}", f"{tokens / seconds:,.0f}",
+                             f"{tokens / seconds / count:,.0f}", f"{input_bytes / seconds / 1e6:.2f}",
+                             f"{reference / seconds:.2f}x", same))
     print(f"{docs:,} documents, {tokens:,} tokens")
-    print(format_table(("tool", "workers", "wall s", "docs/s", "tokens/s", "MB/s",
-                        "speed vs baseline", "same bytes"), rows))
+    if peer_note:
+        print(peer_note)
+    print(format_table(("tool", "workers", "wall s", "tokens/s", "tokens/s per worker", "MB/s",
+                        "speed vs " + ("Megatron-LM" if peer_note is None else "baseline"), "token ids"), rows))
     return 0
 
 

@@ -15,6 +15,7 @@ it is written, so tests can kill a run mid-way.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import multiprocessing
 import os
@@ -33,6 +34,8 @@ from .merge import merge_indexed_datasets
 from .readers import Document, Reader, Split, get_reader
 from .shards import FileLock, Manifest, output_intact, remove_outputs, shard_id
 from .stats import NO_SUBSET, Stats, format_table
+from .tasks import (TaskSpec, all_task_states, check_plan, finalize_problems, lock_task, merged_intact,
+                    ordered_shard_prefixes, task_files)
 from .tokenizer import EOD_TOKEN, TextTokenizer, load_tokenizer
 from .writer import IndexedDatasetWriter, OutputInfo
 
@@ -61,6 +64,9 @@ class BuildSpec:
     keep_shards: bool = False
     restart: bool = False
     progress: bool = True
+    reader_options: Tuple[Tuple[str, str], ...] = ()  # jsonl: text_key; pg19: split
+    task: TaskSpec = TaskSpec()
+    finalize: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,7 @@ class _Job:
     """What a worker needs besides the shard itself (small, pickled with every task)."""
 
     reader: str
+    reader_options: Tuple[Tuple[str, str], ...]
     tokenizer: str
     eod_token: str
     include: Tuple[str, ...]
@@ -115,33 +122,67 @@ class BuildResult:
                  f"{self.output.tokens:,} tokens ({self.dtype}, EOD id {self.eod})",
                  f"inputs: {self.inputs} files, {self.shards} shards "
                  f"({self.reused_shards} reused from an earlier run)"]
-        total = max(self.stats.tokens, 1)
-        rows = [(name, docs, tokens, f"{100 * tokens / total:.1f}%")
-                for name, (docs, tokens) in sorted(self.stats.subsets.items())]
-        rows.append(("total", self.stats.documents, self.stats.tokens, "100.0%"))
-        lines.append(format_table(("subset", "documents", "tokens", "share"), rows))
-        if self.stats.skipped:
-            lines.append("skipped records (not in the output): " + ", ".join(
-                f"{reason} {count:,}" for reason, count in sorted(self.stats.skipped.items())))
-            lines.extend(f"  e.g. {messages[0]}"
-                         for _, messages in sorted(self.stats.examples.items()) if messages)
-        else:
-            lines.append("skipped records: none")
-        if self.stats.filtered:
-            lines.append("filtered out by subset: " + ", ".join(
-                f"{name} {count:,}" for name, count in sorted(self.stats.filtered.items())))
-        return "\n".join(lines + self.notes)
+        return "\n".join(lines + stats_lines(self.stats) + self.notes)
 
 
-def build(spec: BuildSpec) -> BuildResult:
-    """Build (or resume, or find already built) the indexed dataset ``spec.output``."""
-    reader = get_reader(spec.reader)
+@dataclass
+class TaskResult:
+    """One finished task of a multi-task build (its shards; the merge is ``--finalize``'s)."""
+
+    reader: str
+    prefix: str
+    task: TaskSpec
+    files: int
+    shards: int
+    reused_shards: int
+    stats: Stats
+    notes: List[str] = field(default_factory=list)
+
+    def report(self) -> str:
+        lines = [f"{self.reader}: {self.task.name} of {self.prefix} - {self.files} input files, {self.shards} "
+                 f"shards ({self.reused_shards} reused), {self.stats.documents:,} documents, "
+                 f"{self.stats.tokens:,} tokens",
+                 "run the same command with --finalize once every task is complete"]
+        return "\n".join(lines + stats_lines(self.stats) + self.notes)
+
+
+def stats_lines(stats: Stats) -> List[str]:
+    """Per-subset counts, skipped records with an example each, filtered subsets."""
+    total = max(stats.tokens, 1)
+    rows = [(name, docs, tokens, f"{100 * tokens / total:.1f}%")
+            for name, (docs, tokens) in sorted(stats.subsets.items())]
+    rows.append(("total", stats.documents, stats.tokens, "100.0%"))
+    lines = [format_table(("subset", "documents", "tokens", "share"), rows)]
+    if stats.skipped:
+        lines.append("skipped records (not in the output): " + ", ".join(
+            f"{reason} {count:,}" for reason, count in sorted(stats.skipped.items())))
+        lines.extend(f"  e.g. {messages[0]}" for _, messages in sorted(stats.examples.items()) if messages)
+    else:
+        lines.append("skipped records: none")
+    if stats.filtered:
+        lines.append("filtered out by subset: " + ", ".join(
+            f"{name} {count:,}" for name, count in sorted(stats.filtered.items())))
+    if stats.titled:
+        lines.append(f"titled from the corpus metadata: {stats.titled:,} of {stats.documents:,} documents")
+    return lines
+
+
+def build(spec: BuildSpec) -> BuildResult | TaskResult:
+    """Build (or resume, or find already built) the indexed dataset ``spec.output``; with
+    ``spec.task.count > 1`` only this task's part, and with ``spec.finalize`` the merge of all."""
+    reader = get_reader(spec.reader, **dict(spec.reader_options))
     inputs = reader.expand(spec.inputs)
     tokenizer = load_tokenizer(spec.tokenizer, spec.eod_token)
     output = os.path.abspath(spec.output)
     work_dir = output + ".shards"
     config = _config(spec, inputs, tokenizer)
     os.makedirs(work_dir, exist_ok=True)
+    if spec.task.count > 1 and spec.restart:
+        raise InputError(f"--restart discards the whole build: remove {work_dir} once, then submit the tasks again")
+    if spec.finalize:
+        return _finalize(spec, inputs, tokenizer, output, work_dir, config)
+    if spec.task.count > 1:
+        return _build_task(spec, reader, inputs, tokenizer, output, work_dir, config)
     lock = FileLock(os.path.join(work_dir, "lock"), wait=False)
     try:
         manifest = Manifest.open(work_dir, config, spec.restart)
@@ -152,22 +193,101 @@ def build(spec: BuildSpec) -> BuildResult:
             result = _result(spec, output, tokenizer, merged, len(inputs))
             result.notes.append("already built by an earlier run: nothing to do")
             return result
+        if os.path.exists(os.path.join(work_dir, "plan.json")):
+            raise InputError(f"{work_dir} holds a build split into tasks: rerun with its --num-tasks, or "
+                             "--finalize, or --restart to discard it")
         manifest.merged = None
         manifest.remove_temp_files()
-        return _build(spec, reader, inputs, tokenizer, output, manifest)
+        totals, progress = _build_shards(spec, reader, inputs, range(len(inputs)), tokenizer, manifest)
+        return _merge(spec, tokenizer, output, len(inputs), manifest.complete_shard_prefixes(), totals,
+                      progress.reused_shards, manifest)
     finally:
         lock.release()
 
 
-def _build(spec: BuildSpec, reader: Reader, inputs: List[str], tokenizer: TextTokenizer,
-           output: str, manifest: Manifest) -> BuildResult:
-    job = _Job(spec.reader, tokenizer.path, spec.eod_token, tuple(spec.include_subsets),
-               tuple(spec.exclude_subsets), spec.strict)
+def _build_task(spec: BuildSpec, reader: Reader, inputs: List[str], tokenizer: TextTokenizer, output: str,
+                work_dir: str, config: Dict[str, object]) -> TaskResult:
+    """This task's files into its own folder; the merge waits for ``--finalize``."""
+    check_plan(work_dir, output, config, spec.task.count, create=True)
+    if merged_intact(work_dir, output):
+        raise InputError(f"{output}.bin/.idx is already finalized from every task: nothing to do")
+    folder, lock = lock_task(work_dir, spec.task)
+    try:
+        manifest = Manifest.open(folder, {**config, "task": [spec.task.index, spec.task.count]}, False)
+        manifest.remove_temp_files()
+        files = task_files(config, spec.task)
+        totals, progress = _build_shards(spec, reader, inputs, files, tokenizer, manifest)
+        manifest.complete_shard_prefixes(files)  # every shard there, or a clear error
+        manifest.complete = True
+        return TaskResult(spec.reader, output, spec.task, len(files), progress.processed_shards
+                          + progress.reused_shards, progress.reused_shards, totals)
+    finally:
+        lock.release()
+
+
+def _finalize(spec: BuildSpec, inputs: List[str], tokenizer: TextTokenizer, output: str, work_dir: str,
+              config: Dict[str, object]) -> BuildResult:
+    """Merge every task's shards in input order, once all tasks are complete."""
+    lock = FileLock(os.path.join(work_dir, "lock"), wait=False)
+    try:
+        manifest = Manifest.open(work_dir, config, False)
+        merged = manifest.merged
+        if merged and output_intact(output, merged["output"]):
+            result = _result(spec, output, tokenizer, merged, len(inputs))
+            result.notes.append("already finalized by an earlier run: nothing to do")
+            return result
+        plan = check_plan(work_dir, output, config, spec.task.count if spec.task.count > 1 else
+                          _planned_tasks(work_dir), create=False)
+        states = all_task_states(work_dir, config, plan["num_tasks"])
+        problems = finalize_problems(states)
+        if problems:
+            raise InputError(f"cannot finalize {output}: {len(problems)} of {len(states)} tasks are not "
+                             "complete\n  " + "\n  ".join(problems))
+        totals = Stats()
+        for state in states:
+            totals.update(state.stats)
+        prefixes = ordered_shard_prefixes(work_dir, config, plan["num_tasks"])
+        return _merge(spec, tokenizer, output, len(inputs), prefixes, totals, 0, manifest)
+    finally:
+        lock.release()
+
+
+def _planned_tasks(work_dir: str) -> int:
+    """The task count of the build in ``work_dir`` (for --finalize without --num-tasks)."""
+    try:
+        with open(os.path.join(work_dir, "plan.json"), encoding="utf-8") as f:
+            return int(json.load(f)["num_tasks"])
+    except FileNotFoundError:
+        raise InputError(f"{work_dir}/plan.json does not exist: no task of this build has started "
+                         "(submit the task array first)") from None
+
+
+def _merge(spec: BuildSpec, tokenizer: TextTokenizer, output: str, n_inputs: int, shard_prefixes: List[str],
+           totals: Stats, reused: int, manifest: Manifest) -> BuildResult:
+    if not totals.documents:
+        raise InputError(f"{spec.reader}: no documents left to write (skipped: {totals.skipped}, "
+                         f"filtered: {totals.filtered}); see the messages above")
+    info = merge_indexed_datasets(shard_prefixes, output)
+    manifest.merged = {"output": info.to_json(), "stats": totals.to_json(),
+                       "shards": len(shard_prefixes), "reused_shards": reused}
+    if not spec.keep_shards:
+        remove_outputs(shard_prefixes)
+    return _result(spec, output, tokenizer, manifest.merged, n_inputs)
+
+
+def _build_shards(spec: BuildSpec, reader: Reader, inputs: List[str], file_indices: Iterable[int],
+                  tokenizer: TextTokenizer, manifest: Manifest) -> Tuple[Stats, "_Progress"]:
+    """Every shard of the files ``file_indices`` (into ``inputs``) built or reused; returns the
+    counts of them all."""
+    job = _Job(spec.reader, spec.reader_options, tokenizer.path, spec.eod_token,
+               tuple(spec.include_subsets), tuple(spec.exclude_subsets), spec.strict)
     totals = Stats()
-    progress = _Progress(spec.progress, f"{spec.reader} -> {os.path.basename(output)}")
+    label = os.path.basename(spec.output) + (f" {spec.task.name}" if spec.task.count > 1 else "")
+    progress = _Progress(spec.progress, f"{spec.reader} -> {label}")
 
     def tasks() -> Iterator[_Task]:
-        for file_index, path in enumerate(inputs):
+        for file_index in file_indices:
+            path = inputs[file_index]
             file_issues = IssueLog(spec.strict)
             shards = 0
             for split in reader.split(path, spec.shard_bytes, file_issues):
@@ -201,16 +321,7 @@ def _build(spec: BuildSpec, reader: Reader, inputs: List[str], tokenizer: TextTo
     finally:
         manifest.save(force=True)
         progress.close()
-    if not totals.documents:
-        raise InputError(f"{spec.reader}: no documents left to write (skipped: {totals.skipped}, "
-                         f"filtered: {totals.filtered}); see the messages above")
-    shard_prefixes = manifest.complete_shard_prefixes()
-    info = merge_indexed_datasets(shard_prefixes, output)
-    manifest.merged = {"output": info.to_json(), "stats": totals.to_json(),
-                       "shards": len(shard_prefixes), "reused_shards": progress.reused_shards}
-    if not spec.keep_shards:
-        remove_outputs(shard_prefixes)
-    return _result(spec, output, tokenizer, manifest.merged, len(inputs))
+    return totals, progress
 
 
 def _config(spec: BuildSpec, inputs: List[str], tokenizer: TextTokenizer) -> Dict[str, object]:
@@ -219,7 +330,8 @@ def _config(spec: BuildSpec, inputs: List[str], tokenizer: TextTokenizer) -> Dic
     for path in inputs:
         stat = os.stat(path)
         files.append({"path": path, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
-    return {"reader": spec.reader, "inputs": files, "shard_bytes": spec.shard_bytes,
+    options = {"reader_options": dict(spec.reader_options)} if spec.reader_options else {}
+    return {"reader": spec.reader, **options, "inputs": files, "shard_bytes": spec.shard_bytes,
             "tokenizer_sha256": file_sha256(tokenizer.path), "eod_token": spec.eod_token,
             "eod_id": tokenizer.eod, "dtype": np.dtype(tokenizer.dtype).name,
             "include_subsets": sorted(spec.include_subsets),
@@ -248,12 +360,13 @@ def _process_shard(task: _Task, job: _Job) -> _Result:
     stats = Stats()
     writer = IndexedDatasetWriter(task.prefix, tokenizer.dtype)
     try:
-        documents = get_reader(job.reader).read(task.path, task.split, issues)
+        documents = get_reader(job.reader, **dict(job.reader_options)).read(task.path, task.split, issues)
         for batch in _batches(documents, job, stats):
             ids = tokenizer.encode_documents([doc.text for doc in batch])
             writer.add_documents(ids)
             for doc, doc_ids in zip(batch, ids):
                 stats.add_document(doc.subset, len(doc_ids))
+                stats.titled += bool(doc.title)
         output = writer.finalize()
     except BaseException:
         writer.abort()

@@ -120,6 +120,26 @@ def _number(where: str, key: str, value: Any) -> float:
     return number
 
 
+def build_arguments(mixture: Mixture, output_dir: str, tokenizer: Optional[str] = None,
+                    eod_token: str = EOD_TOKEN, shard_bytes: int = DEFAULT_SHARD_BYTES) -> List[Tuple[str, List[str]]]:
+    """(source name, ``blackmamba-prep build`` arguments) per source: what ``run_mixture``
+    builds, for running each source as its own job array (launch/prep_submit.sh)."""
+    tokenizer = tokenizer or mixture.tokenizer
+    if not tokenizer:
+        raise InputError("no tokenizer: pass --tokenizer or set 'tokenizer' in the mixture config")
+    builds = []
+    for source in mixture.sources:
+        args = ["--reader", source.reader, "--input", *source.inputs, "--tokenizer", tokenizer,
+                "--output", source_prefix(output_dir, source.name), "--eod-token", eod_token,
+                "--shard-size-mb", f"{shard_bytes / (1 << 20):g}"]
+        for name in source.include_subsets:
+            args += ["--include-subset", name]
+        for name in source.exclude_subsets:
+            args += ["--exclude-subset", name]
+        builds.append((source.name, args))
+    return builds
+
+
 def source_prefix(output_dir: str, name: str) -> str:
     return os.path.join(os.path.abspath(output_dir), name, f"{name}_text_document")
 

@@ -45,7 +45,8 @@ class Manifest:
         self.work_dir = work_dir
         self.path = os.path.join(work_dir, "manifest.json")
         self.data: Dict[str, Any] = {"format": FORMAT, "config": config, "files": {},
-                                     "shards": {}, "merged": None}
+                                     "shards": {}, "merged": None, "complete": False,
+                                     "started_at": time.time(), "updated_at": None}
         self._saved_at = 0.0
 
     @classmethod
@@ -86,11 +87,13 @@ class Manifest:
         manifest.data = data
         return manifest
 
-    def complete_shard_prefixes(self) -> List[str]:
-        """Every shard of every input in order, checking that each is finished and present."""
+    def complete_shard_prefixes(self, file_indices: Optional[List[int]] = None) -> List[str]:
+        """Every shard of every input (or of ``file_indices``) in order, checking that each is
+        finished and present."""
         inputs = self.data["config"]["inputs"]
         prefixes = []
-        for index, source in enumerate(inputs):
+        for index in range(len(inputs)) if file_indices is None else file_indices:
+            source = inputs[index]
             record = self.data["files"].get(str(index))
             if record is None:
                 raise InputError(f"{self.path}: {source['path']} was not fully read; "
@@ -120,13 +123,23 @@ class Manifest:
 
     def finish_shard(self, sid: str, stats: Stats, output: OutputInfo) -> None:
         entry = self.data["shards"][sid]
-        entry.update(status="done", stats=stats.to_json(), output=output.to_json())
+        entry.update(status="done", stats=stats.to_json(), output=output.to_json(), finished_at=time.time())
         self.save()
 
     def record_file(self, index: int, path: str, shards: int, stats: Stats) -> None:
         """A fully split input: its shard count and the records lost while reading it."""
         self.data["files"][str(index)] = {"path": path, "shards": shards,
                                           "stats": stats.to_json()}
+
+    @property
+    def complete(self) -> bool:
+        """Every file of this manifest's build (or task) is split and every shard done."""
+        return bool(self.data.get("complete"))
+
+    @complete.setter
+    def complete(self, value: bool) -> None:
+        self.data["complete"] = value
+        self.save(force=True)
 
     @property
     def merged(self) -> Optional[Dict[str, Any]]:
@@ -142,6 +155,7 @@ class Manifest:
         means a finished shard is redone)."""
         now = time.monotonic()
         if force or now - self._saved_at >= _SAVE_INTERVAL_S:
+            self.data["updated_at"] = time.time()
             write_json_atomic(self.path, self.data)
             self._saved_at = now
 

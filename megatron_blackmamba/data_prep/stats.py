@@ -22,6 +22,7 @@ class Stats:
     skipped: Dict[str, int] = field(default_factory=dict)
     filtered: Dict[str, int] = field(default_factory=dict)
     examples: Dict[str, List[str]] = field(default_factory=dict)  # reason -> first messages
+    titled: int = 0  # documents whose corpus names them (e.g. PG-19 books found in metadata.csv)
 
     @property
     def documents(self) -> int:
@@ -51,16 +52,18 @@ class Stats:
         for reason, messages in other.examples.items():
             mine = self.examples.setdefault(reason, [])
             mine.extend(messages[: max(0, EXAMPLES_PER_REASON - len(mine))])
+        self.titled += other.titled
 
     def to_json(self) -> Dict[str, object]:
         return {"documents": self.documents, "tokens": self.tokens, "subsets": self.subsets,
-                "skipped": self.skipped, "filtered": self.filtered, "examples": self.examples}
+                "skipped": self.skipped, "filtered": self.filtered, "examples": self.examples,
+                "titled": self.titled}
 
     @classmethod
     def from_json(cls, data: Dict) -> "Stats":
         return cls({k: list(v) for k, v in data.get("subsets", {}).items()},
                    dict(data.get("skipped", {})), dict(data.get("filtered", {})),
-                   {k: list(v) for k, v in data.get("examples", {}).items()})
+                   {k: list(v) for k, v in data.get("examples", {}).items()}, int(data.get("titled", 0)))
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -132,4 +132,4 @@ def test_readers_cli():
     listed = run_cli("readers")
     assert listed.returncode == 0
     assert [line.split()[0] for line in listed.stdout.splitlines()] == [
-        "pile", "slimpajama", "starcoder", "pes2o", "proofpile", "pg19"]
+        "pile", "slimpajama", "starcoder", "pes2o", "proofpile", "pg19", "jsonl"]

@@ -104,7 +104,7 @@ def _run_sbatch(env, *args, timeout=60):
 
 def test_every_launch_script_passes_bash_n():
     scripts = sorted(LAUNCH.glob("*.sh")) + sorted(LAUNCH.glob("*.sbatch"))
-    assert {p.name for p in scripts} >= {"local.sh", "blackmamba.sbatch"}
+    assert {p.name for p in scripts} >= {"local.sh", "blackmamba.sbatch", "prep.sbatch", "prep_submit.sh"}
     for script in scripts:
         result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert result.returncode == 0, f"{script.name}: {result.stderr}"

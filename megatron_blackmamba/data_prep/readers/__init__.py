@@ -4,6 +4,7 @@ from typing import Dict, Type
 
 from ..issues import InputError
 from .base import Document, Reader, Split
+from .jsonl import JsonlReader
 from .pes2o import PeS2oReader
 from .pg19 import PG19Reader
 from .pile import PileReader
@@ -14,16 +15,18 @@ from .starcoder import StarcoderReader
 READERS: Dict[str, Type[Reader]] = {
     cls.name: cls
     for cls in (PileReader, SlimPajamaReader, StarcoderReader, PeS2oReader, ProofPileReader,
-                PG19Reader)
+                PG19Reader, JsonlReader)
 }
 
 
-def get_reader(name: str) -> Reader:
-    """The reader registered under ``name``; a clear error lists the known ones otherwise."""
+def get_reader(name: str, **options: str) -> Reader:
+    """The reader registered under ``name`` with its options (``jsonl``: ``text_key``; ``pg19``:
+    ``split``); a clear error lists the known readers otherwise."""
     try:
-        return READERS[name]()
+        cls = READERS[name]
     except KeyError:
         raise InputError(f"unknown reader {name!r}; known readers: {', '.join(READERS)}") from None
+    return cls(**options)
 
 
 __all__ = ["READERS", "Document", "InputError", "Reader", "Split", "get_reader"]

@@ -28,6 +28,7 @@ Locator = Dict[str, Any]
 class Document:
     text: str
     subset: str
+    title: str = ""  # where the corpus names its documents (PG-19's metadata.csv)
 
 
 @dataclass(frozen=True)

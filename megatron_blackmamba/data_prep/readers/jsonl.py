@@ -71,12 +71,21 @@ def _plain_chunks(path: str) -> Iterator[bytes]:
 
 
 class JsonlReader(Reader):
-    """One JSON object per line with the document in ``text_field``."""
+    """One JSON object per line with the document in ``text_field``.
+
+    Registered as ``jsonl`` for any such corpus (FineWeb, DCLM, Megatron-style jsonl) with the
+    text under ``text_key`` (``--text-key``, default ``text``); the published formats subclass it.
+    """
+
+    name = "jsonl"
+    description = "any JSON-lines corpus, plain/.gz/.zst (text under --text-key, default 'text'; no subset)"
 
     suffixes = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst")
-    text_field: ClassVar[str] = "text"
     subset_keys: ClassVar[Tuple[str, ...]] = ()
     """Path of the subset name inside a record, e.g. ("meta", "pile_set_name")."""
+
+    def __init__(self, text_key: str = "text") -> None:
+        self.text_field = text_key
 
     def subset_of(self, record: Dict[str, Any], path: str) -> str:
         return nested_get(record, self.subset_keys)

@@ -1,9 +1,10 @@
 """PG-19: one ``<book_id>.txt`` per book in split folders (``train/``, ``validation/``,
 ``test/``) next to ``metadata.csv`` (book_id, short_book_title, publication_date, url).
 
-Inputs are the split folders; a shard is a run of books (sorted by file name) of about
-``shard_bytes``. Each book is one document, its subset the split name; titles from
-``metadata.csv`` (when present) make messages about bad books readable.
+Inputs are split folders, or the published root folder, of which one split is read
+(``--split``, default ``train``); a shard is a run of books (sorted by file name) of about
+``shard_bytes``. Each book is one document, its subset the split name, its title (from
+``metadata.csv``, when present) counted in the build's stats and named in messages about it.
 """
 
 from __future__ import annotations
@@ -21,13 +22,21 @@ class PG19Reader(Reader):
     name = "pg19"
     description = "PG-19 (split folders of <id>.txt books + metadata.csv; subset = split)"
     suffixes = (".txt",)
+    splits = ("train", "validation", "test")
+
+    def __init__(self, split: str = "train") -> None:
+        if split not in self.splits:
+            raise InputError(f"--split {split!r}: PG-19's splits are {', '.join(self.splits)}")
+        self.split_name = split
 
     def _inputs_at(self, path: str) -> List[str]:
         if not os.path.isdir(path):
             raise InputError(f"{path}: the pg19 reader takes split folders of <book_id>.txt "
-                             "files (e.g. pg19/train), not single files")
+                             "files (e.g. pg19/train) or the root folder holding them, not single files")
+        if not _books(path) and os.path.isdir(os.path.join(path, self.split_name)):
+            path = os.path.join(path, self.split_name)  # the published root: train/ validation/ test/
         if not _books(path):
-            raise InputError(f"{path}: folder holds no .txt books")
+            raise InputError(f"{path}: folder holds no .txt books (nor a {self.split_name}/ split folder)")
         return [path]
 
     def split(self, path: str, shard_bytes: int, issues: IssueLog) -> Iterator[Split]:
@@ -61,7 +70,7 @@ class PG19Reader(Reader):
             if not text.strip():
                 issues.report(Issue(Reason.EMPTY, book, where, "the book file is empty"))
                 continue
-            yield Document(text, subset)
+            yield Document(text, subset, title or "")
 
 
 def _books(folder: str) -> List[str]:
