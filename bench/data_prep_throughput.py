@@ -194,8 +194,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     parser.add_argument("--tokenizer", default=sample_tokenizer_path(),
                         help="tokenizer.json (default: the bundled sample tokenizer)")
-    parser.add_argument("--shard-size-mb", type=float, default=16.0,
-                        help="data_prep shard size (default %(default)g)")
+    parser.add_argument("--shard-size-mb", type=float, default=0.0,
+                        help="data_prep shard size; 0 = input / (4 x the most workers), so every worker "
+                             "has shards to take (default)")
     parser.add_argument("--megatron-lm", type=Path, default=None,
                         help="a Megatron-LM checkout whose tools/preprocess_data.py runs beside ours")
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(),
@@ -203,6 +204,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     args = parser.parse_args(argv)
     workers = [int(w) for w in args.workers.split(",")]
+    shard_mb = args.shard_size_mb or args.size_mb / (4 * max(workers))
     cache = Path(args.cache_dir)
     peer = args.megatron_lm
     peer_note = None
@@ -211,7 +213,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     elif not (peer / "tools" / "preprocess_data.py").is_file():
         peer_note = f"Megatron-LM: skipped ({peer}/tools/preprocess_data.py not found)"
     print(f"input: {args.size_mb:g} MB synthetic jsonl in {cache}; tokenizer {args.tokenizer}; "
-          f"workers {workers}; data_prep shards of {args.shard_size_mb:g} MB")
+          f"workers {workers}; data_prep shards of {shard_mb:g} MB")
     print(f"machine: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
           f"TOKENIZERS_PARALLELISM={os.environ['TOKENIZERS_PARALLELISM']}")
     print(peer_note or f"Megatron-LM: {peer / 'tools' / 'preprocess_data.py'}")
@@ -235,7 +237,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             result = build(BuildSpec(reader="pile", inputs=(str(corpus),),
                                      tokenizer=args.tokenizer, output=ours_prefix,
                                      workers=count, progress=False,
-                                     shard_bytes=int(args.shard_size_mb * (1 << 20))))
+                                     shard_bytes=int(shard_mb * (1 << 20))))
             timings.append(("blackmamba-prep", time.perf_counter() - start, "-"))
             docs, tokens = result.output.documents, result.output.tokens
 

@@ -50,6 +50,7 @@ def _check_ranges(job: JobConfig, errors: list[str]) -> None:
             "training.global_batch_size", "training.log_interval", "checkpoint.save_interval"),
         0: ("model.dt_rank", "model.ffn_hidden_size", "parallel.etp", "training.train_iters",
             "training.warmup_iters", "training.eval_interval", "training.eval_iters", "training.stop_after",
+            "training.eval_tasks_interval", "training.eval_tasks_limit",
             "training.lr_wsd_decay_iters", "data.num_workers", "checkpoint.keep_last",
             "logging.expert_load_interval", "logging.peak_tflops", "training.weight_decay",
             "training.clip_grad", "training.min_lr", "model.aux_loss_coeff"),
@@ -131,6 +132,17 @@ def _check_schedule(job: JobConfig, errors: list[str]) -> None:
     if t.lr_decay_style == "WSD" and not 0 < t.lr_wsd_decay_iters <= iters:
         errors.append(f"training.lr_decay_style=WSD needs 0 < training.lr_wsd_decay_iters <= train iters ({iters}); "
                       f"got {t.lr_wsd_decay_iters}")
+    if t.eval_tasks:
+        if importlib.util.find_spec("lm_eval") is None:
+            errors.append("training.eval_tasks needs lm-evaluation-harness: pip install 'megatron_blackmamba[eval]'")
+        p = job.parallel
+        if (p.tp, p.pp, p.ep) != (1, 1, 1):
+            errors.append(f"training.eval_tasks scores the model in memory, which needs parallel.tp=pp=ep=1 (got "
+                          f"{p.tp}, {p.pp}, {p.ep}): evaluate this layout's checkpoints with blackmamba-eval")
+        if not (t.eval_tasks_interval or t.eval_interval):
+            errors.append("training.eval_tasks needs training.eval_tasks_interval (or eval_interval) > 0")
+        if t.eval_tasks_include and not os.path.isdir(t.eval_tasks_include):
+            errors.append(f"training.eval_tasks_include={t.eval_tasks_include} is not a folder")
     if t.eval_interval and t.eval_iters < 1:
         errors.append(f"training.eval_interval={t.eval_interval} needs training.eval_iters >= 1 "
                       "(or eval_interval=0 to disable validation)")

@@ -125,6 +125,10 @@ class TrainingConfig:
     seed: int = opt(1234, "random seed for init, data order and dropout")
     eval_interval: int = opt(1000, "steps between validation runs; 0 disables")
     eval_iters: int = opt(10, "micro-batches per validation run")
+    eval_tasks: list[str] = opt([], "lm-eval tasks scored during training, e.g. [piqa, arc_easy] or [paper]; empty = none")
+    eval_tasks_interval: int = opt(0, "steps between downstream evaluations; 0 = eval_interval")
+    eval_tasks_limit: float = opt(0.0, "examples per downstream task (a fraction if < 1); 0 = all")
+    eval_tasks_include: Optional[str] = opt(None, "folder of extra lm-eval task YAMLs for eval_tasks")
     log_interval: int = opt(10, "steps between log lines (tokens/s is averaged over them)")
     stop_after: int = opt(0, "save and exit after this many steps in this invocation (time-sliced jobs); 0 = run to the end")
 

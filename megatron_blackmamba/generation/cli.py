@@ -23,7 +23,7 @@ from megatron.core.models.mamba import MambaModel
 from tokenizers import Tokenizer
 
 from megatron_blackmamba.checkpointing import CheckpointError, checkpoint_config, checkpoint_tokenizer, load_checkpoint
-from megatron_blackmamba.config import ConfigError, ParallelConfig, load_config
+from megatron_blackmamba.config import ConfigError, JobConfig, ParallelConfig, load_config
 from megatron_blackmamba.data_prep.tokenizer import EOD_TOKEN
 from megatron_blackmamba.generation.generate import generate
 from megatron_blackmamba.generation.sampling import SamplingParams
@@ -35,14 +35,21 @@ from megatron_blackmamba.training.step import device
 
 
 def load_model(ckpt: str | Path, config: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> MambaModel:
-    """The checkpoint's model, in eval mode, as a single process (TP=PP=EP=1) on this machine's
-    device; built from ``config``, else from the config the checkpoint was saved under."""
+    """The checkpoint's model, in eval mode, on this machine's device (see load_model_and_job)."""
+    return load_model_and_job(ckpt, config, overrides)[0]
+
+
+def load_model_and_job(ckpt: str | Path, config: Optional[str | Path] = None,
+                       overrides: Sequence[str] = ()) -> tuple[MambaModel, JobConfig]:
+    """(model in eval mode, its job config): built from ``config``, else from the config the
+    checkpoint was saved under, with TP=PP=EP=1 (one whole model per process; under torchrun
+    the ranks are data-parallel copies), the checkpoint loaded at whatever layout it was saved."""
     job = load_config(config, overrides) if config is not None else checkpoint_config(ckpt, overrides)
     job.parallel = ParallelConfig()
     init_distributed(job.parallel, job.training.seed)
     model = build_model(job).to(device())
     load_checkpoint(ckpt, [model])
-    return model.eval()
+    return model.eval(), job
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:

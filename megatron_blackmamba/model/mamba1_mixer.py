@@ -210,20 +210,28 @@ class Mamba1Mixer(MegatronModule):
         inference_context: Optional[RecurrentState] = None,
         **unused,
     ):
-        """hidden_states [s, b, h]; with a RecurrentState, runs prefill or single-token decode."""
-        if isinstance(inference_context, RecurrentState) and inference_context.seqlen_offset > 0:
+        """hidden_states [s, b, h]; with a RecurrentState, runs prefill (offset 0), a chunk that
+        continues from the carried state (offset > 0, s > 1: rolling evaluation of long documents)
+        or a single-token decode step."""
+        carried = isinstance(inference_context, RecurrentState) and inference_context.seqlen_offset > 0
+        if carried and hidden_states.shape[0] == 1:
             return self._decode(hidden_states, inference_context)
 
         x, z = self._in_proj(hidden_states)  # [b, d_local, s] each
 
-        state = None
+        state, initial_state, history = None, None, 0
         if isinstance(inference_context, RecurrentState):
             state = inference_context.layer_state(self, batch_size=x.shape[0], dtype=x.dtype)
+            if carried:  # the conv sees the previous chunk's last inputs; the scan starts from its state
+                history = self.d_conv - 1
+                x = torch.cat([state.conv[..., 1:], x], dim=-1)
+                initial_state = state.ssm.clone()
             keep = min(self.d_conv, x.shape[-1])
             state.conv.zero_()
             state.conv[..., -keep:] = x[..., -keep:]
 
         x = kernels.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+        x = x[..., history:]
         dt, B, C = self._project_dt_B_C(x)
         y = kernels.selective_scan(
             x,
@@ -236,6 +244,7 @@ class Mamba1Mixer(MegatronModule):
             delta_bias=self.dt_proj.bias.float(),
             delta_softplus=True,
             return_last_state=state is not None,
+            **({"initial_state": initial_state} if initial_state is not None else {}),
         )
         if state is not None:
             y, last = y

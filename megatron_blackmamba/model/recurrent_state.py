@@ -18,7 +18,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 @dataclass
 class LayerState:
     conv: torch.Tensor  # (batch, d_inner_local, d_conv), model dtype
-    ssm: torch.Tensor  # (batch, d_inner_local, d_state), fp32 like the scan's accumulator
+    ssm: torch.Tensor  # (batch, d_inner_local, d_state), fp32 like the scan's accumulator (fp64 models: fp64)
 
 
 class RecurrentState(StaticInferenceContext):
@@ -44,14 +44,15 @@ class RecurrentState(StaticInferenceContext):
             device = mixer.A_log.device
             state = LayerState(
                 conv=torch.zeros(conv_shape, dtype=dtype, device=device),
-                ssm=torch.zeros(ssm_shape, dtype=torch.float32, device=device),
+                ssm=torch.zeros(ssm_shape, dtype=torch.promote_types(dtype, torch.float32), device=device),
             )
             self.layers[mixer.layer_number] = state
         return state
 
     def state_bytes(self) -> int:
         """Memory held by all recurrent states (independent of how many tokens were seen)."""
-        return sum(s.conv.numel() * s.conv.element_size() + s.ssm.numel() * 4 for s in self.layers.values())
+        return sum(s.conv.numel() * s.conv.element_size() + s.ssm.numel() * s.ssm.element_size()
+                   for s in self.layers.values())
 
     def reset(self) -> None:
         super().reset()

@@ -166,6 +166,13 @@ def train(job: JobConfig) -> dict:
             logger.info(f"step {iteration} | validation loss {val:.4f}")
             metrics_log.scalars(iteration, {"loss": val}, prefix="valid/")
             last["valid_loss"] = val
+        if t.eval_tasks and iteration % (t.eval_tasks_interval or t.eval_interval) == 0:
+            from megatron_blackmamba.evaluation.during_training import downstream_scores
+
+            scores = downstream_scores(job, model[0].module, tokenizer_path(job))
+            logger.info(f"step {iteration} | downstream " + " | ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+            metrics_log.scalars(iteration, scores, prefix="downstream/")
+            last["downstream"] = scores
         stopping = stop.agreed() or stop_at <= iteration < total_steps
         if ck.save and (iteration % ck.save_interval == 0 or iteration == total_steps or stopping):
             save_checkpoint(ck.save, iteration, model, optimizer, scheduler, job, consumed, ck.keep_last,
