@@ -7,10 +7,11 @@ imports no torch or megatron, so it runs in a fraction of a second on a login no
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 from megatron_blackmamba.config.schema import JobConfig
 
@@ -26,6 +27,12 @@ class CheckResult:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     info: dict = field(default_factory=dict)
+
+
+def closest(name: str, choices: Sequence[str]) -> str:
+    """' (did you mean X?)' for the nearest of ``choices``, or '' if none is near."""
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
 
 
 def check_job(job: JobConfig, world_size: Optional[int] = None, gpus_per_node: Optional[int] = None) -> CheckResult:
@@ -184,8 +191,6 @@ def _check_logging(job: JobConfig, errors: list[str]) -> None:
 
 
 def _check_environment(errors: list[str]) -> None:
-    from megatron_blackmamba.config.loader import closest
-
     for name, choices in ENV_CHOICES.items():
         value = os.environ.get(name)
         if value is not None and value.strip().lower() not in choices:

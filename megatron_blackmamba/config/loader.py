@@ -12,7 +12,6 @@ reported together, each with the field's name, the offending value and the neare
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import types
 import typing
@@ -21,7 +20,9 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 
+from megatron_blackmamba.config.checks import check_job, closest
 from megatron_blackmamba.config.schema import JobConfig
+from megatron_blackmamba.resources import bundled_config
 
 _NULLS = ("", "null", "Null", "NULL", "~")
 _TRUE = ("true", "yes", "on")
@@ -37,12 +38,6 @@ class ConfigError(ValueError):
                          f"{len(self.problems)} config problems:\n  " + "\n  ".join(self.problems))
 
 
-def closest(name: str, choices: Sequence[str]) -> str:
-    """' (did you mean X?)' for the nearest of ``choices``, or '' if none is near."""
-    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {match[0]}?)" if match else ""
-
-
 @functools.cache
 def field_types(section_cls: type) -> dict[str, Any]:
     """Field name -> resolved annotation (the schema's annotations are strings under PEP 563)."""
@@ -50,7 +45,8 @@ def field_types(section_cls: type) -> dict[str, Any]:
 
 
 def sections() -> dict[str, type]:
-    return {f.name: f.type if isinstance(f.type, type) else f.default_factory for f in dataclasses.fields(JobConfig)}
+    """Section name -> its dataclass."""
+    return {f.name: f.default_factory for f in dataclasses.fields(JobConfig)}
 
 
 def _choice_text(choices: Sequence[Any]) -> str:
@@ -194,8 +190,6 @@ def load_config(
     depend on it (tp*pp*ep divides the world, the global batch divides over data parallelism).
     Raises ConfigError listing every problem, before any process group or model exists.
     """
-    from megatron_blackmamba.config.checks import check_job
-
     cfg = JobConfig()
     problems: list[str] = []
     if path is not None:
@@ -219,8 +213,6 @@ def load_config(
 def resolve_config_path(path: str | Path) -> Path:
     """``path`` as given if it exists, else the bundled config of that name (``tiny``,
     ``configs/tiny.yaml`` and ``tiny.yaml`` all find the packaged ``tiny.yaml``)."""
-    from megatron_blackmamba.resources import bundled_config
-
     given = Path(path)
     if given.is_file():
         return given

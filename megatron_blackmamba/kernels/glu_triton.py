@@ -2,7 +2,7 @@
 
 Why: megatron's GroupedMLP runs ``act(x1) * x2 * probs`` through torch.compile, whose backward
 took 1.05 ms at 32k tokens x 6144 (BlackMamba-340M on an H100) where its bytes need 0.34 ms
-(bench/PERF_NOTES.md, session 5). Here the forward reads x once and writes y; the backward reads
+(bench/PERF_NOTES.md). Here the forward reads x once and writes y; the backward reads
 x and dy once, writes dx, and reduces d(probs) over each row in the same pass. Everything is
 computed in fp32 and rounded once on store.
 """

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 # Tile shape: the best of 8 swept at BlackMamba-340M's expert GEMMs on an H100, 0.85-0.96x the
-# speed of cuBLAS per expert (bench/grouped_gemm_check.py; bench/PERF_NOTES.md, session 13).
+# speed of cuBLAS per expert (bench/grouped_gemm_check.py; bench/PERF_NOTES.md).
 BLOCK_K, BLOCK_N, BLOCK_T, WARPS, STAGES = 128, 256, 64, 8, 3
 
 

@@ -2,7 +2,7 @@
 
 Why: torch's fused RMSNorm backward runs two kernels, one for grad(x) and one for grad(weight)
 that reads x and dy again: 0.27 ms forward+backward per [32k, 1152] bf16 norm on an H100, 30 norms
-per BlackMamba-340M micro-batch, where the bytes need 0.11 ms (bench/PERF_NOTES.md, session 6).
+per BlackMamba-340M micro-batch, where the bytes need 0.11 ms (bench/PERF_NOTES.md).
 Here each backward program sweeps its own block of rows once, writes grad(x), and leaves its fp32
 partial sum of grad(weight) in its own row of a [programs, N] buffer; the wrapper adds those rows
 in a fixed order, so the result is deterministic.

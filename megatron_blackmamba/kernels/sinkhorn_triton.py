@@ -2,7 +2,7 @@
 
 Why: the torch loop (model/sinkhorn.py) is ~19 small kernels per iteration, always max_iters
 iterations; replayed from a CUDA graph its ~380 nodes still cost more to launch than to run. A
-single-program kernel (session 3) fixed the launches but swept the (T, E) cost matrix from one
+single-program kernel, tried first, fixed the launches but swept the (T, E) cost matrix from one
 SM: 0.29 ms for 6 iterations at T = 32k on an H100, latency-bound. This sequence takes 0.057 ms
 (graph replay; bench/results/h100_session5_experiments.md).
 

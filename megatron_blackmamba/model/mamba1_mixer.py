@@ -271,7 +271,7 @@ class Mamba1Mixer(MegatronModule):
         """y [b, d_local, s] -> ([s, b, h] summed over TP (reduce-scattered under SP), bias or None)."""
         proj = self.out_proj
         # The GEMM writes [s, b, h] itself and its backward hands the scan a contiguous dy: no
-        # transposing copy either way (model/channels_major.py; bench/PERF_NOTES.md, session 6).
+        # transposing copy either way (model/channels_major.py; bench/PERF_NOTES.md).
         out = linear_to_sequence_major(proj.weight, y)
         if getattr(proj, "sequence_parallel", self.config.sequence_parallel):
             out = reduce_scatter_to_sequence_parallel_region(out, group=self.tp_group)

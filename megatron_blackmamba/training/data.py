@@ -118,7 +118,7 @@ def micro_batches(
         dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=_collate,
         persistent_workers=num_workers > 0,
         # A copy from pageable memory makes the host wait for the GPU's queue to drain, at every
-        # micro-batch; from pinned memory it is queued like a kernel (bench/PERF_NOTES.md, session 11).
+        # micro-batch; from pinned memory it is queued like a kernel (bench/PERF_NOTES.md).
         pin_memory=torch.cuda.is_available(),
     )
     return iter(loader)

@@ -21,8 +21,20 @@ import torch
 
 from megatron_blackmamba.config import ModelConfig
 
-# bf16 dense tensor-core peaks (TFLOP/s) of the GPUs this project runs on.
-GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "GH200": 989.0}
+# bf16 dense tensor-core peaks (TFLOP/s, vendor datasheets) by the exact name torch reports: the
+# PCIe and NVL parts of a generation run at lower clocks and power than its SXM part.
+GPU_PEAK_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": 989.0,  # SXM5
+    "NVIDIA H100 PCIe": 756.0,
+    "NVIDIA H100 NVL": 835.0,
+    "NVIDIA H200": 989.0,  # SXM
+    "NVIDIA H200 NVL": 835.0,
+    "NVIDIA GH200 480GB": 989.0,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA B200": 2250.0,
+}
 
 
 def mamba_layer_flops(m: ModelConfig) -> int:
@@ -58,12 +70,15 @@ def device_peak_tflops(override: float = 0.0) -> tuple[float, str]:
     if override > 0:
         return override, "configured"
     if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        for key, peak in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return peak, f"{name} bf16 datasheet"
-        return 0.0, f"{name}: unknown peak, set logging.peak_tflops"
+        return datasheet_peak(torch.cuda.get_device_name())
     return _measured_cpu_gemm_tflops(), "measured CPU fp32 GEMM"
+
+
+def datasheet_peak(name: str) -> tuple[float, str]:
+    """(bf16 dense peak, source) for a GPU by its exact name; 0 with the fix for an unknown one."""
+    if name in GPU_PEAK_TFLOPS:
+        return GPU_PEAK_TFLOPS[name], f"{name} bf16 datasheet"
+    return 0.0, f"{name}: unknown peak, set logging.peak_tflops"
 
 
 def _measured_cpu_gemm_tflops(n: int = 768, repeats: int = 5) -> float:

@@ -30,3 +30,14 @@ def test_topk_and_swiglu_counts():
     expert_swiglu = 2 * 16 * 128 + 2 * 64 * 16
     assert forward_flops_per_token(swiglu) - forward_flops_per_token(gelu) == expert_swiglu - expert_gelu
     assert forward_flops_per_token(top2) - forward_flops_per_token(gelu) == expert_gelu
+
+
+def test_gpu_peaks_are_looked_up_by_exact_name():
+    from megatron_blackmamba.training.flops import datasheet_peak
+
+    assert datasheet_peak("NVIDIA H100 80GB HBM3")[0] == 989.0
+    assert datasheet_peak("NVIDIA H100 PCIe")[0] == 756.0  # not the SXM part's peak
+    assert datasheet_peak("NVIDIA H100 NVL")[0] == 835.0
+    assert datasheet_peak("NVIDIA H200")[0] == 989.0
+    peak, why = datasheet_peak("NVIDIA H100 Hypothetical")
+    assert peak == 0.0 and "set logging.peak_tflops" in why

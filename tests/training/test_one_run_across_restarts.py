@@ -20,12 +20,12 @@ def test_kill_and_resume_is_one_run(sample_cache, tmp_path):
                                "logging.wandb_mode=offline", f"logging.tensorboard_dir={tmp_path / 'tb'}")
     env = {**os.environ, "WANDB_SILENT": "true"}
     victim = subprocess.Popen(train_cli(overrides), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+                              stderr=subprocess.DEVNULL, start_new_session=True)
     latest = tmp_path / "ckpt" / "latest"
     deadline = time.monotonic() + 240
     while not latest.exists() and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    victim.send_signal(signal.SIGKILL)
+    os.killpg(victim.pid, signal.SIGKILL)  # the trainer and its checkpoint-writer helpers: a hard crash
     assert victim.wait() == -signal.SIGKILL, "the first run ended before it could be killed"
     killed_at = int(latest.read_text().strip().removeprefix("iter_"))
     assert killed_at < STEPS

@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from ..issues import InputError, IssueLog
+from ..issues import InputError, Issue, IssueLog, Reason
 
 Locator = Dict[str, Any]
 """JSON-serialisable description of a shard's range in its input (stored in the manifest)."""
@@ -84,6 +84,17 @@ class Reader(ABC):
     @abstractmethod
     def read(self, path: str, split: Split, issues: IssueLog) -> Iterator[Document]:
         """Yield the documents of one shard, reporting bad records to ``issues``."""
+
+
+def decode_utf8(data: bytes, path: str, where: str, issues: IssueLog, column: bool = False) -> Optional[str]:
+    """``data`` as text, or None with a ``non_utf8`` record reported that names the first bad
+    byte (its offset, or for a line its 1-based column)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        position = f"column {error.start + 1}" if column else f"offset {error.start}"
+        issues.report(Issue(Reason.NON_UTF8, path, where, f"byte 0x{data[error.start]:02x} at {position} is not UTF-8"))
+        return None
 
 
 def nested_get(record: Dict[str, Any], keys: Sequence[str]) -> str:

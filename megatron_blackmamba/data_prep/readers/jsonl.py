@@ -14,7 +14,7 @@ import zlib
 from typing import Any, Callable, ClassVar, Dict, Iterator, Optional, Tuple
 
 from ..issues import InputError, Issue, IssueLog, Reason
-from .base import Document, Reader, Split, nested_get
+from .base import Document, Reader, Split, decode_utf8, nested_get
 
 _READ_SIZE = 1 << 20
 
@@ -138,11 +138,9 @@ class JsonlReader(Reader):
 
         if not raw or raw.isspace():
             return skip(Reason.EMPTY, "blank line")
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            return skip(Reason.NON_UTF8,
-                        f"byte 0x{raw[error.start]:02x} at column {error.start + 1} is not UTF-8")
+        line = decode_utf8(raw, path, where, issues, column=True)
+        if line is None:
+            return None
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:

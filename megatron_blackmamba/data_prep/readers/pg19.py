@@ -15,7 +15,7 @@ import os
 from typing import Dict, Iterator, List
 
 from ..issues import InputError, Issue, IssueLog, Reason
-from .base import Document, Reader, Split
+from .base import Document, Reader, Split, decode_utf8
 
 
 class PG19Reader(Reader):
@@ -60,12 +60,8 @@ class PG19Reader(Reader):
             where = f"{title!r}" if title else ""
             with open(book, "rb") as f:
                 data = f.read()
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError as error:
-                issues.report(Issue(Reason.NON_UTF8, book, where,
-                                    f"byte 0x{data[error.start]:02x} at offset {error.start} "
-                                    "is not UTF-8"))
+            text = decode_utf8(data, book, where, issues)
+            if text is None:
                 continue
             if not text.strip():
                 issues.report(Issue(Reason.EMPTY, book, where, "the book file is empty"))

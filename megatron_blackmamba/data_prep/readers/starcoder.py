@@ -10,7 +10,7 @@ import os
 from typing import Iterator
 
 from ..issues import Issue, IssueLog, Reason
-from .base import Document, Reader, Split
+from .base import Document, Reader, Split, decode_utf8
 
 _BATCH_ROWS = 1024
 
@@ -79,12 +79,8 @@ class StarcoderReader(Reader):
             issues.report(Issue(Reason.MISSING_TEXT, path, where,
                                 f"{self.column!r} is {type(value).__name__}, not text"))
             return None
-        try:
-            text = value.decode("utf-8")
-        except UnicodeDecodeError as error:
-            issues.report(Issue(Reason.NON_UTF8, path, where,
-                                f"byte 0x{value[error.start]:02x} at offset {error.start} "
-                                "is not UTF-8"))
+        text = decode_utf8(value, path, where, issues)
+        if text is None:
             return None
         if not text.strip():
             issues.report(Issue(Reason.EMPTY, path, where, f"{self.column!r} is empty"))
