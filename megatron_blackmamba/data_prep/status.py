@@ -52,7 +52,7 @@ def _report(output: str, work_dir: str, config: dict, states: List[TaskState]) -
     finalized = _finalized(work_dir, output)
     lines = [f"{output}: {sum(s.complete for s in states)} of {len(states)} task(s) complete, "
              f"{sum(s.files_done for s in states)} of {len(config['inputs'])} input files "
-             f"({done_bytes / 2**30:.2f} of {total_bytes / 2**30:.2f} GiB), "
+             f"({_size(done_bytes)} of {_size(total_bytes)}), "
              f"{sum(s.shards_done for s in states)} shards done, {stats.tokens:,} tokens, "
              f"{stats.documents:,} documents",
              format_table(("task", "state", "files", "shards", "tokens", "bad records"), rows)]
@@ -67,6 +67,13 @@ def _report(output: str, work_dir: str, config: dict, states: List[TaskState]) -
         f"{reason} {count:,}" for reason, count in sorted(stats.skipped.items())) or "none"))
     lines.append(f"finalized: {'yes, ' + output + '.bin/.idx' if finalized else 'no'}")
     return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
 
 
 def _finalized(work_dir: str, output: str) -> bool:
