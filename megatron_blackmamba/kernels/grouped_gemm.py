@@ -32,16 +32,24 @@ from torch import Tensor
 from megatron_blackmamba.kernels.triton_support import triton_kernels
 
 
+def torch_grouped_mm_blocker(dtype: torch.dtype, capability: tuple[int, int], k: int, n: int) -> str | None:
+    """Why ``torch._grouped_mm`` cannot multiply [T, k] rows by [E, k, n] experts of ``dtype`` on a
+    GPU of ``capability``, or None: the one rule, read by the GEMM below and by
+    model.builder.moe_graph_blocker (a host read inside a graph capture is an error)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return "this torch has no torch._grouped_mm"
+    if dtype != torch.bfloat16 or capability < (9, 0):
+        return "torch._grouped_mm needs bf16 on compute capability 9.0+"
+    if k % 8 or n % 8:
+        return "torch._grouped_mm needs model.hidden_size and model.ffn_hidden_size to be multiples of 8"
+    return None
+
+
 def _torch_grouped_mm_applies(a: Tensor, b: Tensor) -> bool:
-    """Where this fails, ``_grouped`` splits on the host; model.builder.moe_graph_blocker keeps
-    graphs off for configs that would get here (a host read inside a capture is an error)."""
-    if not (a.is_cuda and hasattr(torch, "_grouped_mm")):
+    """Where this fails, ``_grouped`` splits on the host."""
+    if not a.is_cuda or b.dtype != a.dtype:
         return False
-    if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16:
-        return False
-    if torch.cuda.get_device_capability(a.device) < (9, 0):
-        return False
-    return a.shape[1] % 8 == 0 and b.shape[2] % 8 == 0  # 16-byte rows for bf16
+    return torch_grouped_mm_blocker(a.dtype, torch.cuda.get_device_capability(a.device), a.shape[1], b.shape[2]) is None
 
 
 def _grouped(a: Tensor, b: Tensor, batch_sizes: Tensor) -> Tensor:

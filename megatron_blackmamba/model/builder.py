@@ -64,10 +64,10 @@ def moe_graph_blocker(job: JobConfig) -> str | None:
         return "model.moe_grouped_gemm=false: the per-expert MLPs split the tokens on the host"
     if not t.fused_wgrad_accumulation:
         return "training.fused_wgrad_accumulation=false: torch._grouped_mm's own backward is not checked under graphs"
-    if params_dtype(job) != torch.bfloat16 or torch.cuda.get_device_capability() < (9, 0):
-        return "torch._grouped_mm needs bf16 on compute capability 9.0+"
-    if m.hidden_size % 8 or m.resolved_ffn_hidden_size() % 8:
-        return "torch._grouped_mm needs model.hidden_size and model.ffn_hidden_size to be multiples of 8"
+    blocker = grouped_gemm.torch_grouped_mm_blocker(params_dtype(job), torch.cuda.get_device_capability(),
+                                                    m.hidden_size, m.resolved_ffn_hidden_size())
+    if blocker:
+        return blocker
     if grouped_gemm_util.grouped_gemm not in (None, grouped_gemm.package):  # compat installs ours
         return "the grouped_gemm package takes the expert sizes on the host"
     if triton_kernels("grouped_wgrad_triton") is None:
