@@ -166,15 +166,9 @@ def megatron_lm(checkout: Path, input_path: Path, tokenizer_path: str, prefix: s
 
 def compare_ids(ours: str, theirs: str) -> str:
     """'same' or where the two datasets' token ids first differ."""
-    from megatron_blackmamba.data_prep.writer import bin_path, read_index
+    from megatron_blackmamba.data_prep.writer import read_sequences
 
-    docs = []
-    for prefix in (ours, theirs):
-        header, lengths, _ = read_index(prefix)
-        data = np.memmap(bin_path(prefix), np.dtype(header.dtype), "r")
-        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-        docs.append((data, offsets))
-    (a, ao), (b, bo) = docs
+    (a, ao), (b, bo) = read_sequences(ours), read_sequences(theirs)
     if len(ao) != len(bo):
         return f"{len(ao) - 1} vs {len(bo) - 1} documents"
     for i in range(len(ao) - 1):

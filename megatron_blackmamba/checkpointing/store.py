@@ -104,7 +104,8 @@ def _manifest_files(directory: Path) -> dict[str, int]:
     }
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """``text`` into ``path`` whole or not at all (written beside it, synced, renamed)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -148,7 +149,7 @@ def save_checkpoint(
     dist.barrier()
     if rank0:
         if job is not None:
-            _write_atomic(tmp / CONFIG, to_yaml(job))
+            write_text_atomic(tmp / CONFIG, to_yaml(job))
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / TOKENIZER)
         manifest = {
@@ -159,11 +160,11 @@ def save_checkpoint(
             "config": job.to_dict() if job is not None else None,
             "files": _manifest_files(tmp),
         }
-        _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_atomic(save_dir / LATEST, final.name)
+        write_text_atomic(save_dir / LATEST, final.name)
         if keep_last:
             _prune(save_dir, keep_last)
         logger.info("saved checkpoint %s", final)

@@ -15,7 +15,6 @@ it is written, so tests can kill a run mid-way.
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import multiprocessing
 import os
@@ -236,8 +235,7 @@ def _finalize(spec: BuildSpec, inputs: List[str], tokenizer: TextTokenizer, outp
             result = _result(spec, output, tokenizer, merged, len(inputs))
             result.notes.append("already finalized by an earlier run: nothing to do")
             return result
-        plan = check_plan(work_dir, output, config, spec.task.count if spec.task.count > 1 else
-                          _planned_tasks(work_dir), create=False)
+        plan = check_plan(work_dir, output, config, spec.task.count if spec.task.count > 1 else None, create=False)
         states = all_task_states(work_dir, config, plan["num_tasks"])
         problems = finalize_problems(states)
         if problems:
@@ -250,16 +248,6 @@ def _finalize(spec: BuildSpec, inputs: List[str], tokenizer: TextTokenizer, outp
         return _merge(spec, tokenizer, output, len(inputs), prefixes, totals, 0, manifest)
     finally:
         lock.release()
-
-
-def _planned_tasks(work_dir: str) -> int:
-    """The task count of the build in ``work_dir`` (for --finalize without --num-tasks)."""
-    try:
-        with open(os.path.join(work_dir, "plan.json"), encoding="utf-8") as f:
-            return int(json.load(f)["num_tasks"])
-    except FileNotFoundError:
-        raise InputError(f"{work_dir}/plan.json does not exist: no task of this build has started "
-                         "(submit the task array first)") from None
 
 
 def _merge(spec: BuildSpec, tokenizer: TextTokenizer, output: str, n_inputs: int, shard_prefixes: List[str],

@@ -49,7 +49,7 @@ def _report(output: str, work_dir: str, config: dict, states: List[TaskState]) -
     started = [s.started_at for s in states if s.started_at]
     updated = [s.updated_at for s in states if s.updated_at]
     done_bytes = sum(s.bytes_done for s in states)
-    finalized = _finalized(work_dir, output)
+    finalized = merged_intact(work_dir, output) is not None
     lines = [f"{output}: {sum(s.complete for s in states)} of {len(states)} task(s) complete, "
              f"{sum(s.files_done for s in states)} of {len(config['inputs'])} input files "
              f"({_size(done_bytes)} of {_size(total_bytes)}), "
@@ -74,7 +74,3 @@ def _size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n / 2**10:.1f} KiB"
-
-
-def _finalized(work_dir: str, output: str) -> bool:
-    return merged_intact(work_dir, output) is not None

@@ -77,10 +77,10 @@ def _plan_path(work_dir: str) -> str:
     return os.path.join(work_dir, "plan.json")
 
 
-def check_plan(work_dir: str, output: str, config: Dict[str, Any], count: int,
+def check_plan(work_dir: str, output: str, config: Dict[str, Any], count: Optional[int],
                create: bool) -> Dict[str, Any]:
     """The build's plan, written now if ``create`` and none exists; refused if it was made for
-    another output path, task count or settings."""
+    another output path, task count (None: whatever it was made for) or settings."""
     path = _plan_path(work_dir)
     plan = {"format": PLAN_FORMAT, "output": output, "num_tasks": count, "config": config,
             "created_by": socket.gethostname()}
@@ -106,7 +106,7 @@ def check_plan(work_dir: str, output: str, config: Dict[str, Any], count: int,
             f"{path} was written by a task (on {found.get('created_by')}) that saw the output at "
             f"{found.get('output')}, and this one sees it at {output}: every task must see one shared "
             "output folder under the same path (the same parallel-filesystem mount on every node)")
-    if found.get("num_tasks") != count:
+    if count is not None and found.get("num_tasks") != count:
         raise InputError(f"{path}: this build was started with --num-tasks {found.get('num_tasks')}, not "
                          f"{count}; use the same count, or --restart to discard it")
     if found.get("config") != config:

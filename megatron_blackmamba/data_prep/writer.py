@@ -24,6 +24,7 @@ sentence splitting; ``.bin`` is the tokens of all sequences back to back.
 from __future__ import annotations
 
 import itertools
+import os
 import struct
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Iterator, List, Sequence, Tuple
@@ -92,6 +93,19 @@ def read_index(prefix: str) -> Tuple[IndexHeader, np.ndarray, np.ndarray]:
     docs_offset = _HEADER.size + header.sequences * (4 + 8)
     documents = np.memmap(idx_path(prefix), np.int64, "r", docs_offset, (header.document_indices,))
     return header, lengths, documents
+
+
+def read_sequences(prefix: str) -> Tuple[np.ndarray, np.ndarray]:
+    """(all tokens of ``PREFIX.bin``, memory-mapped; offsets [sequences + 1]): sequence i is
+    ``tokens[offsets[i]:offsets[i + 1]]``. Refused if the ``.bin`` is not the size the index says."""
+    header, lengths, _ = read_index(prefix)
+    dtype = np.dtype(header.dtype)
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    expected, actual = int(offsets[-1]) * dtype.itemsize, os.path.getsize(bin_path(prefix))
+    if actual != expected:
+        raise ValueError(f"{bin_path(prefix)} has {actual} bytes, its index describes {expected}")
+    tokens = np.memmap(bin_path(prefix), dtype, "r") if expected else np.zeros(0, dtype)
+    return tokens, offsets
 
 
 IndexParts = Callable[[], Iterator[Tuple[np.ndarray, np.ndarray]]]

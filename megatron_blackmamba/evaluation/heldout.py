@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_blackmamba.config import JobConfig
+from megatron_blackmamba.evaluation.scoring import log_probs
 from megatron_blackmamba.training.data import build_datasets
 
 
@@ -31,9 +32,7 @@ def heldout_loss(job: JobConfig, model, max_samples: int = 0, batch_size: int = 
         samples = [data.valid[i] for i in range(first, min(first + batch_size, count))]
         batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]).to(device)
                  for k in ("tokens", "labels", "loss_mask")}
-        logits = model(batch["tokens"], None, None, runtime_gather_output=True)
-        logprobs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-        nll = -logprobs.gather(-1, batch["labels"][..., None])[..., 0]
+        nll = -log_probs(model, batch["tokens"]).gather(-1, batch["labels"][..., None])[..., 0]
         mask = batch["loss_mask"].to(nll.dtype)
         total += float((nll * mask).sum())
         tokens += int(mask.sum())

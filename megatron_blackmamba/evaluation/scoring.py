@@ -25,7 +25,7 @@ class Scored:
     tokens: int
 
 
-def _forward(model: MambaModel, tokens: torch.Tensor, state: RecurrentState | None = None) -> torch.Tensor:
+def log_probs(model: MambaModel, tokens: torch.Tensor, state: RecurrentState | None = None) -> torch.Tensor:
     """tokens [b, s] -> log-softmax [b, s, V] in the model's dtype (float32 at least)."""
     logits = model(tokens, None, None, inference_context=state, runtime_gather_output=True)
     return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
@@ -52,7 +52,7 @@ def score_continuations(model: MambaModel, pairs: Sequence[tuple[list[int], list
         batch = torch.zeros(len(rows), width, dtype=torch.long, device=device)
         for r, i in enumerate(rows):
             batch[r, :len(inputs[i])] = torch.tensor(inputs[i], device=device)
-        logprobs = _forward(model, batch)[..., :vocab_size]
+        logprobs = log_probs(model, batch)[..., :vocab_size]
         for r, i in enumerate(rows):
             continuation = pairs[i][1]
             end = len(inputs[i])
@@ -75,7 +75,7 @@ def score_rolling(model: MambaModel, tokens: Sequence[int], prefix_token: int, w
     total, greedy = 0.0, True
     for start in range(0, len(tokens), window):
         chunk = inputs[:, start:start + window]
-        logprobs = _forward(model, chunk, state)[0, :, :vocab_size]
+        logprobs = log_probs(model, chunk, state)[0, :, :vocab_size]
         state.sequence_len_offset += chunk.shape[1]
         want = targets[start:start + chunk.shape[1]]
         total += float(logprobs.gather(1, want[:, None]).sum())

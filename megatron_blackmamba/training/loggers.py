@@ -16,19 +16,13 @@ from typing import Optional
 
 from tqdm import tqdm
 
+from megatron_blackmamba.checkpointing.store import write_text_atomic
 from megatron_blackmamba.config import JobConfig, to_yaml
 
 logger = logging.getLogger("megatron_blackmamba.train")
 
 WANDB_ID_FILE = "wandb_run_id"
 RUN_CONFIG_FILE = "config.yaml"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def log_dirs(job: JobConfig) -> list[Path]:
@@ -46,7 +40,8 @@ def write_run_config(job: JobConfig) -> None:
     """The resolved config as ``config.yaml`` in every log folder (rank 0, at start)."""
     text = to_yaml(job)
     for folder in log_dirs(job):
-        _write_atomic(folder / RUN_CONFIG_FILE, text)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(folder / RUN_CONFIG_FILE, text)
 
 
 def wandb_run_id(job: JobConfig) -> str:
@@ -61,7 +56,8 @@ def wandb_run_id(job: JobConfig) -> str:
             return (Path(folder) / WANDB_ID_FILE).read_text().strip()
     run_id = uuid.uuid4().hex[:12]
     if ck.save:
-        _write_atomic(Path(ck.save) / WANDB_ID_FILE, run_id + "\n")
+        Path(ck.save).mkdir(parents=True, exist_ok=True)
+        write_text_atomic(Path(ck.save) / WANDB_ID_FILE, run_id + "\n")
     else:
         logger.warning("checkpoint.save is null: W&B run %s cannot be reopened by a restart", run_id)
     return run_id

@@ -163,23 +163,17 @@ def _check_datasets(job: JobConfig, report: Report) -> None:
 
 
 def largest_token_id(prefix: str, documents: int = SAMPLED_DOCUMENTS) -> tuple[int, str]:
-    """(largest token id found, how it was found): the dtype's bound when that is small enough to
-    prove nothing larger exists, else the max over ``documents`` evenly spaced sequences."""
-    from megatron_blackmamba.data_prep.writer import bin_path, read_index
+    """(largest token id in ``documents`` evenly spaced sequences, how it was found): the index
+    gives the sequences and the token dtype, a sample of the data the ids, not the whole file."""
+    from megatron_blackmamba.data_prep.writer import read_sequences
 
-    header, lengths, _ = read_index(prefix)
-    dtype = np.dtype(header.dtype)
-    if header.sequences == 0:
+    tokens, offsets = read_sequences(prefix)
+    count = len(offsets) - 1
+    if count == 0:
         return -1, "empty dataset"
-    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-    expected = int(offsets[-1]) * dtype.itemsize
-    actual = os.path.getsize(bin_path(prefix))
-    if actual != expected:
-        raise ValueError(f"{bin_path(prefix)} has {actual} bytes, its index describes {expected}")
-    data = np.memmap(bin_path(prefix), dtype, "r")
-    picks = np.unique(np.linspace(0, header.sequences - 1, min(documents, header.sequences)).astype(np.int64))
-    largest = max(int(data[offsets[i]:offsets[i + 1]].max(initial=0)) for i in picks)
-    return largest, f"{len(picks)} of {header.sequences} sequences sampled, {dtype.name} tokens"
+    picks = np.unique(np.linspace(0, count - 1, min(documents, count)).astype(np.int64))
+    largest = max(int(tokens[offsets[i]:offsets[i + 1]].max(initial=0)) for i in picks)
+    return largest, f"{len(picks)} of {count} sequences sampled, {tokens.dtype.name} tokens"
 
 
 def _check_checkpoint_dir(job: JobConfig, report: Report) -> None:
