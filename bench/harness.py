@@ -51,7 +51,7 @@ VARIANTS = {
     "blackmamba-cuda": Variant("cuda"),
     "blackmamba-grouped": Variant("cuda", ("model.moe_grouped_gemm=true",)),
     "blackmamba-eager": Variant("cuda", ("model.moe_grouped_gemm=true", "training.cuda_graphs=false")),
-    # CUDA graphs for the Mamba layers only, the MoE layers eager (sessions 11-12).
+    # CUDA graphs for the Mamba layers only, the MoE layers eager.
     "blackmamba-graphed-mamba": Variant("cuda", ("model.moe_grouped_gemm=true", "training.cuda_graph_layers=mamba")),
     "blackmamba-mamba-ssm-scan": Variant("cuda", ("model.moe_grouped_gemm=true",), scan="mamba_ssm"),
     # megatron's alltoall dispatcher (a host sync per MoE layer) in place of the local one at ep=1.

@@ -18,9 +18,11 @@ from torch import Tensor
 
 MAMBA_SSM = "mamba_ssm"
 CAUSAL_CONV1D = "causal_conv1d"
+TRANSFORMER_ENGINE = "transformer_engine"
 _KERNEL_MODULES = {
     MAMBA_SSM: ("mamba_ssm.ops.selective_scan_interface", "mamba_ssm.ops.triton.selective_state_update"),
     CAUSAL_CONV1D: ("causal_conv1d",),
+    TRANSFORMER_ENGINE: ("transformer_engine",),
 }
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -34,6 +36,11 @@ def import_error(package: str) -> str | None:
     except Exception as exc:  # a broken CUDA build surfaces as ImportError, OSError or RuntimeError
         return f"{type(exc).__name__}: {exc}"
     return None
+
+
+def have_transformer_engine() -> bool:
+    """Whether Transformer Engine imports: megatron then builds TE's linear layers and norms."""
+    return import_error(TRANSFORMER_ENGINE) is None
 
 
 def package_version(package: str) -> str:

@@ -3,7 +3,7 @@
 megatron-core's ``GroupedMLP`` runs every local expert in two grouped GEMMs through the
 ``grouped_gemm`` package, a CUTLASS extension that must be compiled for the machine. PyTorch
 ships the same operation as ``torch._grouped_mm`` (CUTLASS, bf16, Hopper; torchtitan's MoE uses
-it), differentiable. Where ``grouped_gemm`` is absent, ``compat.apply`` installs this module in
+it), differentiable. Where ``grouped_gemm`` is absent, ``patches.apply`` installs this module in
 its place, so ``model.moe_grouped_gemm=true`` works with nothing to build:
 
 * CUDA, bf16, compute capability >= 9.0, 16-byte-aligned rows: one ``torch._grouped_mm``;

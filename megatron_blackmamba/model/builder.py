@@ -11,11 +11,9 @@ from megatron.core.models.mamba import MambaModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 
-from megatron_blackmamba import compat
+from megatron_blackmamba import patches
 from megatron_blackmamba.config import JobConfig
-from megatron_blackmamba.cuda_graph import fix_layer_graphs
 from megatron_blackmamba.model.language_model import BlackMambaModel
-from megatron_blackmamba.model.norm import LayerNorm
 from megatron_blackmamba.model.spec import blackmamba_stack_spec
 
 logger = logging.getLogger(__name__)
@@ -68,7 +66,7 @@ def moe_graph_blocker(job: JobConfig) -> str | None:
                                                     m.hidden_size, m.resolved_ffn_hidden_size())
     if blocker:
         return blocker
-    if grouped_gemm_util.grouped_gemm not in (None, grouped_gemm.package):  # compat installs ours
+    if grouped_gemm_util.grouped_gemm not in (None, grouped_gemm.package):  # patches install ours
         return "the grouped_gemm package takes the expert sizes on the host"
     if triton_kernels("grouped_wgrad_triton") is None:
         return "Triton is not installed (the experts' weight gradients would be split on the host)"
@@ -143,9 +141,35 @@ def transformer_config(job: JobConfig, cuda_graphs: bool = False) -> Transformer
 
 
 def moe_dispatcher(job: JobConfig) -> str:
-    """'local', 'allgather' or 'alltoall' for this job's parallel layout (compat.resolve_moe_dispatcher)."""
+    """'local', 'allgather' or 'alltoall' for this job's parallel layout (resolve_moe_dispatcher)."""
     p = job.parallel
-    return compat.resolve_moe_dispatcher(p.moe_dispatcher, experts_local=p.ep == 1 and p.resolved_etp() == 1)
+    return resolve_moe_dispatcher(p.moe_dispatcher, experts_local=p.ep == 1 and p.resolved_etp() == 1)
+
+
+def resolve_moe_dispatcher(requested: str, experts_local: bool) -> str:
+    """The token dispatcher to build: 'local', 'allgather' or 'alltoall'.
+
+    'auto' -> 'local' (model/local_dispatcher.py: no communication, no host syncs) when every
+    expert is on this rank (``experts_local``: EP = expert-TP = 1), else megatron's alltoall on
+    CUDA and allgather on CPU (alltoall needs CUDA streams).
+    """
+    if requested == "auto":
+        if experts_local:
+            return "local"
+        return "alltoall" if torch.cuda.is_available() else "allgather"
+    if requested == "local" and not experts_local:
+        raise ValueError(
+            "parallel.moe_dispatcher=local needs every expert on this rank (parallel.ep=1 and tp=1); "
+            "use parallel.moe_dispatcher=auto"
+        )
+    if requested == "alltoall" and not torch.cuda.is_available():
+        raise ValueError(
+            "parallel.moe_dispatcher=alltoall needs CUDA (megatron creates torch.cuda streams); "
+            "use parallel.moe_dispatcher=allgather or auto on CPU"
+        )
+    if requested not in ("local", "allgather", "alltoall"):
+        raise ValueError(f"parallel.moe_dispatcher={requested!r}: choose auto, local, allgather or alltoall")
+    return requested
 
 
 def build_model(
@@ -157,7 +181,7 @@ def build_model(
 ) -> MambaModel:
     """This rank's model chunk (its pipeline stage, its TP/EP shards); ``cuda_graphs`` as in
     ``transformer_config``."""
-    compat.apply()
+    patches.apply()
     if pg_collection is None:
         pg_collection = ProcessGroupCollection.use_mpu_process_groups()
     if pre_process is None:
@@ -166,10 +190,8 @@ def build_model(
         post_process = parallel_state.is_pipeline_last_stage()
     m = job.model
     config = transformer_config(job, cuda_graphs)
-    if config.cuda_graph_impl == "local":
-        fix_layer_graphs()
     model_class = BlackMambaModel if m.fused_cross_entropy else MambaModel
-    model = model_class(
+    return model_class(
         config=config,
         mamba_stack_spec=blackmamba_stack_spec(m, local_dispatch=moe_dispatcher(job) == "local"),
         vocab_size=m.vocab_size,
@@ -181,7 +203,3 @@ def build_model(
         position_embedding_type="none",
         pg_collection=pg_collection,
     )
-    if post_process and m.final_norm == "layernorm":
-        # megatron's MambaStack always builds its final norm from config.normalization (RMSNorm).
-        model.decoder.final_norm = LayerNorm(config, m.hidden_size, eps=m.norm_epsilon)
-    return model

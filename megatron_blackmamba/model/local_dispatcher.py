@@ -6,7 +6,7 @@ waits on that copy in every MoE layer (an event sync, which ``torch.cuda.set_syn
 not report), then re-sorts the tokens by local expert, an identity copy with one rank. Each wait
 drains the GPU queue, so the host can never run ahead of the kernels, and the wait also makes the
 layer impossible to capture in a CUDA graph. Here the layer permutes once (dropless, so the output
-size is known: ``compat.permute_known_size``), hands the counts to the grouped GEMM on the device
+size is known: ``model.token_order.permute_known_size``), hands the counts to the grouped GEMM on the device
 (``kernels/grouped_gemm.py`` turns them into offsets there), and unpermutes. Expert weights, the
 router and the layer's checkpoint format are megatron's MoELayer's, unchanged.
 
@@ -22,7 +22,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection, unpermute
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
-from megatron_blackmamba.compat import dropless_order, permute_known_size
+from megatron_blackmamba.model.token_order import dropless_order, permute_known_size
 
 
 class _PermuteRows(torch.autograd.Function):

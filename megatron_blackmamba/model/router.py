@@ -21,8 +21,10 @@ from megatron_blackmamba.model.sinkhorn import sinkhorn_replayed
 
 
 class BlackMambaRouter(TopKRouter):
-    def __init__(self, config, pg_collection=None, *, temperature: float = 2.0, init: str = "paper",
-                 tol: float = 1e-2, max_iters: int = 20, bias: bool = False) -> None:
+    def __init__(self, config, pg_collection=None, *, temperature: float, init: str, tol: float,
+                 max_iters: int, bias: bool) -> None:
+        """Sinkhorn parameters and ``bias`` as the spec passes them from ModelConfig (their one
+        source of defaults)."""
         super().__init__(config=config, pg_collection=pg_collection)
         if bias and self.bias is None:
             # megatron adds a router bias only with add_bias_linear; Zyphra's released routers are
@@ -82,7 +84,7 @@ class BlackMambaRouter(TopKRouter):
     def routing(self, logits: torch.Tensor, padding_mask=None):
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         # megatron warms a layer up on all-zero inputs before capturing its graph: not real tokens
-        # (cuda_graph.end_graph_warmup makes the flag fall again afterwards).
+        # (the patch "cuda_graphs._set_warmup_end->lowers the flag" makes it fall again afterwards).
         if not is_graph_warmup():
             with torch.no_grad():
                 self.load_counts += routing_map.sum(dim=0).to(self.load_counts.dtype)

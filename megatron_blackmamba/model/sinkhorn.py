@@ -29,6 +29,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from megatron_blackmamba.config import ModelConfig
 from megatron_blackmamba.cuda_graph import capture
 from megatron_blackmamba.kernels.triton_support import triton_kernels
 
@@ -126,10 +127,10 @@ def _check_args(logits: torch.Tensor, max_iters: int) -> None:
 @torch.no_grad()
 def sinkhorn(
     logits: torch.Tensor,
-    temperature: float = 2.0,
-    init: str = "paper",
-    tol: float = 1e-2,
-    max_iters: int = 20,
+    temperature: float = ModelConfig.sinkhorn_temperature,
+    init: str = ModelConfig.sinkhorn_init,
+    tol: float = ModelConfig.sinkhorn_tol,
+    max_iters: int = ModelConfig.sinkhorn_max_iters,
 ) -> SinkhornResult:
     """Balanced plan for (T, E) router logits, T >= 1; the plan of the first iteration whose error
     is < ``tol``, or of iteration ``max_iters``.
@@ -160,10 +161,10 @@ def sinkhorn(
 @torch.no_grad()
 def sinkhorn_fused(
     logits: torch.Tensor,
-    temperature: float = 2.0,
-    init: str = "paper",
-    tol: float = 1e-2,
-    max_iters: int = 20,
+    temperature: float = ModelConfig.sinkhorn_temperature,
+    init: str = ModelConfig.sinkhorn_init,
+    tol: float = ModelConfig.sinkhorn_tol,
+    max_iters: int = ModelConfig.sinkhorn_max_iters,
 ) -> SinkhornResult:
     """``sinkhorn`` with the iteration loop as max_iters + 2 Triton launches of many programs each
     (kernels/sinkhorn_triton.py): same iterates and stopping rule, fp32 on a GPU; sums in another

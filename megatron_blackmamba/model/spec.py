@@ -1,7 +1,9 @@
 """The BlackMamba layer stack as megatron-core ModuleSpecs.
 
 megatron's ``MambaStack`` already interleaves layer types from a pattern string ('M' Mamba,
-'E' MoE), splits them across pipeline stages and hosts the final norm; BlackMamba only swaps in
+'E' MoE) and splits them across pipeline stages; ``BlackMambaStack`` (model/stack.py) adds the
+final norm from the spec (``model.final_norm``: RMSNorm, or Zyphra's biased LayerNorm). BlackMamba
+only swaps in
 the Mamba-1 mixer, the Sinkhorn router, the grouped experts' fused gated activation and, when
 all experts are local, a sync-free dispatcher. Linear classes come from megatron's backend
 providers (Transformer Engine where it is installed, megatron's local modules otherwise); the
@@ -15,21 +17,21 @@ from functools import partial
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
-from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
 from megatron.core.ssm.mamba_layer import MambaLayerSubmodules
 from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer.moe.experts import GroupedMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
-from megatron_blackmamba.compat import have_transformer_engine
 from megatron_blackmamba.config import ModelConfig
+from megatron_blackmamba.kernels.cuda import have_transformer_engine
 from megatron_blackmamba.model.experts import FusedGLUGroupedMLP
 from megatron_blackmamba.model.graphed_layers import TrainingGraphedMambaLayer, TrainingGraphedMoETransformerLayer
 from megatron_blackmamba.model.local_dispatcher import LocalDispatchMoELayer
 from megatron_blackmamba.model.mamba1_mixer import Mamba1Mixer, Mamba1MixerSubmodules
-from megatron_blackmamba.model.norm import RMSNorm
+from megatron_blackmamba.model.norm import LayerNorm, RMSNorm
 from megatron_blackmamba.model.router import BlackMambaRouter
+from megatron_blackmamba.model.stack import BlackMambaStack, BlackMambaStackSubmodules
 
 
 def backend_provider(use_te: bool) -> BackendSpecProvider:
@@ -108,8 +110,10 @@ def blackmamba_stack_spec(model: ModelConfig, use_te: bool | None = None, local_
         use_te = have_transformer_engine()
     backend, norm = backend_provider(use_te), norm_module(use_te)
     return ModuleSpec(
-        module=MambaStack,
-        submodules=MambaStackSubmodules(
-            mamba_layer=mamba_layer_spec(model, backend, norm), moe_layer=moe_layer_spec(model, backend, norm, local_dispatch)
+        module=BlackMambaStack,
+        submodules=BlackMambaStackSubmodules(
+            mamba_layer=mamba_layer_spec(model, backend, norm),
+            moe_layer=moe_layer_spec(model, backend, norm, local_dispatch),
+            final_norm=LayerNorm if model.final_norm == "layernorm" else norm,
         ),
     )

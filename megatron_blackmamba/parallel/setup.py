@@ -19,7 +19,7 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.tensor_parallel.random import initialize_rng_tracker
 from megatron.core.transformer.cuda_graphs import delete_cuda_graphs
 
-from megatron_blackmamba import compat
+from megatron_blackmamba import patches
 from megatron_blackmamba.config import ParallelConfig
 from megatron_blackmamba.parallel.env import launch_env
 
@@ -37,7 +37,7 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int =
 
     ``cuda_graphs`` (training.cuda_graphs) makes megatron's RNG tracker graph-safe, which its CUDA
     graph manager requires."""
-    compat.apply()
+    patches.apply()
     if not dist.is_initialized():
         rank, world, local_rank, launched = launch_env()
         backend = parallel.backend

@@ -4,7 +4,9 @@ megatron-core 0.16.1's DistributedOptimizer is exercised upstream with apex/TE's
 whose parameters share one dtype. BlackMamba on GPU has neither: without apex/TE megatron falls
 back to torch's Adam, and the Mamba mixer keeps A_log and D in fp32 beside bf16 parameters. Three
 gaps follow, each of which broke checkpointing on GPU (the CPU path uses megatron's replicated
-optimizer, which has none of them): the first save crashed, and so would every resume.
+optimizer, which has none of them): the first save crashed, and so would every resume. Two are
+repaired here on each optimizer instance; the third is a method of the class, replaced by the
+patch "DistributedOptimizer loads saved states only" (megatron_blackmamba/patches).
 tests/training/test_optimizer_state_pairing.py checks the result on a GPU.
 """
 
@@ -20,13 +22,12 @@ def inner_optimizers(optimizer) -> list:
 
 
 def make_checkpointable(optimizer) -> None:
-    """Close the three gaps for every distributed optimizer inside ``optimizer`` (call once, at build)."""
+    """Repair every distributed optimizer inside ``optimizer`` (call once, at build)."""
     for inner in inner_optimizers(optimizer):
         if isinstance(inner, DistributedOptimizer):
             _pair_mixed_dtype_params_with_their_state(inner)
             if not HAVE_APEX_OR_TE:
                 _allocate_torch_adam_state(inner)
-                _load_saved_states_only()
 
 
 def _pair_mixed_dtype_params_with_their_state(optimizer: DistributedOptimizer) -> None:
@@ -62,27 +63,3 @@ def _allocate_torch_adam_state(optimizer: DistributedOptimizer) -> None:
             device = param.device if on_device else torch.device("cpu")
             optimizer.optimizer.state[param]["step"] = torch.zeros((), dtype=torch.float32, device=device)
 
-
-def _load_saved_states_only() -> None:
-    """Loading a checkpoint copies each saved tensor (main copy, moments) into its place.
-
-    megatron's loaders leave torch Adam's "step" out of the saved tensors (it is restored from the
-    param groups), but ``_set_main_param_and_optimizer_states`` copies every key the optimizer's
-    state has, so each load failed with KeyError 'step'. Patched on the class, once: iterate over the
-    saved tensors instead. The precision-aware path, which keeps no torch state, is left as it was.
-    """
-    if getattr(DistributedOptimizer, "_loads_saved_states_only", False):
-        return
-    original = DistributedOptimizer._set_main_param_and_optimizer_states
-
-    def set_saved_states(self, model_param, tensors):
-        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-            return original(self, model_param, tensors)
-        group_index, group_order = self.model_param_group_index_map[model_param]
-        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-        destinations = {"param": main_param, **self.optimizer.state[main_param]}
-        for key, value in tensors.items():
-            destinations[key].copy_(value)
-
-    DistributedOptimizer._set_main_param_and_optimizer_states = set_saved_states
-    DistributedOptimizer._loads_saved_states_only = True

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.moe.experts import GroupedMLP
 
-from megatron_blackmamba import compat
+from megatron_blackmamba import patches
 from megatron_blackmamba.config import load_config
 from megatron_blackmamba.model.builder import transformer_config
 from megatron_blackmamba.model.experts import FusedGLUGroupedMLP
@@ -25,7 +25,7 @@ def _config(activation: str):
 
 @pytest.mark.parametrize("activation", ["geglu", "swiglu"])
 def test_fused_matches_grouped_mlp_and_float64(single_rank, activation: str):
-    compat.apply()
+    patches.apply()
     config = _config(activation)
     pgs = ProcessGroupCollection.use_mpu_process_groups()
     plain, fused = GroupedMLP(E, config, pg_collection=pgs), FusedGLUGroupedMLP(E, config, pg_collection=pgs)

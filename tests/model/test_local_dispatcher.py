@@ -15,9 +15,9 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import build_module
 
-from megatron_blackmamba import compat
+from megatron_blackmamba import patches
 from megatron_blackmamba.config import load_config
-from megatron_blackmamba.model.builder import moe_dispatcher, transformer_config
+from megatron_blackmamba.model.builder import moe_dispatcher, resolve_moe_dispatcher, transformer_config
 from megatron_blackmamba.model.local_dispatcher import LocalDispatchMoELayer, LocalTokenDispatcher
 from megatron_blackmamba.model.norm import RMSNorm
 from megatron_blackmamba.model.spec import moe_layer_spec
@@ -34,7 +34,7 @@ def build_moe(job, local: bool) -> MoELayer:
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("topk", [1, 2])  # 1: the invertible-permutation path; 2: megatron's unpermute
 def test_local_dispatcher_matches_megatron_allgather(single_rank, grouped: bool, training: bool, topk: int):
-    compat.apply()
+    patches.apply()
     job = load_config(None, ["model.hidden_size=32", "model.ffn_hidden_size=48", "model.num_experts=4",
                              f"model.moe_topk={topk}",
                              f"model.moe_grouped_gemm={str(grouped).lower()}",
@@ -73,12 +73,12 @@ def test_local_dispatcher_matches_megatron_allgather(single_rank, grouped: bool,
 
 
 def test_dispatcher_resolution():
-    assert compat.resolve_moe_dispatcher("auto", experts_local=True) == "local"
-    assert compat.resolve_moe_dispatcher("auto", experts_local=False) in ("alltoall", "allgather")
-    assert compat.resolve_moe_dispatcher("allgather", experts_local=True) == "allgather"
+    assert resolve_moe_dispatcher("auto", experts_local=True) == "local"
+    assert resolve_moe_dispatcher("auto", experts_local=False) in ("alltoall", "allgather")
+    assert resolve_moe_dispatcher("allgather", experts_local=True) == "allgather"
     with pytest.raises(ValueError, match="ep=1 and tp=1"):
-        compat.resolve_moe_dispatcher("local", experts_local=False)
+        resolve_moe_dispatcher("local", experts_local=False)
     with pytest.raises(ValueError, match="choose auto"):
-        compat.resolve_moe_dispatcher("scatter", experts_local=True)
+        resolve_moe_dispatcher("scatter", experts_local=True)
     assert moe_dispatcher(load_config(None, ["parallel.ep=1"])) == "local"
     assert moe_dispatcher(load_config(None, ["parallel.ep=2"])) != "local"

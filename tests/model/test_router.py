@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megatron_blackmamba import compat
+from megatron_blackmamba import patches
 from megatron_blackmamba.config import load_config
 from megatron_blackmamba.kernels import router_gating
 from tests.model.test_local_dispatcher import build_moe
 
 
 def test_blackmamba_router_uses_it_and_agrees_with_megatrons_gating(single_rank):
-    compat.apply()
+    patches.apply()
     job = load_config(None, ["model.hidden_size=32", "model.ffn_hidden_size=48", "model.num_experts=4",
                              "model.router_bias=true", "training.precision=bf16"])
     router = build_moe(job, local=True).router

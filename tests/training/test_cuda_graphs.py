@@ -121,9 +121,9 @@ def test_graph_warmup_flag_falls_after_warmup():
     """megatron-core 0.16.1 never lowers its warm-up flag; the router's token counts depend on it."""
     from megatron.core.transformer import cuda_graphs
 
-    from megatron_blackmamba.cuda_graph import end_graph_warmup
+    from megatron_blackmamba.patches import BY_NAME
 
-    end_graph_warmup()
+    BY_NAME["cuda_graphs._set_warmup_end->lowers the flag"].install()
     cuda_graphs._set_warmup_start()
     assert cuda_graphs.is_graph_warmup()
     cuda_graphs._set_warmup_end()
