@@ -51,8 +51,8 @@ from megatron_blackmamba.data_prep.sample import SAMPLE_DIR, sample_tokenizer_pa
 from megatron_blackmamba.data_prep.stats import format_table  # noqa: E402
 from megatron_blackmamba.data_prep.tokenizer import EOD_TOKEN, optimal_dtype  # noqa: E402
 
-
 # ----------------------------------------------------------------------- input corpus
+
 
 def _sample_paragraphs() -> Dict[str, List[str]]:
     paragraphs: Dict[str, List[str]] = {}
@@ -135,6 +135,7 @@ def baseline(input_path: Path, tokenizer_path: str, prefix: str, workers: int) -
 
 # ----------------------------------------------------------------------- Megatron-LM itself
 
+
 def plain_copy(corpus: Path) -> Path:
     """The corpus decompressed to .jsonl (what preprocess_data.py reads), cached beside it."""
     path = corpus.with_suffix("")  # x.jsonl.zst -> x.jsonl
@@ -145,7 +146,9 @@ def plain_copy(corpus: Path) -> Path:
     return path
 
 
-def megatron_lm(checkout: Path, input_path: Path, tokenizer_path: str, prefix: str, workers: int) -> str:
+def megatron_lm(
+    checkout: Path, input_path: Path, tokenizer_path: str, prefix: str, workers: int
+) -> str:
     """Run the checkout's tools/preprocess_data.py; returns its output prefix. Raises
     RuntimeError with the tail of its output if it fails."""
     import subprocess
@@ -154,9 +157,23 @@ def megatron_lm(checkout: Path, input_path: Path, tokenizer_path: str, prefix: s
     model_dir.mkdir(exist_ok=True)
     (model_dir / "tokenizer.json").write_bytes(Path(tokenizer_path).read_bytes())
     (model_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOD_TOKEN}))
-    command = [sys.executable, str(checkout / "tools" / "preprocess_data.py"), "--input", str(input_path),
-               "--output-prefix", prefix, "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
-               str(model_dir), "--workers", str(workers), "--append-eod", "--log-interval", "100000000"]
+    command = [
+        sys.executable,
+        str(checkout / "tools" / "preprocess_data.py"),
+        "--input",
+        str(input_path),
+        "--output-prefix",
+        prefix,
+        "--tokenizer-type",
+        "HuggingFaceTokenizer",
+        "--tokenizer-model",
+        str(model_dir),
+        "--workers",
+        str(workers),
+        "--append-eod",
+        "--log-interval",
+        "100000000",
+    ]
     env = {**os.environ, "PYTHONPATH": f"{checkout}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0:
@@ -172,29 +189,52 @@ def compare_ids(ours: str, theirs: str) -> str:
     if len(ao) != len(bo):
         return f"{len(ao) - 1} vs {len(bo) - 1} documents"
     for i in range(len(ao) - 1):
-        x, y = a[ao[i]:ao[i + 1]], b[bo[i]:bo[i + 1]]
+        x, y = a[ao[i] : ao[i + 1]], b[bo[i] : bo[i + 1]]
         if len(x) != len(y) or not np.array_equal(x, y):
-            return f"document {i} differs: {x[:8].tolist()}... ({len(x)}) vs {y[:8].tolist()}... ({len(y)})"
+            return (
+                f"document {i} differs: {x[:8].tolist()}... ({len(x)}) vs {y[:8].tolist()}..."
+                f" ({len(y)})"
+            )
     return "same"
 
 
 # ----------------------------------------------------------------------- main
 
+
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size-mb", type=float, default=200.0,
-                        help="uncompressed size of the synthetic input (default %(default)g)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--size-mb",
+        type=float,
+        default=200.0,
+        help="uncompressed size of the synthetic input (default %(default)g)",
+    )
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
-    parser.add_argument("--tokenizer", default=sample_tokenizer_path(),
-                        help="tokenizer.json (default: the bundled sample tokenizer)")
-    parser.add_argument("--shard-size-mb", type=float, default=0.0,
-                        help="data_prep shard size; 0 = input / (4 x the most workers), so every worker "
-                             "has shards to take (default)")
-    parser.add_argument("--megatron-lm", type=Path, default=None,
-                        help="a Megatron-LM checkout whose tools/preprocess_data.py runs beside ours")
-    parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(),
-                                                            "data_prep_bench"))
+    parser.add_argument(
+        "--tokenizer",
+        default=sample_tokenizer_path(),
+        help="tokenizer.json (default: the bundled sample tokenizer)",
+    )
+    parser.add_argument(
+        "--shard-size-mb",
+        type=float,
+        default=0.0,
+        help=(
+            "data_prep shard size; 0 = input / (4 x the most workers), so every worker "
+            "has shards to take (default)"
+        ),
+    )
+    parser.add_argument(
+        "--megatron-lm",
+        type=Path,
+        default=None,
+        help="a Megatron-LM checkout whose tools/preprocess_data.py runs beside ours",
+    )
+    parser.add_argument(
+        "--cache-dir", default=os.path.join(tempfile.gettempdir(), "data_prep_bench")
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     args = parser.parse_args(argv)
     workers = [int(w) for w in args.workers.split(",")]
@@ -206,10 +246,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         peer_note = "Megatron-LM: skipped (no --megatron-lm checkout given)"
     elif not (peer / "tools" / "preprocess_data.py").is_file():
         peer_note = f"Megatron-LM: skipped ({peer}/tools/preprocess_data.py not found)"
-    print(f"input: {args.size_mb:g} MB synthetic jsonl in {cache}; tokenizer {args.tokenizer}; "
-          f"workers {workers}; data_prep shards of {shard_mb:g} MB")
-    print(f"machine: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-          f"TOKENIZERS_PARALLELISM={os.environ['TOKENIZERS_PARALLELISM']}")
+    print(
+        f"input: {args.size_mb:g} MB synthetic jsonl in {cache}; tokenizer {args.tokenizer}; "
+        f"workers {workers}; data_prep shards of {shard_mb:g} MB"
+    )
+    print(
+        f"machine: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"TOKENIZERS_PARALLELISM={os.environ['TOKENIZERS_PARALLELISM']}"
+    )
     print(peer_note or f"Megatron-LM: {peer / 'tools' / 'preprocess_data.py'}")
     if not os.path.isfile(args.tokenizer):
         print(f"error: tokenizer not found: {args.tokenizer}", file=sys.stderr)
@@ -220,7 +264,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     start = time.perf_counter()
     corpus = plain_copy(synthetic_corpus(cache, args.size_mb))
     input_bytes = corpus.stat().st_size
-    print(f"corpus {corpus} ({input_bytes / 1e6:.1f} MB text) ready in {time.perf_counter() - start:.1f} s")
+    print(
+        f"corpus {corpus} ({input_bytes / 1e6:.1f} MB text) ready in"
+        f" {time.perf_counter() - start:.1f} s"
+    )
 
     rows = []
     with tempfile.TemporaryDirectory(dir=cache) as out:
@@ -228,38 +275,81 @@ def main(argv: Optional[List[str]] = None) -> int:
             timings: List[Tuple[str, float, str]] = []
             ours_prefix = os.path.join(out, f"data_prep-{count}")
             start = time.perf_counter()
-            result = build(BuildSpec(reader="pile", inputs=(str(corpus),),
-                                     tokenizer=args.tokenizer, output=ours_prefix,
-                                     workers=count, progress=False,
-                                     shard_bytes=int(shard_mb * (1 << 20))))
+            result = build(
+                BuildSpec(
+                    reader="pile",
+                    inputs=(str(corpus),),
+                    tokenizer=args.tokenizer,
+                    output=ours_prefix,
+                    workers=count,
+                    progress=False,
+                    shard_bytes=int(shard_mb * (1 << 20)),
+                )
+            )
             timings.append(("blackmamba-prep", time.perf_counter() - start, "-"))
             docs, tokens = result.output.documents, result.output.tokens
 
             base_prefix = os.path.join(out, f"baseline-{count}")
             start = time.perf_counter()
             assert baseline(corpus, args.tokenizer, base_prefix, count) == (docs, tokens)
-            identical = all(filecmp.cmp(base_prefix + ext, ours_prefix + ext, shallow=False)
-                            for ext in (".bin", ".idx"))
-            timings.append(("megatron-style baseline", time.perf_counter() - start,
-                            "same bytes" if identical else "BYTES DIFFER"))
+            identical = all(
+                filecmp.cmp(base_prefix + ext, ours_prefix + ext, shallow=False)
+                for ext in (".bin", ".idx")
+            )
+            timings.append(
+                (
+                    "megatron-style baseline",
+                    time.perf_counter() - start,
+                    "same bytes" if identical else "BYTES DIFFER",
+                )
+            )
             if peer_note is None:
                 start = time.perf_counter()
                 try:
-                    theirs = megatron_lm(peer, corpus, args.tokenizer, os.path.join(out, f"mlm-{count}"), count)
-                    timings.append(("Megatron-LM preprocess_data.py", time.perf_counter() - start,
-                                    compare_ids(ours_prefix, theirs)))
+                    theirs = megatron_lm(
+                        peer, corpus, args.tokenizer, os.path.join(out, f"mlm-{count}"), count
+                    )
+                    timings.append(
+                        (
+                            "Megatron-LM preprocess_data.py",
+                            time.perf_counter() - start,
+                            compare_ids(ours_prefix, theirs),
+                        )
+                    )
                 except RuntimeError as error:
                     peer_note = f"Megatron-LM: skipped ({error})"
             reference = timings[2][1] if len(timings) > 2 else timings[1][1]
             for tool, seconds, same in timings:
-                rows.append((tool, count, f"{seconds:.1f}", f"{tokens / seconds:,.0f}",
-                             f"{tokens / seconds / count:,.0f}", f"{input_bytes / seconds / 1e6:.2f}",
-                             f"{reference / seconds:.2f}x", same))
+                rows.append(
+                    (
+                        tool,
+                        count,
+                        f"{seconds:.1f}",
+                        f"{tokens / seconds:,.0f}",
+                        f"{tokens / seconds / count:,.0f}",
+                        f"{input_bytes / seconds / 1e6:.2f}",
+                        f"{reference / seconds:.2f}x",
+                        same,
+                    )
+                )
     print(f"{docs:,} documents, {tokens:,} tokens")
     if peer_note:
         print(peer_note)
-    print(format_table(("tool", "workers", "wall s", "tokens/s", "tokens/s per worker", "MB/s",
-                        "speed vs " + ("Megatron-LM" if peer_note is None else "baseline"), "token ids"), rows))
+    print(
+        format_table(
+            (
+                "tool",
+                "workers",
+                "wall s",
+                "tokens/s",
+                "tokens/s per worker",
+                "MB/s",
+                "speed vs " + ("Megatron-LM" if peer_note is None else "baseline"),
+                "token ids",
+            ),
+            rows,
+        )
+    )
     return 0
 
 

@@ -38,7 +38,9 @@ PAPER_TASKS = {
 }
 
 
-def synthetic_requests(task: str, documents: int, vocab: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
+def synthetic_requests(
+    task: str, documents: int, vocab: int, seed: int = 0
+) -> list[tuple[list[int], list[int]]]:
     _, choices, context, continuation = PAPER_TASKS[task]
     rng = random.Random(f"{task}-{seed}")
 
@@ -54,8 +56,12 @@ def synthetic_requests(task: str, documents: int, vocab: int, seed: int = 0) -> 
 
 def main() -> int:
     parser = bench_parser(__doc__)
-    parser.add_argument("--limit", type=int, default=200, help="documents per task (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=64, help="sequences per forward (default %(default)s)")
+    parser.add_argument(
+        "--limit", type=int, default=200, help="documents per task (default %(default)s)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="sequences per forward (default %(default)s)"
+    )
     args = parser.parse_args()
     print(f"tasks {list(PAPER_TASKS)}; {args.limit} documents each; batch {args.batch_size}")
     if args.dry_run:
@@ -86,12 +92,21 @@ def main() -> int:
         rate = len(pairs) / seconds
         full = docs * choices / rate
         total_s += full
-        rows.append(f"| {task} | {len(pairs)} | {seconds:.2f} | {rate:,.0f} | {docs * choices:,} | {full:.0f} |")
+        rows.append(
+            f"| {task} | {len(pairs)} | {seconds:.2f} | {rate:,.0f} | {docs * choices:,} |"
+            f" {full:.0f} |"
+        )
     destroy()
-    table = "\n".join([device_line(), f"config {args.config} {' '.join(args.overrides)}; batch {args.batch_size}",
-                       "| task | requests timed | s | requests/s | full-suite requests | est. full s |",
-                       "|---|---|---|---|---|---|", *rows,
-                       f"| **paper suite** | | | | | **{total_s:.0f} s ({total_s / 60:.1f} min)** |"])
+    table = "\n".join(
+        [
+            device_line(),
+            f"config {args.config} {' '.join(args.overrides)}; batch {args.batch_size}",
+            "| task | requests timed | s | requests/s | full-suite requests | est. full s |",
+            "|---|---|---|---|---|---|",
+            *rows,
+            f"| **paper suite** | | | | | **{total_s:.0f} s ({total_s / 60:.1f} min)** |",
+        ]
+    )
     publish_table(args.out, "eval_throughput.md", table)
     return 0
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import sys
 
 import torch
-
 from harness import bench_parser, device_line, median_seconds, publish_table, sync
 
 CONTEXTS = (1024, 4096, 16384, 65536)
@@ -59,7 +58,13 @@ def _static_cache(config, batch: int, max_len: int):
     from transformers import StaticCache
 
     try:
-        return StaticCache(config=config, max_batch_size=batch, max_cache_len=max_len, device="cuda", dtype=torch.bfloat16)
+        return StaticCache(
+            config=config,
+            max_batch_size=batch,
+            max_cache_len=max_len,
+            device="cuda",
+            dtype=torch.bfloat16,
+        )
     except TypeError:
         return StaticCache(config=config, max_cache_len=max_len)
 
@@ -72,24 +77,44 @@ def transformer(vocab: int, max_len: int):
 
     from megatron_blackmamba.cuda_graph import capture
 
-    config = LlamaConfig(vocab_size=vocab, hidden_size=1152, intermediate_size=3072, num_hidden_layers=18,
-                         num_attention_heads=18, num_key_value_heads=18, max_position_embeddings=max_len,
-                         attn_implementation="sdpa", tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=1152,
+        intermediate_size=3072,
+        num_hidden_layers=18,
+        num_attention_heads=18,
+        num_key_value_heads=18,
+        max_position_embeddings=max_len,
+        attn_implementation="sdpa",
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16).eval()
 
     def run(prompt: torch.Tensor, steps: int, graph: bool):
         batch, context = prompt.shape
         cache = _static_cache(config, batch, context + steps + 8) if graph else None
         for start in range(0, context, PREFILL_CHUNK):
-            chunk = prompt[:, start:start + PREFILL_CHUNK]
+            chunk = prompt[:, start : start + PREFILL_CHUNK]
             position = torch.arange(start, start + chunk.shape[1], device="cuda")
-            out = model(chunk, past_key_values=cache, use_cache=True, logits_to_keep=1, cache_position=position)
+            out = model(
+                chunk,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                cache_position=position,
+            )
             cache = out.past_key_values
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         position = torch.tensor([context], device="cuda")
 
         def step():
-            return model(token, past_key_values=cache, use_cache=True, logits_to_keep=1, cache_position=position).logits
+            return model(
+                token,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                cache_position=position,
+            ).logits
 
         kv_bytes = 2 * config.num_hidden_layers * prompt.numel() * config.hidden_size * 2
         if not graph:
@@ -100,7 +125,9 @@ def transformer(vocab: int, max_len: int):
     return run
 
 
-def measure(run, context: int, vocab: int, steps: int, batch: int, graph: bool) -> tuple[float, int, float]:
+def measure(
+    run, context: int, vocab: int, steps: int, batch: int, graph: bool
+) -> tuple[float, int, float]:
     """(ms per decode step, bytes carried between steps, peak GiB); NaN ms where the mode fails."""
     prompt = torch.randint(0, vocab, (batch, context), device="cuda")
     torch.cuda.empty_cache()
@@ -111,44 +138,70 @@ def measure(run, context: int, vocab: int, steps: int, batch: int, graph: bool) 
             torch.cuda.reset_peak_memory_stats()  # decoding's peak, not prefill's
             seconds, _ = median_seconds(step, steps, warmup=4)
     except Exception as error:  # noqa: BLE001 - a baseline mode that cannot run is reported, not fatal
-        print(f"context {context} {'graph' if graph else 'eager'}: {type(error).__name__}: {error}"[:400], flush=True)
+        print(
+            f"context {context} {'graph' if graph else 'eager'}: {type(error).__name__}: {error}"[
+                :400
+            ],
+            flush=True,
+        )
         return float("nan"), 0, float("nan")
     return 1e3 * seconds, carried, torch.cuda.max_memory_allocated() / 2**30
 
 
 def main() -> int:
     p = bench_parser(__doc__)
-    p.add_argument("--contexts", default=",".join(map(str, CONTEXTS)), help="comma-separated context lengths")
+    p.add_argument(
+        "--contexts", default=",".join(map(str, CONTEXTS)), help="comma-separated context lengths"
+    )
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per point (median)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     args = p.parse_args()
     contexts = [int(c) for c in args.contexts.split(",")]
     if args.dry_run:
-        print(f"contexts {contexts}, {args.steps} decode steps each; BlackMamba config {args.config} "
-              f"{args.overrides}; transformer: HF Llama 1152x18, SDPA, KV cache")
+        print(
+            f"contexts {contexts}, {args.steps} decode steps each; BlackMamba config {args.config} "
+            f"{args.overrides}; transformer: HF Llama 1152x18, SDPA, KV cache"
+        )
         return 0
     job, bm = blackmamba(args.config, args.overrides + ["parallel.ep=1"])
     vocab = job.model.vocab_size
     tf = transformer(vocab, max(contexts) + args.steps + 64)
     rows = []
     for context in contexts:
-        bm_eager, bm_bytes, bm_peak = measure(bm, context, vocab, args.steps, args.batch, graph=False)
+        bm_eager, bm_bytes, bm_peak = measure(
+            bm, context, vocab, args.steps, args.batch, graph=False
+        )
         bm_graph, _, _ = measure(bm, context, vocab, args.steps, args.batch, graph=True)
-        tf_eager, tf_bytes, tf_peak = measure(tf, context, vocab, args.steps, args.batch, graph=False)
+        tf_eager, tf_bytes, tf_peak = measure(
+            tf, context, vocab, args.steps, args.batch, graph=False
+        )
         tf_graph, _, _ = measure(tf, context, vocab, args.steps, args.batch, graph=True)
-        rows.append(f"| {context:,} | {bm_eager:.2f} | {bm_graph:.2f} | {bm_bytes / 2**20:.1f} | {bm_peak:.2f} | "
-                    f"{tf_eager:.2f} | {tf_graph:.2f} | {tf_bytes / 2**20:,.0f} | {tf_peak:.2f} | "
-                    f"{tf_eager / bm_eager:.2f}x | {tf_graph / bm_graph:.2f}x |")
+        rows.append(
+            f"| {context:,} | {bm_eager:.2f} | {bm_graph:.2f} | {bm_bytes / 2**20:.1f} |"
+            f" {bm_peak:.2f} | {tf_eager:.2f} | {tf_graph:.2f} | {tf_bytes / 2**20:,.0f} |"
+            f" {tf_peak:.2f} | {tf_eager / bm_eager:.2f}x | {tf_graph / bm_graph:.2f}x |"
+        )
         print(rows[-1], flush=True)
     import transformers
 
-    text = "\n".join([
-        device_line(), f"transformers {transformers.__version__}; batch {args.batch}, bf16; ms = median per decode "
-        "step after prefill; graph = the step replayed from one CUDA graph (BlackMamba: generation/decode_graph.py; "
-        "transformer: StaticCache); peak = peak memory of the eager run",
-        "| context | BlackMamba eager ms | BlackMamba graph ms | state MiB | peak GiB | transformer eager ms | "
-        "transformer graph ms | KV cache MiB | peak GiB | transformer/BlackMamba eager | graph |",
-        "|---|---|---|---|---|---|---|---|---|---|---|", *rows])
+    text = "\n".join(
+        [
+            device_line(),
+            (
+                f"transformers {transformers.__version__}; batch {args.batch}, bf16; ms = median"
+                " per decode step after prefill; graph = the step replayed from one CUDA graph"
+                " (BlackMamba: generation/decode_graph.py; transformer: StaticCache); peak = peak"
+                " memory of the eager run"
+            ),
+            (
+                "| context | BlackMamba eager ms | BlackMamba graph ms | state MiB | peak GiB |"
+                " transformer eager ms | transformer graph ms | KV cache MiB | peak GiB |"
+                " transformer/BlackMamba eager | graph |"
+            ),
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
     publish_table(args.out, "generation_latency.md", text)
     return 0
 

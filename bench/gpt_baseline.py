@@ -33,13 +33,30 @@ LAYERS, HEADS, HEAD_DIM, FFN_MULT = 18, 18, 64, 4
 class SDPAttention(MegatronModule):
     """megatron core-attention interface over torch SDPA: [s, b, heads, d] x3 -> [s, b, heads*d]."""
 
-    def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
-                 softmax_scale=None, cp_comm_type=None, pg_collection=None):
+    def __init__(
+        self,
+        config,
+        layer_number,
+        attn_mask_type,
+        attention_type,
+        attention_dropout=None,
+        softmax_scale=None,
+        cp_comm_type=None,
+        pg_collection=None,
+    ):
         super().__init__(config=config)
         self.softmax_scale = softmax_scale
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        attention_mask,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
         if k.shape[1] != q.shape[1]:  # grouped-query attention
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
@@ -66,7 +83,8 @@ def gpt_config(job):
 
 
 class FusedLossGPTModel(FusedCrossEntropyMixin, GPTModel):
-    """GPTModel with BlackMamba's cross-entropy, so the comparison is of the models, not the losses."""
+    """GPTModel with BlackMamba's cross-entropy, so the comparison is of the models, not the
+    losses."""
 
 
 def build_gpt(job, pre_process: bool = True, post_process: bool = True) -> GPTModel:
@@ -78,7 +96,9 @@ def build_gpt(job, pre_process: bool = True, post_process: bool = True) -> GPTMo
     model_class = FusedLossGPTModel if job.model.fused_cross_entropy else GPTModel
     return model_class(
         config=gpt_config(job),
-        transformer_layer_spec=TransformerBlockSubmodules(layer_specs=[spec] * LAYERS, layer_norm=RMSNorm),
+        transformer_layer_spec=TransformerBlockSubmodules(
+            layer_specs=[spec] * LAYERS, layer_norm=RMSNorm
+        ),
         vocab_size=job.model.vocab_size,
         max_sequence_length=job.training.seq_length,
         pre_process=pre_process,
@@ -96,12 +116,13 @@ def train_flops_per_token(job) -> int:
     return 3 * (2 * weights + LAYERS * 2 * s * h)
 
 
-
 if __name__ == "__main__":  # quick CPU smoke: python bench/gpt_baseline.py
     from megatron_blackmamba.config import load_config
     from megatron_blackmamba.parallel.setup import destroy, init_distributed
 
-    job = load_config(None, ["model.vocab_size=512", "model.hidden_size=128", "training.seq_length=32"])
+    job = load_config(
+        None, ["model.vocab_size=512", "model.hidden_size=128", "training.seq_length=32"]
+    )
     init_distributed(job.parallel, 0)
     model = build_gpt(job)
     tokens = torch.randint(0, 512, (2, 32))

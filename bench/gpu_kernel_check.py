@@ -19,7 +19,8 @@ flagged HIGH and make the exit status 1. Needs a CUDA GPU and ``pip install
 megatron_blackmamba[cuda]`` (``--backends torch`` checks only the fallback). ``--dry-run`` prints
 the plan without touching CUDA.
 
-    python bench/gpu_kernel_check.py [--shapes small 340m-b2 340m-b4] [--dtypes fp32 bf16] [--out FILE]
+    python bench/gpu_kernel_check.py [--shapes small 340m-b2 340m-b4] [--dtypes fp32 bf16] [--out
+    FILE]
 
 (from the repo root, with the package installed or PYTHONPATH=.)
 """
@@ -35,9 +36,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
 from harness import rel_err, time_ms  # noqa: I001  (importing harness puts the repo on sys.path)
-from megatron_blackmamba.kernels import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
+
+from megatron_blackmamba.kernels import (
+    causal_conv1d,
+    causal_conv1d_update,
+    selective_scan,
+    selective_state_update,
+)
 from megatron_blackmamba.kernels import cuda as kernels_cuda
 
 
@@ -64,8 +70,19 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2}
 # Tensor name -> its channel (d_inner) axis, for --ref-channels slicing; B and C have none.
 CHANNEL_AXIS = {
-    "u": 1, "delta": 1, "z": 1, "x": 1, "dt": 1, "state": 1, "conv_state": 1,
-    "A": 0, "D": 0, "delta_bias": 0, "dt_bias": 0, "weight": 0, "bias": 0,
+    "u": 1,
+    "delta": 1,
+    "z": 1,
+    "x": 1,
+    "dt": 1,
+    "state": 1,
+    "conv_state": 1,
+    "A": 0,
+    "D": 0,
+    "delta_bias": 0,
+    "dt_bias": 0,
+    "weight": 0,
+    "bias": 0,
 }
 SCAN_GRADS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 CONV_GRADS = ("x", "weight", "bias")
@@ -73,19 +90,26 @@ Tensors = dict[str, torch.Tensor]
 
 
 # ---------------------------------------------------------------- inputs shaped like a Mamba layer
-def scan_inputs(shape: Shape, dtype: torch.dtype, gen: torch.Generator, device: torch.device) -> Tensors:
+def scan_inputs(
+    shape: Shape, dtype: torch.dtype, gen: torch.Generator, device: torch.device
+) -> Tensors:
     """Activations in ``dtype``; A, D, delta_bias in fp32, initialised as in Mamba."""
+
     def randn(*size: int) -> torch.Tensor:
         return torch.randn(*size, generator=gen, device=device)
 
     b, d, n, L, r = shape.batch, shape.dim, shape.dstate, shape.seqlen, shape.dt_rank
     # delta comes from a rank-r projection, and its bias is softplus^-1 of dt ~ logU[1e-3, 1e-1]
     delta = torch.einsum("blr,rd->bdl", randn(b, L, r), randn(r, d) * r**-0.5)
-    dt = torch.exp(torch.rand(d, generator=gen, device=device) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    dt = torch.exp(
+        torch.rand(d, generator=gen, device=device) * (math.log(0.1) - math.log(1e-3))
+        + math.log(1e-3)
+    )
     return dict(
         u=randn(b, d, L).to(dtype),
         delta=delta.to(dtype),
-        A=-torch.arange(1, n + 1, device=device, dtype=torch.float32).repeat(d, 1) * torch.exp(0.1 * randn(d, n)),
+        A=-torch.arange(1, n + 1, device=device, dtype=torch.float32).repeat(d, 1)
+        * torch.exp(0.1 * randn(d, n)),
         B=randn(b, n, L).to(dtype),
         C=randn(b, n, L).to(dtype),
         D=1 + 0.1 * randn(d),
@@ -94,8 +118,11 @@ def scan_inputs(shape: Shape, dtype: torch.dtype, gen: torch.Generator, device: 
     )
 
 
-def conv_inputs(shape: Shape, dtype: torch.dtype, gen: torch.Generator, device: torch.device) -> Tensors:
+def conv_inputs(
+    shape: Shape, dtype: torch.dtype, gen: torch.Generator, device: torch.device
+) -> Tensors:
     bound = shape.width**-0.5  # nn.Conv1d's default init range for a depthwise conv
+
     def uniform(*size: int) -> torch.Tensor:
         return ((torch.rand(*size, generator=gen, device=device) * 2 - 1) * bound).to(dtype)
 
@@ -106,19 +133,34 @@ def conv_inputs(shape: Shape, dtype: torch.dtype, gen: torch.Generator, device: 
     )
 
 
-def step_inputs(scan: Tensors, conv: Tensors, shape: Shape, gen: torch.Generator) -> tuple[Tensors, Tensors]:
-    """Decode-step inputs: token 0 of the sequence inputs plus random fp32 SSM / activation-dtype conv states."""
+def step_inputs(
+    scan: Tensors, conv: Tensors, shape: Shape, gen: torch.Generator
+) -> tuple[Tensors, Tensors]:
+    """Decode-step inputs: token 0 of the sequence inputs plus random fp32 SSM / activation-dtype
+    conv states."""
     device, dtype = scan["u"].device, scan["u"].dtype
     ssm = dict(
         state=torch.randn(shape.batch, shape.dim, shape.dstate, generator=gen, device=device),
-        x=scan["u"][..., 0], dt=scan["delta"][..., 0], A=scan["A"], B=scan["B"][..., 0], C=scan["C"][..., 0],
-        D=scan["D"], z=scan["z"][..., 0], dt_bias=scan["delta_bias"],
+        x=scan["u"][..., 0],
+        dt=scan["delta"][..., 0],
+        A=scan["A"],
+        B=scan["B"][..., 0],
+        C=scan["C"][..., 0],
+        D=scan["D"],
+        z=scan["z"][..., 0],
+        dt_bias=scan["delta_bias"],
     )
     conv_step = dict(
-        x=conv["x"][..., 0], weight=conv["weight"], bias=conv["bias"],
-        conv_state=torch.randn(shape.batch, shape.dim, shape.width, generator=gen, device=device).to(dtype),
+        x=conv["x"][..., 0],
+        weight=conv["weight"],
+        bias=conv["bias"],
+        conv_state=torch.randn(
+            shape.batch, shape.dim, shape.width, generator=gen, device=device
+        ).to(dtype),
     )
-    return {k: v.contiguous() for k, v in ssm.items()}, {k: v.contiguous() for k, v in conv_step.items()}
+    return {k: v.contiguous() for k, v in ssm.items()}, {
+        k: v.contiguous() for k, v in conv_step.items()
+    }
 
 
 def slice_channels(tensors: Tensors, channels: int) -> Tensors:
@@ -136,8 +178,17 @@ def to_float64(tensors: Tensors) -> Tensors:
 # ---------------------------------------------------------------- the ops under test
 def call_scan(t: Tensors, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     return selective_scan(
-        t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"],
-        delta_softplus=True, return_last_state=True, backend=backend,
+        t["u"],
+        t["delta"],
+        t["A"],
+        t["B"],
+        t["C"],
+        t["D"],
+        t["z"],
+        t["delta_bias"],
+        delta_softplus=True,
+        return_last_state=True,
+        backend=backend,
     )
 
 
@@ -148,18 +199,32 @@ def call_conv(t: Tensors, backend: str) -> tuple[torch.Tensor, None]:
 def call_scan_step(t: Tensors, backend: str) -> Tensors:
     state = t["state"].clone()
     y = selective_state_update(
-        state, t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["dt_bias"], True, backend=backend
+        state,
+        t["x"],
+        t["dt"],
+        t["A"],
+        t["B"],
+        t["C"],
+        t["D"],
+        t["z"],
+        t["dt_bias"],
+        True,
+        backend=backend,
     )
     return {"y": y, "state": state}
 
 
 def call_conv_step(t: Tensors, backend: str) -> Tensors:
     state = t["conv_state"].clone()
-    return {"y": causal_conv1d_update(t["x"], state, t["weight"], t["bias"], "silu", backend=backend), "state": state}
+    return {
+        "y": causal_conv1d_update(t["x"], state, t["weight"], t["bias"], "silu", backend=backend),
+        "state": state,
+    }
 
 
-def forward_backward(call: Callable, tensors: Tensors, grads: tuple[str, ...], backend: str,
-                     grad_out: torch.Tensor) -> Tensors:
+def forward_backward(
+    call: Callable, tensors: Tensors, grads: tuple[str, ...], backend: str, grad_out: torch.Tensor
+) -> Tensors:
     """Outputs and input gradients of ``call`` under the loss <y, grad_out>."""
     leaves = {k: v.detach().requires_grad_(k in grads) for k, v in tensors.items()}
     y, last_state = call(leaves, backend)
@@ -184,7 +249,16 @@ class Table:
         ok = all(e < tol for e in errs.values())  # NaN compares False: flagged
         self.high += not ok
         cells = [f"{errs[b]:.2e}" if b in errs else "-" for b in ("cuda", "torch")]
-        self.rows.append((shape, dtype, op, f"relerr {metric}", *cells, f"{'ok' if ok else 'HIGH'} (< {tol:.0e})"))
+        self.rows.append(
+            (
+                shape,
+                dtype,
+                op,
+                f"relerr {metric}",
+                *cells,
+                f"{'ok' if ok else 'HIGH'} (< {tol:.0e})",
+            )
+        )
 
     def timing(self, shape: str, dtype: str, op: str, metric: str, ms: dict[str, float]) -> None:
         cells = [f"{ms[b]:.3f}" if b in ms else "-" for b in ("cuda", "torch")]
@@ -192,20 +266,29 @@ class Table:
         self.rows.append((shape, dtype, op, metric, *cells, ratio))
 
     def render(self) -> str:
-        widths = [max(len(str(r[i])) for r in (self.HEADER, *self.rows)) for i in range(len(self.HEADER))]
-        lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in (self.HEADER, *self.rows)]
+        widths = [
+            max(len(str(r[i])) for r in (self.HEADER, *self.rows)) for i in range(len(self.HEADER))
+        ]
+        lines = [
+            "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()
+            for row in (self.HEADER, *self.rows)
+        ]
         lines.insert(1, "-" * len(lines[0]))
         return "\n".join(lines)
 
 
-def check_case(shape: Shape, dtype_name: str, args: argparse.Namespace, gen: torch.Generator, table: Table) -> None:
+def check_case(
+    shape: Shape, dtype_name: str, args: argparse.Namespace, gen: torch.Generator, table: Table
+) -> None:
     device, dtype = torch.device("cuda"), DTYPES[dtype_name]
     scan, conv = scan_inputs(shape, dtype, gen, device), conv_inputs(shape, dtype, gen, device)
     scan_step, conv_step = step_inputs(scan, conv, shape, gen)
     row = (shape.name, dtype_name)
 
     # accuracy: both backends and the float64 reference on the same (possibly channel-sliced) inputs
-    sliced = (lambda t: slice_channels(t, args.ref_channels)) if args.ref_channels > 0 else (lambda t: t)
+    sliced = (
+        (lambda t: slice_channels(t, args.ref_channels)) if args.ref_channels > 0 else (lambda t: t)
+    )
     for op, call, tensors, grads, out_like in (
         ("selective_scan", call_scan, sliced(scan), SCAN_GRADS, "u"),
         ("causal_conv1d", call_conv, sliced(conv), CONV_GRADS, "x"),
@@ -231,9 +314,16 @@ def check_case(shape: Shape, dtype_name: str, args: argparse.Namespace, gen: tor
     ):
         grad_out = torch.randn(tensors[out_like].shape, generator=gen, device=device)
         with torch.no_grad():
-            fwd = {b: time_ms(lambda b=b: call(tensors, b), args.warmup, args.repeats) for b in args.backends}
+            fwd = {
+                b: time_ms(lambda b=b: call(tensors, b), args.warmup, args.repeats)
+                for b in args.backends
+            }
         train = {
-            b: time_ms(lambda b=b: forward_backward(call, tensors, grads, b, grad_out), args.warmup, args.repeats)
+            b: time_ms(
+                lambda b=b: forward_backward(call, tensors, grads, b, grad_out),
+                args.warmup,
+                args.repeats,
+            )
             for b in args.backends
         }
         table.timing(*row, op, "fwd ms", fwd)
@@ -243,27 +333,39 @@ def check_case(shape: Shape, dtype_name: str, args: argparse.Namespace, gen: tor
         ("causal_conv1d_update", call_conv_step, conv_step),
     ):
         with torch.no_grad():
-            step = {b: time_ms(lambda b=b: call(tensors, b), args.warmup, args.repeats) for b in args.backends}
+            step = {
+                b: time_ms(lambda b=b: call(tensors, b), args.warmup, args.repeats)
+                for b in args.backends
+            }
         table.timing(*row, op, "step ms", step)
 
 
 def plan(args: argparse.Namespace) -> str:
-    lines = [f"gpu_kernel_check plan: backends {', '.join(args.backends)} vs a float64 torch reference"]
+    lines = [
+        f"gpu_kernel_check plan: backends {', '.join(args.backends)} vs a float64 torch reference"
+    ]
     for name in args.shapes:
         s = SHAPES[name]
-        ref = f"first {args.ref_channels} channels" if 0 < args.ref_channels < s.dim else "all channels"
+        ref = (
+            f"first {args.ref_channels} channels"
+            if 0 < args.ref_channels < s.dim
+            else "all channels"
+        )
         lines.append(
-            f"  {name}: batch {s.batch}, d_inner {s.dim}, d_state {s.dstate}, conv width {s.width}, "
-            f"dt_rank {s.dt_rank}, seqlen {s.seqlen}; accuracy on {ref}"
+            f"  {name}: batch {s.batch}, d_inner {s.dim}, d_state {s.dstate}, conv width {s.width},"
+            f" dt_rank {s.dt_rank}, seqlen {s.seqlen}; accuracy on {ref}"
         )
     for dtype in args.dtypes:
         lines.append(f"  {dtype}: flag relerr >= {TOLERANCE[dtype]:.0e}")
     lines += [
-        "  selective_scan (delta_softplus, D, z, delta_bias): relerr y, last_state, d" + ", d".join(SCAN_GRADS),
+        "  selective_scan (delta_softplus, D, z, delta_bias): relerr y, last_state, d"
+        + ", d".join(SCAN_GRADS),
         "  causal_conv1d (bias, silu): relerr y, d" + ", d".join(CONV_GRADS),
         "  selective_state_update, causal_conv1d_update: relerr y, state after one step",
-        f"  timing: fwd and fwd+bwd (steps: one call), median of {args.repeats} CUDA-event timings "
-        f"after {args.warmup} warm-up",
+        (
+            f"  timing: fwd and fwd+bwd (steps: one call), median of {args.repeats} CUDA-event"
+            f" timings after {args.warmup} warm-up"
+        ),
     ]
     return "\n".join(lines)
 
@@ -272,26 +374,43 @@ def environment(seed: int) -> str:
     versions = []
     for package in (kernels_cuda.MAMBA_SSM, kernels_cuda.CAUSAL_CONV1D):
         error = kernels_cuda.import_error(package)
-        versions.append(f"{package} {kernels_cuda.package_version(package) if error is None else 'MISSING'}")
+        versions.append(
+            f"{package} {kernels_cuda.package_version(package) if error is None else 'MISSING'}"
+        )
     return (
-        f"device {torch.cuda.get_device_name()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
-        f"{', '.join(versions)}, seed {seed}"
+        f"device {torch.cuda.get_device_name()}, torch {torch.__version__} (CUDA"
+        f" {torch.version.cuda}), {', '.join(versions)}, seed {seed}"
     )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
-    parser.add_argument("--backends", nargs="+", choices=["cuda", "torch"], default=["cuda", "torch"])
+    parser.add_argument(
+        "--backends", nargs="+", choices=["cuda", "torch"], default=["cuda", "torch"]
+    )
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--ref-channels", type=int, default=512,
-                        help="accuracy runs on the first K channels only (0: all)")
-    parser.add_argument("--seed", type=int, default=None, help="default: a fresh random seed, printed")
-    default_out = os.path.join(os.environ["OUT"], "kernel_check.txt") if "OUT" in os.environ else None
-    parser.add_argument("--out", default=default_out,
-                        help="also write the table here (default: $OUT/kernel_check.txt when OUT is set)")
+    parser.add_argument(
+        "--ref-channels",
+        type=int,
+        default=512,
+        help="accuracy runs on the first K channels only (0: all)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="default: a fresh random seed, printed"
+    )
+    default_out = (
+        os.path.join(os.environ["OUT"], "kernel_check.txt") if "OUT" in os.environ else None
+    )
+    parser.add_argument(
+        "--out",
+        default=default_out,
+        help="also write the table here (default: $OUT/kernel_check.txt when OUT is set)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the planned checks and exit")
     return parser.parse_args(argv)
 
@@ -318,7 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.shapes:
         for dtype_name in args.dtypes:
             check_case(SHAPES[name], dtype_name, args, gen, table)
-    summary = f"{table.high} error(s) above tolerance" if table.high else "all errors within tolerance"
+    summary = (
+        f"{table.high} error(s) above tolerance" if table.high else "all errors within tolerance"
+    )
     emit("\n".join([plan(args), environment(seed), "", table.render(), "", summary]), args.out)
     return 1 if table.high else 0
 

@@ -19,8 +19,8 @@ import argparse
 import sys
 
 import torch
-
 from harness import device_line  # also puts the repo on sys.path
+
 from megatron_blackmamba.kernels.grouped_gemm import accumulate_wgrad, gmm
 
 SHAPES = {"fc1 (geglu)": (1152, 2 * 3072), "fc2": (3072, 1152)}
@@ -39,15 +39,23 @@ def addmm_wgrad(main, a, dy, sizes):
     start = 0
     for e, rows in enumerate(sizes.tolist()):
         if rows:
-            torch.addmm(main[e], a[start:start + rows].t(), dy[start:start + rows], out_dtype=torch.float32, out=main[e])
+            torch.addmm(
+                main[e],
+                a[start : start + rows].t(),
+                dy[start : start + rows],
+                out_dtype=torch.float32,
+                out=main[e],
+            )
         start += rows
 
 
 def wgrad_table(sizes, experts: int, tokens: int, g) -> None:
     import triton.testing
 
-    print("| weight gradient into fp32 | rel err | Triton ms | cuBLAS per expert ms | Triton TFLOP/s | cuBLAS/Triton "
-          "| CUTLASS grouped, bf16, no add ms | CUTLASS/Triton |")
+    print(
+        "| weight gradient into fp32 | rel err | Triton ms | cuBLAS per expert ms | Triton TFLOP/s"
+        " | cuBLAS/Triton | CUTLASS grouped, bf16, no add ms | CUTLASS/Triton |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, (k, n) in SHAPES.items():
         a = torch.randn(tokens, k, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -56,21 +64,38 @@ def wgrad_table(sizes, experts: int, tokens: int, g) -> None:
         want = main.double()
         start = 0
         for e, rows in enumerate(sizes.tolist()):
-            want[e] += a[start:start + rows].double().t() @ dy[start:start + rows].double()
+            want[e] += a[start : start + rows].double().t() @ dy[start : start + rows].double()
             start += rows
         device_sizes = sizes.cuda()
         accumulate_wgrad(main, a, dy, device_sizes)
         err = rel(main, want)
-        t_triton = triton.testing.do_bench(lambda: accumulate_wgrad(main, a, dy, device_sizes), warmup=20, rep=200, return_mode="median")
-        t_cublas = triton.testing.do_bench(lambda: addmm_wgrad(main, a, dy, sizes), warmup=20, rep=200, return_mode="median")
+        t_triton = triton.testing.do_bench(
+            lambda: accumulate_wgrad(main, a, dy, device_sizes),
+            warmup=20,
+            rep=200,
+            return_mode="median",
+        )
+        t_cublas = triton.testing.do_bench(
+            lambda: addmm_wgrad(main, a, dy, sizes), warmup=20, rep=200, return_mode="median"
+        )
         ends = torch.cumsum(device_sizes, 0, dtype=torch.int32)
-        t_cutlass = triton.testing.do_bench(lambda: torch._grouped_mm(a.t(), dy, offs=ends), warmup=20, rep=200, return_mode="median")
-        print(f"| {name} {tokens}x{k}x{n} | {err:.1e} | {t_triton:.3f} | {t_cublas:.3f} | "
-              f"{2 * tokens * k * n / t_triton / 1e9:.0f} | {t_cublas / t_triton:.2f}x | {t_cutlass:.3f} | {t_cutlass / t_triton:.2f}x |")
+        t_cutlass = triton.testing.do_bench(
+            lambda: torch._grouped_mm(a.t(), dy, offs=ends),
+            warmup=20,
+            rep=200,
+            return_mode="median",
+        )
+        print(
+            f"| {name} {tokens}x{k}x{n} | {err:.1e} | {t_triton:.3f} | {t_cublas:.3f} |"
+            f" {2 * tokens * k * n / t_triton / 1e9:.0f} | {t_cublas / t_triton:.2f}x |"
+            f" {t_cutlass:.3f} | {t_cutlass / t_triton:.2f}x |"
+        )
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--tokens", type=int, default=16384, help="routed tokens (micro-batch 8 x 2048)")
     p.add_argument("--experts", type=int, default=8, help="number of experts")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
@@ -90,8 +115,13 @@ def main() -> int:
     print("| GEMM | rel err out | grad a | grad b | grouped ms | loop ms | loop/grouped |")
     print("|---|---|---|---|---|---|---|")
     for name, (k, n) in SHAPES.items():
-        a = torch.randn(args.tokens, k, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
-        b = (torch.randn(args.experts, k, n, device="cuda", generator=g, dtype=torch.bfloat16) * k**-0.5).requires_grad_()
+        a = torch.randn(
+            args.tokens, k, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True
+        )
+        b = (
+            torch.randn(args.experts, k, n, device="cuda", generator=g, dtype=torch.bfloat16)
+            * k**-0.5
+        ).requires_grad_()
         up = torch.randn(args.tokens, n, device="cuda", generator=g, dtype=torch.bfloat16)
         out = gmm(a, b, sizes)
         out.backward(up)
@@ -104,11 +134,17 @@ def main() -> int:
             a.grad = b.grad = None
             fn(a, b, sizes).backward(up)
 
-        t_grouped = triton.testing.do_bench(lambda: run(gmm), warmup=50, rep=300, return_mode="median")
-        t_loop = triton.testing.do_bench(lambda: run(loop_gmm), warmup=50, rep=300, return_mode="median")
+        t_grouped = triton.testing.do_bench(
+            lambda: run(gmm), warmup=50, rep=300, return_mode="median"
+        )
+        t_loop = triton.testing.do_bench(
+            lambda: run(loop_gmm), warmup=50, rep=300, return_mode="median"
+        )
         flag = "" if max(errs) < 2e-2 else " HIGH"
-        print(f"| {name} {args.tokens}x{k}x{n} | {errs[0]:.1e} | {errs[1]:.1e} | {errs[2]:.1e}{flag} | "
-              f"{t_grouped:.3f} | {t_loop:.3f} | {t_loop / t_grouped:.2f}x |")
+        print(
+            f"| {name} {args.tokens}x{k}x{n} | {errs[0]:.1e} | {errs[1]:.1e} | {errs[2]:.1e}{flag}"
+            f" | {t_grouped:.3f} | {t_loop:.3f} | {t_loop / t_grouped:.2f}x |"
+        )
     print()
     wgrad_table(sizes, args.experts, args.tokens, g)
     return 0

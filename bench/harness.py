@@ -1,20 +1,24 @@
-"""What the GPU benchmarks share: the model variants they compare and one way to build and time them.
+"""What the GPU benchmarks share: the model variants they compare and one way to build and time
+them.
 
 A variant is a name, a scan backend and config overrides on top of the benchmark's base config:
 
   blackmamba-cuda   the model with the CUDA kernels (this project's scan where it builds, else
                     mamba-ssm's; causal-conv1d), experts one GEMM pair each
   blackmamba-grouped  the same with all experts in two grouped GEMMs (model.moe_grouped_gemm=true)
-  blackmamba-eager  blackmamba-grouped without CUDA graphs for the Mamba layers (training.cuda_graphs=false;
+  blackmamba-eager  blackmamba-grouped without CUDA graphs for the Mamba layers
+  (training.cuda_graphs=false;
                     the paper configs turn them on)
-  blackmamba-mamba-ssm-scan  blackmamba-grouped with mamba-ssm's scan (BLACKMAMBA_SCAN_KERNEL=mamba_ssm)
+  blackmamba-mamba-ssm-scan  blackmamba-grouped with mamba-ssm's scan
+  (BLACKMAMBA_SCAN_KERNEL=mamba_ssm)
   blackmamba-alltoall  blackmamba-grouped on megatron's alltoall dispatcher instead of the local one
   blackmamba-compiled-glu  blackmamba-grouped with megatron's torch.compile'd gated activation
   blackmamba-megatron-ce  blackmamba-grouped with megatron's cross-entropy (fp32 logits copy)
   blackmamba-unfused-wgrad  blackmamba-grouped with DDP adding bf16 expert weight gradients
   blackmamba-torch  the same model with the PyTorch scan and conv (BLACKMAMBA_KERNEL_BACKEND=torch)
   dense-mamba       an all-Mamba stack with about the same active parameters (no MoE)
-  gpt-dense         megatron-core's GPTModel with about the same active parameters (bench/gpt_baseline.py)
+  gpt-dense         megatron-core's GPTModel with about the same active parameters
+  (bench/gpt_baseline.py)
 
 Every variant trains through the project's own path (megatron DDP, optimizer, pipeline schedule),
 so the numbers compare models, not training loops.
@@ -50,16 +54,29 @@ class Variant:
 VARIANTS = {
     "blackmamba-cuda": Variant("cuda"),
     "blackmamba-grouped": Variant("cuda", ("model.moe_grouped_gemm=true",)),
-    "blackmamba-eager": Variant("cuda", ("model.moe_grouped_gemm=true", "training.cuda_graphs=false")),
+    "blackmamba-eager": Variant(
+        "cuda", ("model.moe_grouped_gemm=true", "training.cuda_graphs=false")
+    ),
     # CUDA graphs for the Mamba layers only, the MoE layers eager.
-    "blackmamba-graphed-mamba": Variant("cuda", ("model.moe_grouped_gemm=true", "training.cuda_graph_layers=mamba")),
-    "blackmamba-mamba-ssm-scan": Variant("cuda", ("model.moe_grouped_gemm=true",), scan="mamba_ssm"),
+    "blackmamba-graphed-mamba": Variant(
+        "cuda", ("model.moe_grouped_gemm=true", "training.cuda_graph_layers=mamba")
+    ),
+    "blackmamba-mamba-ssm-scan": Variant(
+        "cuda", ("model.moe_grouped_gemm=true",), scan="mamba_ssm"
+    ),
     # megatron's alltoall dispatcher (a host sync per MoE layer) in place of the local one at ep=1.
-    "blackmamba-alltoall": Variant("cuda", ("model.moe_grouped_gemm=true", "parallel.moe_dispatcher=alltoall")),
-    # the experts' gated activation as megatron compiles it instead of kernels/glu.py's Triton kernels.
-    "blackmamba-compiled-glu": Variant("cuda", ("model.moe_grouped_gemm=true", "model.fused_glu=false")),
+    "blackmamba-alltoall": Variant(
+        "cuda", ("model.moe_grouped_gemm=true", "parallel.moe_dispatcher=alltoall")
+    ),
+    # the experts' gated activation as megatron compiles it instead of kernels/glu.py's Triton
+    # kernels.
+    "blackmamba-compiled-glu": Variant(
+        "cuda", ("model.moe_grouped_gemm=true", "model.fused_glu=false")
+    ),
     # megatron's vocab-parallel cross-entropy instead of kernels/cross_entropy.py's.
-    "blackmamba-megatron-ce": Variant("cuda", ("model.moe_grouped_gemm=true", "model.fused_cross_entropy=false")),
+    "blackmamba-megatron-ce": Variant(
+        "cuda", ("model.moe_grouped_gemm=true", "model.fused_cross_entropy=false")
+    ),
     # DDP adds bf16 expert weight gradients instead of the GEMMs summing into the fp32 main grads.
     "blackmamba-unfused-wgrad": Variant(
         "cuda", ("model.moe_grouped_gemm=true", "training.fused_wgrad_accumulation=false")
@@ -83,7 +100,11 @@ def synthetic_batches(vocab: int, mbs: int, seq: int, seed: int = 0) -> Iterator
     g = torch.Generator().manual_seed(seed)
     while True:
         tokens = torch.randint(0, vocab, (mbs, seq + 1), generator=g)
-        batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(mbs, seq)}
+        batch = {
+            "tokens": tokens[:, :-1],
+            "labels": tokens[:, 1:],
+            "loss_mask": torch.ones(mbs, seq),
+        }
         yield {k: v.pin_memory() for k, v in batch.items()} if torch.cuda.is_available() else batch
 
 
@@ -103,8 +124,14 @@ class Trainer:
         from megatron_blackmamba.training.step import train_step
 
         t = self.job.training
-        loss, _, _ = train_step(self.model, self.optimizer, self.batches, self.num_microbatches,
-                                t.seq_length, t.micro_batch_size)
+        loss, _, _ = train_step(
+            self.model,
+            self.optimizer,
+            self.batches,
+            self.num_microbatches,
+            t.seq_length,
+            t.micro_batch_size,
+        )
         return loss
 
     @property
@@ -118,7 +145,11 @@ def build_trainer(name: str, config: Optional[str], overrides: list[str]) -> Tra
     from megatron_blackmamba.config import load_config
     from megatron_blackmamba.parallel.setup import init_distributed
     from megatron_blackmamba.training.flops import train_flops_per_token
-    from megatron_blackmamba.training.setup import build_ddp_model, build_optimizer, num_microbatches
+    from megatron_blackmamba.training.setup import (
+        build_ddp_model,
+        build_optimizer,
+        num_microbatches,
+    )
 
     variant = VARIANTS[name]
     os.environ["BLACKMAMBA_KERNEL_BACKEND"] = variant.kernels
@@ -136,17 +167,30 @@ def build_trainer(name: str, config: Optional[str], overrides: list[str]) -> Tra
     optimizer = build_optimizer(job, model)
     t = job.training
     n_micro = num_microbatches(job, parallel_state.get_data_parallel_world_size())
-    return Trainer(name, job, model, optimizer, n_micro,
-                   synthetic_batches(job.model.vocab_size, t.micro_batch_size, t.seq_length), flops)
+    return Trainer(
+        name,
+        job,
+        model,
+        optimizer,
+        n_micro,
+        synthetic_batches(job.model.vocab_size, t.micro_batch_size, t.seq_length),
+        flops,
+    )
 
 
-def classified_modules(model: torch.nn.Module, kinds: dict[str, str]) -> Iterator[tuple[torch.nn.Module, str]]:
+def classified_modules(
+    model: torch.nn.Module, kinds: dict[str, str]
+) -> Iterator[tuple[torch.nn.Module, str]]:
     """(module, kind) for each module whose class, or a base class, is named in ``kinds`` (the
     spec's layers subclass megatron's, e.g. TrainingGraphedMambaLayer), outside the layers that
     megatron's per-layer CUDA graphs replay (training.cuda_graphs): hooks there would not run at
     replay, and megatron refuses forward pre-hooks there."""
-    graphed = {id(m) for layer in model.modules() if getattr(layer, "cudagraph_manager", None) is not None
-               for m in layer.modules()}
+    graphed = {
+        id(m)
+        for layer in model.modules()
+        if getattr(layer, "cudagraph_manager", None) is not None
+        for m in layer.modules()
+    }
     for module in model.modules():
         kind = next((kinds[c.__name__] for c in type(module).__mro__ if c.__name__ in kinds), None)
         if kind is not None and id(module) not in graphed:
@@ -224,9 +268,13 @@ def device_ms(fn: Callable[[], object], warmup: int, repeats: int) -> float:
 
 def bench_parser(description: str) -> argparse.ArgumentParser:
     """The options every model benchmark takes: a base config with overrides, --out, --dry-run."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", default=None, help="base config (default: built-in defaults)")
-    p.add_argument("--out", default=os.environ.get("OUT", ""), help="folder for the tables (default: $OUT)")
+    p.add_argument(
+        "--out", default=os.environ.get("OUT", ""), help="folder for the tables (default: $OUT)"
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides")
     return p

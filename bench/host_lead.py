@@ -27,8 +27,17 @@ import time
 from collections import defaultdict
 
 import torch
-
-from harness import VARIANTS, bench_parser, build_trainer, check_variants, classified_modules, device_line, publish_table, release, sync
+from harness import (
+    VARIANTS,
+    bench_parser,
+    build_trainer,
+    check_variants,
+    classified_modules,
+    device_line,
+    publish_table,
+    release,
+    sync,
+)
 
 LAYER_KINDS = {"MambaLayer": "mamba", "TransformerLayer": "moe", "MoETransformerLayer": "moe"}
 
@@ -67,7 +76,9 @@ def attach(model: torch.nn.Module, marks: Marks) -> list:
     return handles
 
 
-def summarise(timeline: list[tuple[str, float, float]]) -> list[tuple[str, int, float, float, float, int]]:
+def summarise(
+    timeline: list[tuple[str, float, float]],
+) -> list[tuple[str, int, float, float, float, int]]:
     """(label, n, mean host ms, mean GPU ms, mean lead ms, marks with lead < 50 us) per label."""
     rows: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
     for (label, h, g), (_, h_next, g_next) in zip(timeline, timeline[1:]):
@@ -83,11 +94,19 @@ def main() -> int:
     p = bench_parser(__doc__)
     p.add_argument("--variant", default="blackmamba-grouped", help=f"one of {sorted(VARIANTS)}")
     p.add_argument("--warmup", type=int, default=3, help="untimed micro-batches first")
-    p.add_argument("--micro-batches", type=int, default=2, help="micro-batches marked (the step's schedule runs them back to back)")
+    p.add_argument(
+        "--micro-batches",
+        type=int,
+        default=2,
+        help="micro-batches marked (the step's schedule runs them back to back)",
+    )
     args = p.parse_args()
     check_variants([args.variant])
     if args.dry_run:
-        print(f"{args.variant}: marks at each of {sorted(set(LAYER_KINDS.values()))} layers' forward and backward")
+        print(
+            f"{args.variant}: marks at each of {sorted(set(LAYER_KINDS.values()))} layers' forward"
+            " and backward"
+        )
         return 0
     if not torch.cuda.is_available():
         raise SystemExit("host_lead.py measures CUDA events: it needs a GPU")
@@ -124,10 +143,21 @@ def main() -> int:
     timeline = marks.timeline()
     total_host, total_gpu = timeline[-1][1], timeline[-1][2]
 
-    lines = [device_line(), f"variant {args.variant}: mbs {t.micro_batch_size}, seq {t.seq_length}, {args.micro_batches} "
-             f"micro-batches (forward+backward): host {total_host:.1f} ms, GPU {total_gpu:.1f} ms", "",
-             "| from mark | n | host ms | GPU ms | GPU behind host, ms | marks with the GPU idle |", "|---|---|---|---|---|---|"]
-    lines += [f"| {label} | {n} | {h:.3f} | {g:.3f} | {lead:.3f} | {idle} |" for label, n, h, g, lead, idle in summarise(timeline)]
+    lines = [
+        device_line(),
+        (
+            f"variant {args.variant}: mbs {t.micro_batch_size}, seq {t.seq_length},"
+            f" {args.micro_batches} micro-batches (forward+backward): host {total_host:.1f} ms, GPU"
+            f" {total_gpu:.1f} ms"
+        ),
+        "",
+        "| from mark | n | host ms | GPU ms | GPU behind host, ms | marks with the GPU idle |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {label} | {n} | {h:.3f} | {g:.3f} | {lead:.3f} | {idle} |"
+        for label, n, h, g, lead, idle in summarise(timeline)
+    ]
     text = "\n".join(lines)
     publish_table(args.out, f"host_lead_{args.variant}.md", text)
     release(trainer)

@@ -15,7 +15,6 @@ import os
 import sys
 
 import torch
-
 from harness import device_line  # also puts the repo (and so tests/) on sys.path
 
 
@@ -34,15 +33,20 @@ def run_mixer(mixer, x: torch.Tensor, upstream: torch.Tensor, backend: str):
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     args = p.parse_args()
     if args.dry_run:
-        print("mixer: cuda vs torch kernels (hidden 1152, seq 512, batch 2, fp32) and vs float64 (hidden 64, seq 24)")
+        print(
+            "mixer: cuda vs torch kernels (hidden 1152, seq 512, batch 2, fp32) and vs float64"
+            " (hidden 64, seq 24)"
+        )
         return 0
+    from megatron_blackmamba.config import load_config
     from megatron_blackmamba.model.recurrent_state import RecurrentState
     from megatron_blackmamba.parallel.setup import destroy, init_distributed
-    from megatron_blackmamba.config import load_config
     from tests.model.test_mamba1_mixer import _mixer, reference_mamba1
 
     print(device_line())
@@ -62,14 +66,16 @@ def main() -> int:
     os.environ["BLACKMAMBA_KERNEL_BACKEND"] = "cuda"
     with torch.no_grad():
         out_s, _ = small(xs)
-        rows.append(("out cuda vs float64 loop", rel(out_s.cpu(), reference_mamba1(xs.cpu(), small.cpu()))))
+        rows.append(
+            ("out cuda vs float64 loop", rel(out_s.cpu(), reference_mamba1(xs.cpu(), small.cpu())))
+        )
         small.cuda().eval()
         state = RecurrentState(max_batch_size=2, max_sequence_length=64)
         prefix, _ = small(xs[:10], inference_context=state)
         state.sequence_len_offset = 10
         steps = []
         for t in range(10, 24):
-            y, _ = small(xs[t:t + 1], inference_context=state)
+            y, _ = small(xs[t : t + 1], inference_context=state)
             state.sequence_len_offset += 1
             steps.append(y)
         rows.append(("prefill+decode vs full (cuda)", rel(torch.cat([prefix, *steps]), out_s)))

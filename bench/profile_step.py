@@ -16,7 +16,8 @@ profiled step to ``$OUT/trace_<variant>.json.gz`` (open in chrome://tracing or P
 5. host vs device time per forward module and per backward autograd node: where the host takes
    longer to launch a range's kernels than the GPU takes to run them, the GPU waits there.
 
-    python bench/profile_step.py --variant blackmamba-cuda --config configs/blackmamba-340m-1.5b.yaml \
+    python bench/profile_step.py --variant blackmamba-cuda --config
+    configs/blackmamba-340m-1.5b.yaml \
         parallel.ep=1 training.micro_batch_size=4 training.global_batch_size=4
     python bench/profile_step.py --dry-run
 """
@@ -35,9 +36,18 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-
-from harness import (VARIANTS, bench_parser, build_trainer, check_variants, classified_modules, device_line,
-                     median_seconds, publish_table, release, sync)
+from harness import (
+    VARIANTS,
+    bench_parser,
+    build_trainer,
+    check_variants,
+    classified_modules,
+    device_line,
+    median_seconds,
+    publish_table,
+    release,
+    sync,
+)
 
 # First match wins; names are lower-cased kernel names.
 KERNEL_CLASSES = [
@@ -48,7 +58,10 @@ KERNEL_CLASSES = [
     ("optimizer", r"multi_tensor|adam|foreach|_amp_"),
     ("NCCL", r"nccl"),
     ("softmax / cross-entropy", r"softmax|cross_entropy|nll_loss|log_softmax"),
-    ("routing / permutation", r"index|scatter|gather|sort|cumsum|nonzero|masked|topk|histc|bincount|unique|radix"),
+    (
+        "routing / permutation",
+        r"index|scatter|gather|sort|cumsum|nonzero|masked|topk|histc|bincount|unique|radix",
+    ),
     ("norm", r"norm"),
     ("copy / cast / memset", r"memcpy|memset|copy|cast|fill"),
     ("reduction", r"reduce"),
@@ -101,7 +114,11 @@ def add_module_ranges(model: torch.nn.Module) -> list:
 
 def _is_annotation(event) -> bool:
     """Profiler ranges mirrored onto the GPU timeline (ours, the optimizer's): not kernels."""
-    return bool(getattr(event, "is_user_annotation", False)) or event.name.startswith("module:") or "#" in event.name
+    return (
+        bool(getattr(event, "is_user_annotation", False))
+        or event.name.startswith("module:")
+        or "#" in event.name
+    )
 
 
 def host_vs_device(events) -> list[tuple[str, int, float, float]]:
@@ -120,7 +137,9 @@ def host_vs_device(events) -> list[tuple[str, int, float, float]]:
         row[0] += 1
         row[1] += e.cpu_time_total
         row[2] += e.device_time_total
-    return sorted(((k, int(v[0]), v[1], v[2]) for k, v in totals.items()), key=lambda r: -(r[2] - r[3]))
+    return sorted(
+        ((k, int(v[0]), v[1], v[2]) for k, v in totals.items()), key=lambda r: -(r[2] - r[3])
+    )
 
 
 def profile(trainer, out_dir: str, top_kernels: int = 15) -> tuple[list, list, float, list, list]:
@@ -159,17 +178,28 @@ def profile(trainer, out_dir: str, top_kernels: int = 15) -> tuple[list, list, f
     for a in annotations:
         if not a.name.startswith("module:"):
             continue
-        lo, hi = bisect.bisect_left(starts, a.time_range.start), bisect.bisect_right(starts, a.time_range.end)
-        inside = sum(k.time_range.elapsed_us() for k in kernels[lo:hi] if k.time_range.end <= a.time_range.end)
+        lo, hi = (
+            bisect.bisect_left(starts, a.time_range.start),
+            bisect.bisect_right(starts, a.time_range.end),
+        )
+        inside = sum(
+            k.time_range.elapsed_us()
+            for k in kernels[lo:hi]
+            if k.time_range.end <= a.time_range.end
+        )
         modules[a.name[7:]][0] += inside
         modules[a.name[7:]][1] += 1
     top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top_kernels]
-    ranked = (sorted(classes.items(), key=lambda kv: -kv[1]), sorted(modules.items(), key=lambda kv: -kv[1][0]))
+    ranked = (
+        sorted(classes.items(), key=lambda kv: -kv[1]),
+        sorted(modules.items(), key=lambda kv: -kv[1][0]),
+    )
     return *ranked, wall, top, host_vs_device(prof.events())
 
 
 def host_syncs(step: Callable[[], object]) -> Counter:
-    """Synchronising CUDA calls made during ``step()``, counted by the Python line that made them."""
+    """Synchronising CUDA calls made during ``step()``, counted by the Python line that made
+    them."""
     if not torch.cuda.is_available():
         return Counter()
     sites: Counter = Counter()
@@ -192,14 +222,21 @@ def host_syncs(step: Callable[[], object]) -> Counter:
 def main() -> int:
     p = bench_parser(__doc__)
     p.add_argument("--variant", default="blackmamba-cuda", help=f"one of {sorted(VARIANTS)}")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats per phase (median reported)")
+    p.add_argument(
+        "--repeats", type=int, default=5, help="timed repeats per phase (median reported)"
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--top", type=int, default=15, help="rows of the top-kernels and host-vs-device tables")
+    p.add_argument(
+        "--top", type=int, default=15, help="rows of the top-kernels and host-vs-device tables"
+    )
     args = p.parse_args()
     check_variants([args.variant])
     if args.dry_run:
         v = VARIANTS[args.variant]
-        print(f"{args.variant}: kernels={v.kernels} scan={v.scan} config={args.config} overrides={args.overrides + list(v.overrides)}")
+        print(
+            f"{args.variant}: kernels={v.kernels} scan={v.scan} config={args.config}"
+            f" overrides={args.overrides + list(v.overrides)}"
+        )
         print("kernel classes:", ", ".join(label for label, _ in KERNEL_CLASSES))
         return 0
 
@@ -212,31 +249,70 @@ def main() -> int:
     def fwd_bwd():
         for chunk in trainer.model:
             chunk.zero_grad_buffer()
-        return forward_backward(trainer.model, trainer.batches, trainer.num_microbatches, t.seq_length, t.micro_batch_size)
+        return forward_backward(
+            trainer.model,
+            trainer.batches,
+            trainer.num_microbatches,
+            t.seq_length,
+            t.micro_batch_size,
+        )
 
     fb_s, _ = median_seconds(fwd_bwd, args.repeats, 1)
     opt_s, _ = median_seconds(lambda: trainer.optimizer.step(), args.repeats, 1)
     classes, modules, wall, top, host_rows = profile(trainer, args.out, args.top)
     syncs = host_syncs(trainer.step)
 
-    lines = [device_line(), f"variant {args.variant}: mbs {t.micro_batch_size}, gbs {t.global_batch_size}, "
-             f"seq {t.seq_length}, {trainer.num_microbatches} micro-batches/step, loss {loss:.3f}", ""]
+    lines = [
+        device_line(),
+        (
+            f"variant {args.variant}: mbs {t.micro_batch_size}, gbs {t.global_batch_size}, "
+            f"seq {t.seq_length}, {trainer.num_microbatches} micro-batches/step, loss {loss:.3f}"
+        ),
+        "",
+    ]
     tok = trainer.tokens_per_step
-    lines += ["| phase | ms | tokens/s |", "|---|---|---|",
-              f"| optimizer step (all) | {1e3 * step_s:.1f} | {tok / step_s:,.0f} |",
-              f"| forward+backward | {1e3 * fb_s:.1f} | {tok / fb_s:,.0f} |",
-              f"| optimizer.step() | {1e3 * opt_s:.1f} | |", ""]
+    lines += [
+        "| phase | ms | tokens/s |",
+        "|---|---|---|",
+        f"| optimizer step (all) | {1e3 * step_s:.1f} | {tok / step_s:,.0f} |",
+        f"| forward+backward | {1e3 * fb_s:.1f} | {tok / fb_s:,.0f} |",
+        f"| optimizer.step() | {1e3 * opt_s:.1f} | |",
+        "",
+    ]
     lines += ["| module (forward only) | device ms | calls |", "|---|---|---|"]
     lines += [f"| {k} | {v[0] / 1e3:.1f} | {v[1]} |" for k, v in modules]
     busy = sum(us for _, us in classes) / 1e3
-    lines += ["", f"profiled step: wall {1e3 * wall:.1f} ms, GPU busy {busy:.1f} ms ({100 * busy / (1e3 * wall):.0f}%)", "",
-              "| kernel class (fwd+bwd+optimizer) | device ms | share |", "|---|---|---|"]
-    lines += [f"| {k} | {us / 1e3:.1f} | {100 * us / 1e3 / max(busy, 1e-9):.0f}% |" for k, us in classes]
+    lines += [
+        "",
+        (
+            f"profiled step: wall {1e3 * wall:.1f} ms, GPU busy {busy:.1f} ms"
+            f" ({100 * busy / (1e3 * wall):.0f}%)"
+        ),
+        "",
+        "| kernel class (fwd+bwd+optimizer) | device ms | share |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {k} | {us / 1e3:.1f} | {100 * us / 1e3 / max(busy, 1e-9):.0f}% |" for k, us in classes
+    ]
     lines += ["", "| top kernels | calls | device ms |", "|---|---|---|"]
     lines += [f"| {name[:90]} | {n} | {us / 1e3:.1f} |" for name, (us, n) in top]
-    lines += ["", "| range (host longer than device first) | calls | host ms | device ms |", "|---|---|---|---|"]
-    lines += [f"| {name[:80]} | {n} | {h / 1e3:.1f} | {d / 1e3:.1f} |" for name, n, h, d in host_rows[:args.top]]
-    lines += ["", f"host syncs in one step: {sum(syncs.values())}", "", "| sync site | count |", "|---|---|"]
+    lines += [
+        "",
+        "| range (host longer than device first) | calls | host ms | device ms |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {name[:80]} | {n} | {h / 1e3:.1f} | {d / 1e3:.1f} |"
+        for name, n, h, d in host_rows[: args.top]
+    ]
+    lines += [
+        "",
+        f"host syncs in one step: {sum(syncs.values())}",
+        "",
+        "| sync site | count |",
+        "|---|---|",
+    ]
     lines += [f"| {site} | {n} |" for site, n in syncs.most_common(12)]
     text = "\n".join(lines)
     publish_table(args.out, f"profile_{args.variant}.md", text)

@@ -17,49 +17,78 @@ import argparse
 import os
 
 import torch
+from harness import (
+    device_line,
+    device_ms,
+    publish_table,
+    rel_err,
+    time_ms,
+)  # noqa: I001  (puts the repo on sys.path)
 
-from harness import device_line, device_ms, publish_table, rel_err, time_ms  # noqa: I001  (puts the repo on sys.path)
 from megatron_blackmamba import kernels
 from megatron_blackmamba.kernels import cuda as mamba_ssm_kernels
 from megatron_blackmamba.kernels import selective_scan_cuda
 
 IMPLEMENTATIONS = ("mamba-ssm", "blackmamba")
-HEADER = ["| scan [batch, dim, seqlen] | implementation | fwd ms | fwd+bwd ms | fwd+bwd GPU work ms "
-          "| max rel err vs fp64 (out, grads) | vs mamba-ssm (fwd+bwd GPU work) |",
-          "|---|---|---|---|---|---|---|"]
+HEADER = [
+    (
+        "| scan [batch, dim, seqlen] | implementation | fwd ms | fwd+bwd ms | fwd+bwd GPU work ms "
+        "| max rel err vs fp64 (out, grads) | vs mamba-ssm (fwd+bwd GPU work) |"
+    ),
+    "|---|---|---|---|---|---|---|",
+]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--batch", type=int, default=16, help="sequences per micro-batch")
     p.add_argument("--dim", type=int, default=2304, help="channels (d_inner on one rank)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per sequence")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="activation dtype")
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16", "float32"],
+        help="activation dtype",
+    )
     p.add_argument("--ref-batch", type=int, default=2, help="sequences checked against float64")
     p.add_argument("--repeats", type=int, default=10, help="timed calls per row (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (builds, autotuning)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-    p.add_argument("--out", default=os.environ.get("OUT", ""), help="folder for the table (default: $OUT)")
+    p.add_argument(
+        "--out", default=os.environ.get("OUT", ""), help="folder for the table (default: $OUT)"
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     return p.parse_args(argv)
 
 
-def scan_inputs(batch: int, dim: int, seqlen: int, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
-    """Inputs shaped and scaled as the mixer's: B and C are views of one x_proj output, z of in_proj's."""
+def scan_inputs(
+    batch: int, dim: int, seqlen: int, dtype: torch.dtype, seed: int
+) -> dict[str, torch.Tensor]:
+    """Inputs shaped and scaled as the mixer's: B and C are views of one x_proj output, z of
+    in_proj's."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     xz = torch.randn(batch, 2 * dim, seqlen, device="cuda", generator=g).to(dtype)
     x_dbl = torch.randn(batch, 80, seqlen, device="cuda", generator=g).to(dtype)
     A = -torch.arange(1, 17, device="cuda", dtype=torch.float32).repeat(dim, 1)
     return dict(
-        u=xz[:, :dim], z=xz[:, dim:], B=x_dbl[:, 48:64], C=x_dbl[:, 64:80],
+        u=xz[:, :dim],
+        z=xz[:, dim:],
+        B=x_dbl[:, 48:64],
+        C=x_dbl[:, 64:80],
         delta=(0.5 * torch.randn(batch, dim, seqlen, device="cuda", generator=g)).to(dtype),
         A=A * torch.rand(dim, 1, device="cuda", generator=g).add(0.5),
         D=torch.rand(dim, device="cuda", generator=g),
-        delta_bias=torch.rand(dim, device="cuda", generator=g).mul(4).sub(6),  # softplus -> ~dt 0.002..0.1
+        delta_bias=torch.rand(dim, device="cuda", generator=g)
+        .mul(4)
+        .sub(6),  # softplus -> ~dt 0.002..0.1
     )
 
 
-def leaves(inputs: dict[str, torch.Tensor], rows: int | None = None, dtype: torch.dtype | None = None) -> dict:
+def leaves(
+    inputs: dict[str, torch.Tensor], rows: int | None = None, dtype: torch.dtype | None = None
+) -> dict:
     """Fresh leaf copies (first ``rows`` sequences, optionally cast) that collect gradients."""
     out = {}
     for name, t in inputs.items():
@@ -69,7 +98,18 @@ def leaves(inputs: dict[str, torch.Tensor], rows: int | None = None, dtype: torc
 
 
 def run_scan(impl: str, x: dict) -> torch.Tensor:
-    args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True, False)
+    args = (
+        x["u"],
+        x["delta"],
+        x["A"],
+        x["B"],
+        x["C"],
+        x["D"],
+        x["z"],
+        x["delta_bias"],
+        True,
+        False,
+    )
     if impl == "mamba-ssm":
         return mamba_ssm_kernels.selective_scan(*args)
     if impl == "blackmamba":
@@ -78,7 +118,8 @@ def run_scan(impl: str, x: dict) -> torch.Tensor:
 
 
 def max_error(impl: str, inputs: dict, rows: int) -> float:
-    """Largest rel err over the output and every input gradient, against float64 on ``rows`` sequences.
+    """Largest rel err over the output and every input gradient, against float64 on ``rows``
+    sequences.
 
     ``impl`` runs the whole batch, as timed (the own kernel picks its forward by grid size), with
     the output's gradient zero past those rows, so that its gradients summed over the batch (A, D,
@@ -117,16 +158,20 @@ def rows_for(args: argparse.Namespace) -> list[str]:
         gpu_ms = device_ms(fwd_bwd, args.warmup, args.repeats)
         base = base or gpu_ms
         err = max_error(impl, inputs, args.ref_batch)
-        rows.append(f"| [{args.batch}, {args.dim}, {args.seqlen}] {args.dtype} | {impl} | {fwd_ms:.3f} | {total_ms:.3f} "
-                    f"| {gpu_ms:.3f} | {err:.1e} | {base / gpu_ms:.2f}x |")
+        rows.append(
+            f"| [{args.batch}, {args.dim}, {args.seqlen}] {args.dtype} | {impl} | {fwd_ms:.3f} |"
+            f" {total_ms:.3f} | {gpu_ms:.3f} | {err:.1e} | {base / gpu_ms:.2f}x |"
+        )
     return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.dry_run:
-        print(f"plan: {', '.join(IMPLEMENTATIONS)} at [{args.batch}, {args.dim}, {args.seqlen}] {args.dtype}, "
-              f"{args.repeats} repeats; float64 check on {args.ref_batch} sequences")
+        print(
+            f"plan: {', '.join(IMPLEMENTATIONS)} at [{args.batch}, {args.dim}, {args.seqlen}]"
+            f" {args.dtype}, {args.repeats} repeats; float64 check on {args.ref_batch} sequences"
+        )
         return
     table = "\n".join([device_line(), *HEADER, *rows_for(args)])
     publish_table(args.out, "scan_kernels.md", table)

@@ -22,7 +22,10 @@ from collections.abc import Callable
 import torch
 from torch.autograd.profiler import profile
 
-from megatron_blackmamba.kernels.selective_scan_torch import selective_scan_chunked, selective_scan_loop
+from megatron_blackmamba.kernels.selective_scan_torch import (
+    selective_scan_chunked,
+    selective_scan_loop,
+)
 
 GRAD_INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -70,7 +73,9 @@ def peak_bytes(fn: Callable[[], object]) -> int:
     """
     with profile(profile_memory=True, use_kineto=True) as prof:
         fn()
-    records = [(e.start_ns(), e.nbytes()) for e in prof.kineto_results.events() if e.name() == "[memory]"]
+    records = [
+        (e.start_ns(), e.nbytes()) for e in prof.kineto_results.events() if e.name() == "[memory]"
+    ]
     current = peak = 0
     for _, nbytes in sorted(records):
         current += nbytes
@@ -79,7 +84,9 @@ def peak_bytes(fn: Callable[[], object]) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--dstate", type=int, default=16)
@@ -98,9 +105,9 @@ def main() -> None:
         variants.append((f"chunked T={chunk}", scan))
 
     print(
-        f"selective scan on CPU: batch {args.batch}, dim {args.dim}, dstate {args.dstate}, seqlen {args.seqlen}, "
-        f"fp32, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        f"median of {args.repeats} after {args.warmup} warm-up"
+        f"selective scan on CPU: batch {args.batch}, dim {args.dim}, dstate {args.dstate}, seqlen"
+        f" {args.seqlen}, fp32, torch {torch.__version__}, {torch.get_num_threads()} threads;"
+        f" median of {args.repeats} after {args.warmup} warm-up"
     )
     reference = forward(selective_scan_loop, inputs)
     rows = []
@@ -115,17 +122,21 @@ def main() -> None:
 
     loop = rows[0]
     header = (
-        f"{'variant':<16} {'fwd tok/s':>10} {'x loop':>7} {'train tok/s':>12} {'x loop':>7} "
-        f"{'fwd peak MB':>12} {'x loop':>7} {'train peak MB':>14} {'x loop':>7} {'rel err vs loop':>16}"
+        f"{'variant':<16} {'fwd tok/s':>10} {'x loop':>7} {'train tok/s':>12} {'x loop':>7}"
+        f" {'fwd peak MB':>12} {'x loop':>7} {'train peak MB':>14} {'x loop':>7}"
+        f" {'rel err vs loop':>16}"
     )
     print(header)
     print("-" * len(header))
     for name, fwd, train, fwd_mb, train_mb, err in rows:
         print(
-            f"{name:<16} {fwd:>10.0f} {fwd / loop[1]:>7.2f} {train:>12.0f} {train / loop[2]:>7.2f} "
-            f"{fwd_mb:>12.1f} {fwd_mb / loop[3]:>7.2f} {train_mb:>14.1f} {train_mb / loop[4]:>7.2f} {err:>16.1e}"
+            f"{name:<16} {fwd:>10.0f} {fwd / loop[1]:>7.2f} {train:>12.0f} {train / loop[2]:>7.2f}"
+            f" {fwd_mb:>12.1f} {fwd_mb / loop[3]:>7.2f} {train_mb:>14.1f}"
+            f" {train_mb / loop[4]:>7.2f} {err:>16.1e}"
         )
-    print("x loop: ratio to the loop's value (throughput: higher is faster; memory: lower is smaller)")
+    print(
+        "x loop: ratio to the loop's value (throughput: higher is faster; memory: lower is smaller)"
+    )
 
 
 if __name__ == "__main__":

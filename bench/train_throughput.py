@@ -25,8 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from harness import (
+    VARIANTS,
+    bench_parser,
+    build_trainer,
+    check_variants,
+    device_line,
+    median_seconds,
+    publish_table,
+    release,
+)
 
-from harness import VARIANTS, bench_parser, build_trainer, check_variants, device_line, median_seconds, publish_table, release
 from megatron_blackmamba.training.flops import device_peak_tflops
 
 
@@ -45,7 +54,9 @@ class Result:
         return cls(name, *[float("nan")] * 5)
 
 
-def run_variant(name: str, config: str | None, overrides: list[str], steps: int, warmup: int) -> Result:
+def run_variant(
+    name: str, config: str | None, overrides: list[str], steps: int, warmup: int
+) -> Result:
     trainer = build_trainer(name, config, overrides)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -60,7 +71,8 @@ def run_variant(name: str, config: str | None, overrides: list[str], steps: int,
 
 
 def isolate(names: list[str]) -> bool:
-    """One process per variant on a single GPU: megatron's captured CUDA graphs (training.cuda_graphs)
+    """One process per variant on a single GPU: megatron's captured CUDA graphs
+    (training.cuda_graphs)
     keep their model and memory pool alive for the rest of a process, which would leave the next
     variant short of memory. Under torchrun every rank must run the same variant in-process."""
     return torch.cuda.is_available() and len(names) > 1 and "RANK" not in os.environ
@@ -70,8 +82,20 @@ def run_in_subprocess(name: str, args) -> Result:
     """``name`` measured by this script in a fresh process; a failed run is a row of nan."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, __file__, "--variants", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--result-json", str(out), *(["--config", args.config] if args.config else []), *args.overrides]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--variants",
+            name,
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--result-json",
+            str(out),
+            *(["--config", args.config] if args.config else []),
+            *args.overrides,
+        ]
         done = subprocess.run(cmd)
         if done.returncode or not out.exists():
             print(f"{name}: failed (exit {done.returncode})", flush=True)
@@ -81,10 +105,15 @@ def run_in_subprocess(name: str, args) -> Result:
 
 def table(results: list[Result]) -> str:
     base = results[0].tokens_per_s
-    lines = ["| variant | tokens/s | step s | MFU | peak GiB | loss | vs first |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | tokens/s | step s | MFU | peak GiB | loss | vs first |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r.name} | {r.tokens_per_s:,.0f} | {r.step_s:.3f} | {100 * r.mfu:.1f}% | "
-                     f"{r.peak_gib:.1f} | {r.loss:.3f} | {r.tokens_per_s / base:.2f}x |")
+        lines.append(
+            f"| {r.name} | {r.tokens_per_s:,.0f} | {r.step_s:.3f} | {100 * r.mfu:.1f}% | "
+            f"{r.peak_gib:.1f} | {r.loss:.3f} | {r.tokens_per_s / base:.2f}x |"
+        )
     return "\n".join(lines)
 
 
@@ -93,14 +122,24 @@ def main() -> int:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variant names")
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--result-json", default="", help="measure the one variant and write its result here (used per variant by the isolating parent)")
+    p.add_argument(
+        "--result-json",
+        default="",
+        help=(
+            "measure the one variant and write its result here (used per variant by the isolating"
+            " parent)"
+        ),
+    )
     args = p.parse_args()
     names = args.variants.split(",")
     check_variants(names)
     if args.dry_run:
         for name in names:
             v = VARIANTS[name]
-            print(f"{name}: kernels={v.kernels} scan={v.scan} gpt={v.gpt} config={args.config} overrides={args.overrides + list(v.overrides)}")
+            print(
+                f"{name}: kernels={v.kernels} scan={v.scan} gpt={v.gpt} config={args.config}"
+                f" overrides={args.overrides + list(v.overrides)}"
+            )
         return 0
     if args.result_json:  # one variant, for run_in_subprocess
         (name,) = names
@@ -113,8 +152,12 @@ def main() -> int:
             results.append(run_in_subprocess(name, args))
         else:
             try:
-                results.append(run_variant(name, args.config, args.overrides, args.steps, args.warmup))
-            except torch.OutOfMemoryError as error:  # reported as a row of nan; the next variant still runs
+                results.append(
+                    run_variant(name, args.config, args.overrides, args.steps, args.warmup)
+                )
+            except (
+                torch.OutOfMemoryError
+            ) as error:  # reported as a row of nan; the next variant still runs
                 print(f"{name}: out of memory: {str(error).splitlines()[0]}", flush=True)
                 results.append(Result.missing(name))
                 gc.collect()

@@ -1,4 +1,5 @@
-"""Capturing a callable as a CUDA graph: the one recipe the router, decoding and benchmarks share."""
+"""Capturing a callable as a CUDA graph: the one recipe the router, decoding and benchmarks
+share."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import torch
 T = TypeVar("T")
 
 
-def capture(fn: Callable[[], T], device: torch.device, warmup: int = 1) -> tuple[torch.cuda.CUDAGraph, T]:
+def capture(
+    fn: Callable[[], T], device: torch.device, warmup: int = 1
+) -> tuple[torch.cuda.CUDAGraph, T]:
     """(graph, static outputs) of one captured ``fn()``; replaying the graph refreshes the outputs.
 
     ``fn`` first runs ``warmup`` times on a side stream, so lazy one-time work (cuBLAS handles and
@@ -25,4 +28,3 @@ def capture(fn: Callable[[], T], device: torch.device, warmup: int = 1) -> tuple
     with torch.cuda.graph(graph):
         out = fn()
     return graph, out
-

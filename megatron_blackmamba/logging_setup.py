@@ -15,12 +15,14 @@ import warnings
 from tqdm import tqdm
 
 from megatron_blackmamba import EXPECTED_IMPORT_WARNINGS
+from megatron_blackmamba.parallel.env import launch_env
 
 # torch's deprecation notices for the ShardedTensor APIs megatron's dist_checkpointing calls on
 # every save and load: nothing a user of this project can act on.
-CHECKPOINT_API_WARNINGS = ("Please use DTensor instead and we are deprecating ShardedTensor",
-                           "`load_state_dict` is deprecated and will be removed")
-from megatron_blackmamba.parallel.env import launch_env
+CHECKPOINT_API_WARNINGS = (
+    "Please use DTensor instead and we are deprecating ShardedTensor",
+    "`load_state_dict` is deprecated and will be removed",
+)
 
 
 class _TqdmHandler(logging.Handler):
@@ -39,8 +41,11 @@ def configure_logging(verbose: bool = False, all_ranks: bool = False) -> None:
     shown = env.rank == 0 or all_ranks
     prefix = f"[rank {env.rank}] " if env.world_size > 1 else ""
     handler = _TqdmHandler()
-    handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
-                                           datefmt="%Y-%m-%d %H:%M:%S"))
+    handler.setFormatter(
+        logging.Formatter(
+            f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S"
+        )
+    )
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(logging.INFO if shown else logging.WARNING)

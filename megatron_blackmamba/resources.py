@@ -33,7 +33,8 @@ def sample_dir() -> Path:
 
 
 def bundled_config(name: str) -> Optional[Path]:
-    """The bundled config called ``name`` (``tiny``, ``tiny.yaml`` or ``configs/tiny.yaml``), or None."""
+    """The bundled config called ``name`` (``tiny``, ``tiny.yaml`` or ``configs/tiny.yaml``), or
+    None."""
     relative = Path(name)
     if relative.parts[:1] == ("configs",):
         relative = Path(*relative.parts[1:])

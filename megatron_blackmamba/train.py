@@ -25,19 +25,45 @@ DEFAULT_CONFIG = "tiny"
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=DEFAULT_CONFIG,
-                        help="YAML config: a path, or the name of a bundled one (default: tiny; --list-configs); "
-                             "an empty value starts from the built-in defaults")
-    parser.add_argument("--help-config", action="store_true", help="print every config field with its type, default and help")
-    parser.add_argument("--list-configs", action="store_true", help="print the bundled configs' names")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    parser.add_argument("--preflight", action="store_true",
-                        help="check config, data, tokenizer, checkpoint folder and model size without training; "
-                             "exit 1 listing every problem")
-    parser.add_argument("--world-size", type=int, default=0,
-                        help="world size to check the layout against (default: from torchrun/SLURM variables)")
-    parser.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. parallel.tp=2")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG,
+        help=(
+            "YAML config: a path, or the name of a bundled one (default: tiny; --list-configs); "
+            "an empty value starts from the built-in defaults"
+        ),
+    )
+    parser.add_argument(
+        "--help-config",
+        action="store_true",
+        help="print every config field with its type, default and help",
+    )
+    parser.add_argument(
+        "--list-configs", action="store_true", help="print the bundled configs' names"
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as YAML and exit"
+    )
+    parser.add_argument(
+        "--preflight",
+        action="store_true",
+        help=(
+            "check config, data, tokenizer, checkpoint folder and model size without training; "
+            "exit 1 listing every problem"
+        ),
+    )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=0,
+        help="world size to check the layout against (default: from torchrun/SLURM variables)",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="section.field=value overrides, e.g. parallel.tp=2"
+    )
     return parser.parse_args(argv)
 
 
@@ -72,8 +98,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         destroy()
     if final["steps"] == 0:  # resumed at the last step
-        print(f"done: already at step {final['iteration']} (nothing to train; raise training.train_iters "
-              "or use a new checkpoint.save folder)", file=sys.stderr)
+        print(
+            f"done: already at step {final['iteration']} (nothing to train; raise"
+            " training.train_iters or use a new checkpoint.save folder)",
+            file=sys.stderr,
+        )
     else:
         print(f"done: step {final['iteration']}, loss {final['loss']:.4f}", file=sys.stderr)
     return 0

@@ -11,8 +11,14 @@ from megatron_blackmamba.parallel.setup import free_port
 
 
 def _entry(target: Callable, rank: int, world: int, port: int, args: tuple, errors) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
     try:
         target(*args)
     except BaseException:
@@ -21,11 +27,15 @@ def _entry(target: Callable, rank: int, world: int, port: int, args: tuple, erro
 
 
 def run_ranks(world: int, target: Callable, *args: Any, timeout: float = 600) -> None:
-    """Start ``world`` processes running ``target(*args)``; raise with every rank's traceback on failure."""
+    """Start ``world`` processes running ``target(*args)``; raise with every rank's traceback on
+    failure."""
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(target, r, world, port, args, errors)) for r in range(world)]
+    procs = [
+        ctx.Process(target=_entry, args=(target, r, world, port, args, errors))
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     for p in procs:

@@ -11,6 +11,11 @@ from megatron_blackmamba.checkpointing.store import (
 )
 
 __all__ = [
-    "CheckpointError", "checkpoint_config", "checkpoint_tokenizer", "find_resumable", "load_checkpoint",
-    "resolve_checkpoint", "save_checkpoint",
+    "CheckpointError",
+    "checkpoint_config",
+    "checkpoint_tokenizer",
+    "find_resumable",
+    "load_checkpoint",
+    "resolve_checkpoint",
+    "save_checkpoint",
 ]

@@ -43,7 +43,10 @@ CONFIG = "config.yaml"
 TOKENIZER = "tokenizer.json"
 # Layout-free optimizer state: "fully_reshardable" for the distributed optimizer, and no
 # "chained_N." prefix (dense and expert optimizers are chained only when EP > 1).
-OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+OPTIMIZER_FORMAT = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "chained_optim_avoid_prefix": True,
+}
 
 
 class CheckpointError(RuntimeError):
@@ -52,7 +55,9 @@ class CheckpointError(RuntimeError):
 
 def _unwrap(model: list[torch.nn.Module]) -> torch.nn.Module:
     if len(model) != 1:
-        raise CheckpointError("BlackMamba checkpoints hold one model chunk per rank (no virtual pipeline)")
+        raise CheckpointError(
+            "BlackMamba checkpoints hold one model chunk per rank (no virtual pipeline)"
+        )
     chunk = model[0]
     return getattr(chunk, "module", chunk)
 
@@ -69,7 +74,10 @@ def _layout() -> dict[str, int]:
 
 def _rng_object() -> ShardedObject:
     """This rank's RNG states, addressed by (pp, tp, dp) rank so each rank gets its own back."""
-    state = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    state = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
     shape = (
         parallel_state.get_pipeline_model_parallel_world_size(),
         parallel_state.get_tensor_model_parallel_world_size(),
@@ -88,7 +96,9 @@ def _sharded_state(model, optimizer, scheduler, is_loading: bool, with_rng: bool
     model_sd = module.sharded_state_dict()
     state: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIMIZER_FORMAT)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata=OPTIMIZER_FORMAT
+        )
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     if with_rng:
@@ -173,7 +183,10 @@ def save_checkpoint(
 
 
 def _committed(save_dir: Path) -> list[Path]:
-    return sorted((p for p in save_dir.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")), reverse=True)
+    return sorted(
+        (p for p in save_dir.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")),
+        reverse=True,
+    )
 
 
 def _prune(save_dir: Path, keep_last: int) -> None:
@@ -195,12 +208,16 @@ def verify(directory: Path) -> Optional[str]:
         if not path.is_file():
             return f"{path} is missing"
         if path.stat().st_size != size:
-            return f"{path} has {path.stat().st_size} bytes, the manifest says {size} (truncated or overwritten)"
+            return (
+                f"{path} has {path.stat().st_size} bytes, the manifest says {size} (truncated or"
+                " overwritten)"
+            )
     return None
 
 
 def find_resumable(load_dir: str | Path) -> Optional[Path]:
-    """Newest intact checkpoint under ``load_dir`` (``latest`` first), or None. Rank-local, no I/O writes."""
+    """Newest intact checkpoint under ``load_dir`` (``latest`` first), or None. Rank-local, no I/O
+    writes."""
     load_dir = Path(load_dir)
     if not load_dir.is_dir():
         return None
@@ -224,7 +241,8 @@ def load_checkpoint(
     scheduler=None,
     required: bool = True,
 ) -> Optional[dict[str, Any]]:
-    """Collective. Loads the newest intact checkpoint; returns {"iteration", "consumed_samples", "path"}.
+    """Collective. Loads the newest intact checkpoint; returns {"iteration", "consumed_samples",
+    "path"}.
 
     ``load_dir`` may also name one ``iter_*`` directory. Model-only when ``optimizer`` is None.
     With ``required=False`` an empty or missing ``load_dir`` returns None (a fresh start).
@@ -243,9 +261,13 @@ def load_checkpoint(
     path = Path(chosen[0])
     manifest = json.loads((path / MANIFEST).read_text())
     if optimizer is not None and not manifest["has_optimizer"]:
-        raise CheckpointError(f"{path} holds model weights only; resume with checkpoint.finetune=true")
+        raise CheckpointError(
+            f"{path} holds model weights only; resume with checkpoint.finetune=true"
+        )
     same_layout = manifest["layout"] == _layout()
-    state = _sharded_state(model, optimizer, scheduler, is_loading=True, with_rng=same_layout and optimizer is not None)
+    state = _sharded_state(
+        model, optimizer, scheduler, is_loading=True, with_rng=same_layout and optimizer is not None
+    )
     if scheduler is None:
         state.pop("scheduler", None)
     loaded = dist_checkpointing.load(state, str(path))
@@ -261,7 +283,11 @@ def load_checkpoint(
     if not same_layout:
         logger.info("resharded %s from layout %s to %s", path, manifest["layout"], _layout())
     logger.info("loaded checkpoint %s (iteration %d)", path, manifest["iteration"])
-    return {"iteration": manifest["iteration"], "consumed_samples": manifest["consumed_samples"], "path": path}
+    return {
+        "iteration": manifest["iteration"],
+        "consumed_samples": manifest["consumed_samples"],
+        "path": path,
+    }
 
 
 def _choose(path: Path) -> Optional[Path]:

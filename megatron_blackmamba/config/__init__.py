@@ -27,7 +27,20 @@ from megatron_blackmamba.config.schema import (
 )
 
 __all__ = [
-    "CheckResult", "CheckpointConfig", "ConfigError", "DataConfig", "JobConfig", "LoggingConfig",
-    "ModelConfig", "ParallelConfig", "TrainingConfig", "apply_dict", "check_job", "describe",
-    "load_config", "parse_override", "resolve_config_path", "to_yaml",
+    "CheckResult",
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "JobConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "ParallelConfig",
+    "TrainingConfig",
+    "apply_dict",
+    "check_job",
+    "describe",
+    "load_config",
+    "parse_override",
+    "resolve_config_path",
+    "to_yaml",
 ]

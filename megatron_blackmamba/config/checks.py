@@ -35,7 +35,9 @@ def closest(name: str, choices: Sequence[str]) -> str:
     return f" (did you mean {match[0]}?)" if match else ""
 
 
-def check_job(job: JobConfig, world_size: Optional[int] = None, gpus_per_node: Optional[int] = None) -> CheckResult:
+def check_job(
+    job: JobConfig, world_size: Optional[int] = None, gpus_per_node: Optional[int] = None
+) -> CheckResult:
     """Every problem of ``job``; with ``world_size`` also the layout's divisibility rules."""
     result = CheckResult()
     _check_ranges(job, result.errors)
@@ -51,16 +53,46 @@ def check_job(job: JobConfig, world_size: Optional[int] = None, gpus_per_node: O
 
 def _check_ranges(job: JobConfig, errors: list[str]) -> None:
     at_least = {
-        1: ("model.vocab_size", "model.hidden_size", "model.num_layers", "model.d_state", "model.d_conv",
-            "model.expand", "model.num_experts", "model.sinkhorn_max_iters", "model.max_seq_length",
-            "parallel.tp", "parallel.pp", "parallel.ep", "training.seq_length", "training.micro_batch_size",
-            "training.global_batch_size", "training.log_interval", "checkpoint.save_interval"),
-        0: ("model.dt_rank", "model.ffn_hidden_size", "parallel.etp", "training.train_iters",
-            "training.warmup_iters", "training.eval_interval", "training.eval_iters", "training.stop_after",
-            "training.eval_tasks_interval", "training.eval_tasks_limit",
-            "training.lr_wsd_decay_iters", "data.num_workers", "checkpoint.keep_last",
-            "logging.expert_load_interval", "logging.peak_tflops", "training.weight_decay",
-            "training.clip_grad", "training.min_lr", "model.aux_loss_coeff"),
+        1: (
+            "model.vocab_size",
+            "model.hidden_size",
+            "model.num_layers",
+            "model.d_state",
+            "model.d_conv",
+            "model.expand",
+            "model.num_experts",
+            "model.sinkhorn_max_iters",
+            "model.max_seq_length",
+            "parallel.tp",
+            "parallel.pp",
+            "parallel.ep",
+            "training.seq_length",
+            "training.micro_batch_size",
+            "training.global_batch_size",
+            "training.log_interval",
+            "checkpoint.save_interval",
+        ),
+        0: (
+            "model.dt_rank",
+            "model.ffn_hidden_size",
+            "parallel.etp",
+            "training.train_iters",
+            "training.warmup_iters",
+            "training.eval_interval",
+            "training.eval_iters",
+            "training.stop_after",
+            "training.eval_tasks_interval",
+            "training.eval_tasks_limit",
+            "training.lr_wsd_decay_iters",
+            "data.num_workers",
+            "checkpoint.keep_last",
+            "logging.expert_load_interval",
+            "logging.peak_tflops",
+            "training.weight_decay",
+            "training.clip_grad",
+            "training.min_lr",
+            "model.aux_loss_coeff",
+        ),
     }
     for low, names in at_least.items():
         for name in names:
@@ -78,12 +110,23 @@ def _check_ranges(job: JobConfig, errors: list[str]) -> None:
     if t.min_lr > t.lr:
         errors.append(f"training.min_lr={t.min_lr} is above training.lr={t.lr}")
     if not t.train_iters and t.train_tokens <= 0:
-        errors.append("training.train_iters=0 needs training.train_tokens > 0 to derive the step count")
+        errors.append(
+            "training.train_iters=0 needs training.train_tokens > 0 to derive the step count"
+        )
     m = job.model
     if not 0 < m.dt_min <= m.dt_max:
-        errors.append(f"model.dt_min={m.dt_min} and dt_max={m.dt_max} must satisfy 0 < dt_min <= dt_max")
-    if m.sinkhorn_tol <= 0 or m.sinkhorn_temperature <= 0 or m.norm_epsilon <= 0 or m.init_method_std <= 0:
-        errors.append("model.sinkhorn_tol, sinkhorn_temperature, norm_epsilon and init_method_std must be > 0")
+        errors.append(
+            f"model.dt_min={m.dt_min} and dt_max={m.dt_max} must satisfy 0 < dt_min <= dt_max"
+        )
+    if (
+        m.sinkhorn_tol <= 0
+        or m.sinkhorn_temperature <= 0
+        or m.norm_epsilon <= 0
+        or m.init_method_std <= 0
+    ):
+        errors.append(
+            "model.sinkhorn_tol, sinkhorn_temperature, norm_epsilon and init_method_std must be > 0"
+        )
 
 
 def _check_model(job: JobConfig, result: CheckResult) -> None:
@@ -112,23 +155,35 @@ def _check_model(job: JobConfig, result: CheckResult) -> None:
     if d_inner % p.tp:
         errors.append(f"parallel.tp={p.tp} must divide d_inner = expand*hidden = {d_inner}")
     if m.resolved_ffn_hidden_size() % etp:
-        errors.append(f"expert tp={etp} must divide the expert ffn width {m.resolved_ffn_hidden_size()}")
+        errors.append(
+            f"expert tp={etp} must divide the expert ffn width {m.resolved_ffn_hidden_size()}"
+        )
     if m.vocab_size % p.tp:
         errors.append(f"parallel.tp={p.tp} must divide model.vocab_size={m.vocab_size}")
     if m.vocab_size % 128:
-        result.warnings.append(f"model.vocab_size={m.vocab_size} is not a multiple of 128 (slower GEMMs)")
+        result.warnings.append(
+            f"model.vocab_size={m.vocab_size} is not a multiple of 128 (slower GEMMs)"
+        )
     if result.info["pattern"] and p.pp > 1 and len(result.info["pattern"]) % p.pp:
         result.warnings.append(f"{m.num_layers} layers do not split evenly over pp={p.pp} stages")
     if t.seq_length > m.max_seq_length:
-        errors.append(f"training.seq_length={t.seq_length} > model.max_seq_length={m.max_seq_length}")
+        errors.append(
+            f"training.seq_length={t.seq_length} > model.max_seq_length={m.max_seq_length}"
+        )
     if m.routing == "sinkhorn" and m.aux_loss_coeff:
-        errors.append("model.aux_loss_coeff must be 0 with model.routing=sinkhorn (Sinkhorn balances instead)")
+        errors.append(
+            "model.aux_loss_coeff must be 0 with model.routing=sinkhorn (Sinkhorn balances instead)"
+        )
     if p.moe_dispatcher == "local" and (p.ep > 1 or etp > 1):
-        errors.append(f"parallel.moe_dispatcher=local needs every expert on the rank (ep=1, etp=1; got ep={p.ep}, "
-                      f"etp={etp}): use auto, allgather or alltoall")
+        errors.append(
+            "parallel.moe_dispatcher=local needs every expert on the rank (ep=1, etp=1; got"
+            f" ep={p.ep}, etp={etp}): use auto, allgather or alltoall"
+        )
     if t.global_batch_size % t.micro_batch_size:
-        errors.append(f"training.global_batch_size={t.global_batch_size} must be a multiple of "
-                      f"training.micro_batch_size={t.micro_batch_size}")
+        errors.append(
+            f"training.global_batch_size={t.global_batch_size} must be a multiple of "
+            f"training.micro_batch_size={t.micro_batch_size}"
+        )
 
 
 def _check_schedule(job: JobConfig, errors: list[str]) -> None:
@@ -137,26 +192,39 @@ def _check_schedule(job: JobConfig, errors: list[str]) -> None:
         return
     iters = t.resolved_train_iters()
     if t.lr_decay_style == "WSD" and not 0 < t.lr_wsd_decay_iters <= iters:
-        errors.append(f"training.lr_decay_style=WSD needs 0 < training.lr_wsd_decay_iters <= train iters ({iters}); "
-                      f"got {t.lr_wsd_decay_iters}")
+        errors.append(
+            "training.lr_decay_style=WSD needs 0 < training.lr_wsd_decay_iters <= train iters"
+            f" ({iters}); got {t.lr_wsd_decay_iters}"
+        )
     if t.eval_tasks:
         if importlib.util.find_spec("lm_eval") is None:
-            errors.append("training.eval_tasks needs lm-evaluation-harness: pip install 'megatron_blackmamba[eval]'")
+            errors.append(
+                "training.eval_tasks needs lm-evaluation-harness: pip install"
+                " 'megatron_blackmamba[eval]'"
+            )
         p = job.parallel
         if (p.tp, p.pp, p.ep) != (1, 1, 1):
-            errors.append(f"training.eval_tasks scores the model in memory, which needs parallel.tp=pp=ep=1 (got "
-                          f"{p.tp}, {p.pp}, {p.ep}): evaluate this layout's checkpoints with blackmamba-eval")
+            errors.append(
+                "training.eval_tasks scores the model in memory, which needs parallel.tp=pp=ep=1"
+                f" (got {p.tp}, {p.pp}, {p.ep}): evaluate this layout's checkpoints with"
+                " blackmamba-eval"
+            )
         if not (t.eval_tasks_interval or t.eval_interval):
-            errors.append("training.eval_tasks needs training.eval_tasks_interval (or eval_interval) > 0")
+            errors.append(
+                "training.eval_tasks needs training.eval_tasks_interval (or eval_interval) > 0"
+            )
         if t.eval_tasks_include and not os.path.isdir(t.eval_tasks_include):
             errors.append(f"training.eval_tasks_include={t.eval_tasks_include} is not a folder")
     if t.eval_interval and t.eval_iters < 1:
-        errors.append(f"training.eval_interval={t.eval_interval} needs training.eval_iters >= 1 "
-                      "(or eval_interval=0 to disable validation)")
+        errors.append(
+            f"training.eval_interval={t.eval_interval} needs training.eval_iters >= 1 "
+            "(or eval_interval=0 to disable validation)"
+        )
 
 
 def split_weights(text: str) -> Optional[list[float]]:
-    """'969,30,1' -> [969, 30, 1]; None if it is not three non-negative numbers with a positive sum."""
+    """'969,30,1' -> [969, 30, 1]; None if it is not three non-negative numbers with a positive
+    sum."""
     parts = text.replace("/", ",").split(",")
     try:
         weights = [float(p) for p in parts]
@@ -170,44 +238,70 @@ def split_weights(text: str) -> Optional[list[float]]:
 def _check_data(job: JobConfig, errors: list[str]) -> None:
     d, t = job.data, job.training
     if d.blend not in ("sample", "mock") and not d.tokenizer:
-        errors.append(f"data.blend={d.blend} needs data.tokenizer: the tokenizer.json the data was prepared with")
+        errors.append(
+            f"data.blend={d.blend} needs data.tokenizer: the tokenizer.json the data was prepared"
+            " with"
+        )
     weights = split_weights(d.split)
     if weights is None:
-        errors.append(f"data.split={d.split!r} must be three non-negative numbers 'train,valid,test' (e.g. 969,30,1)")
+        errors.append(
+            f"data.split={d.split!r} must be three non-negative numbers 'train,valid,test' (e.g."
+            " 969,30,1)"
+        )
     elif t.eval_interval and not d.valid_blend and weights[1] == 0 and d.blend != "mock":
-        errors.append(f"training.eval_interval={t.eval_interval} but data.split={d.split!r} holds out no validation "
-                      "data: give the split a validation share, set data.valid_blend, or training.eval_interval=0")
+        errors.append(
+            f"training.eval_interval={t.eval_interval} but data.split={d.split!r} holds out no"
+            " validation data: give the split a validation share, set data.valid_blend, or"
+            " training.eval_interval=0"
+        )
 
 
 def _check_logging(job: JobConfig, errors: list[str]) -> None:
     lg = job.logging
     hint = "pip install 'megatron_blackmamba[logging]'"
     if lg.tensorboard_dir and importlib.util.find_spec("tensorboard") is None:
-        errors.append(f"logging.tensorboard_dir={lg.tensorboard_dir} but tensorboard is not installed: {hint}, "
-                      "or logging.tensorboard_dir=null")
-    if lg.wandb_project and lg.wandb_mode != "disabled" and importlib.util.find_spec("wandb") is None:
-        errors.append(f"logging.wandb_project={lg.wandb_project} but wandb is not installed: {hint}, "
-                      "or logging.wandb_project=null")
+        errors.append(
+            f"logging.tensorboard_dir={lg.tensorboard_dir} but tensorboard is not installed:"
+            f" {hint}, or logging.tensorboard_dir=null"
+        )
+    if (
+        lg.wandb_project
+        and lg.wandb_mode != "disabled"
+        and importlib.util.find_spec("wandb") is None
+    ):
+        errors.append(
+            f"logging.wandb_project={lg.wandb_project} but wandb is not installed: {hint}, "
+            "or logging.wandb_project=null"
+        )
 
 
 def _check_environment(errors: list[str]) -> None:
     for name, choices in ENV_CHOICES.items():
         value = os.environ.get(name)
         if value is not None and value.strip().lower() not in choices:
-            errors.append(f"environment {name}={value!r} is not one of {' | '.join(choices)}{closest(value, choices)}")
+            errors.append(
+                f"environment {name}={value!r} is not one of"
+                f" {' | '.join(choices)}{closest(value, choices)}"
+            )
 
 
-def _check_world(job: JobConfig, world: int, gpus_per_node: Optional[int], result: CheckResult) -> None:
+def _check_world(
+    job: JobConfig, world: int, gpus_per_node: Optional[int], result: CheckResult
+) -> None:
     p, t = job.parallel, job.training
     etp = result.info["etp"]
     result.info["world"] = world
     if min(p.tp, p.pp, p.ep, etp) < 1:
         return
     if world % (p.tp * p.pp):
-        result.errors.append(f"world size {world} is not divisible by parallel.tp*pp = {p.tp * p.pp}")
+        result.errors.append(
+            f"world size {world} is not divisible by parallel.tp*pp = {p.tp * p.pp}"
+        )
         return
     if (world // p.pp) % (p.ep * etp):
-        result.errors.append(f"parallel.ep*etp = {p.ep * etp} must divide world/pp = {world // p.pp}")
+        result.errors.append(
+            f"parallel.ep*etp = {p.ep * etp} must divide world/pp = {world // p.pp}"
+        )
         return
     dp = world // (p.tp * p.pp)
     result.info.update(dp=dp, expert_dp=world // (p.pp * p.ep * etp))
@@ -215,11 +309,16 @@ def _check_world(job: JobConfig, world: int, gpus_per_node: Optional[int], resul
     if t.global_batch_size % per_step:
         result.errors.append(
             f"training.global_batch_size={t.global_batch_size} must be a multiple of "
-            f"micro_batch_size*dp = {t.micro_batch_size}*{dp} = {per_step} at world size {world}")
+            f"micro_batch_size*dp = {t.micro_batch_size}*{dp} = {per_step} at world size {world}"
+        )
     else:
         result.info["microbatches"] = t.global_batch_size // per_step
     if gpus_per_node:
         if p.tp > gpus_per_node:
-            result.warnings.append(f"tp={p.tp} spans nodes (gpus_per_node={gpus_per_node}): TP traffic leaves NVLink")
+            result.warnings.append(
+                f"tp={p.tp} spans nodes (gpus_per_node={gpus_per_node}): TP traffic leaves NVLink"
+            )
         if p.ep * etp > gpus_per_node:
-            result.warnings.append(f"ep*etp={p.ep * etp} spans nodes: the MoE all-to-all leaves NVLink")
+            result.warnings.append(
+                f"ep*etp={p.ep * etp} spans nodes: the MoE all-to-all leaves NVLink"
+            )

@@ -34,8 +34,11 @@ class ConfigError(ValueError):
 
     def __init__(self, problems: Sequence[str]) -> None:
         self.problems = list(problems)
-        super().__init__("\n".join(self.problems) if len(self.problems) == 1 else
-                         f"{len(self.problems)} config problems:\n  " + "\n  ".join(self.problems))
+        super().__init__(
+            "\n".join(self.problems)
+            if len(self.problems) == 1
+            else f"{len(self.problems)} config problems:\n  " + "\n  ".join(self.problems)
+        )
 
 
 @functools.cache
@@ -64,8 +67,10 @@ def parse_value(value: Any, annotation: Any, where: str) -> Any:
         if value in choices:
             return value
         shown = value if isinstance(value, str) else repr(value)
-        raise ValueError(f"{where}: {shown!r} is not one of {_choice_text(choices)}"
-                         f"{closest(str(value), [str(c) for c in choices])}")
+        raise ValueError(
+            f"{where}: {shown!r} is not one of {_choice_text(choices)}"
+            f"{closest(str(value), [str(c) for c in choices])}"
+        )
     if origin in (Union, types.UnionType):
         inner = [a for a in typing.get_args(annotation) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.strip() in _NULLS):
@@ -114,24 +119,31 @@ def _number(value: Any, where: str, expected: str) -> int | float:
 
 
 def apply_dict(cfg: JobConfig, values: dict, where: str) -> JobConfig:
-    """Set ``{section: {field: value}}`` on ``cfg``; every problem is collected into one ConfigError."""
+    """Set ``{section: {field: value}}`` on ``cfg``; every problem is collected into one
+    ConfigError."""
     problems: list[str] = []
     known = sections()
     for section, body in values.items():
         if section not in known:
-            problems.append(f"{where}: unknown section {section!r}{closest(str(section), list(known))}; "
-                            f"sections: {', '.join(known)}")
+            problems.append(
+                f"{where}: unknown section {section!r}{closest(str(section), list(known))}; "
+                f"sections: {', '.join(known)}"
+            )
             continue
         if body is None:
             continue
         if not isinstance(body, dict):
-            problems.append(f"{where}: section {section!r} must be a mapping of fields, got {body!r}")
+            problems.append(
+                f"{where}: section {section!r} must be a mapping of fields, got {body!r}"
+            )
             continue
         target = getattr(cfg, section)
         types_ = field_types(type(target))
         for name, value in body.items():
             if name not in types_:
-                problems.append(f"{where}: unknown field {section}.{name}{_nearest_field(section, str(name))}")
+                problems.append(
+                    f"{where}: unknown field {section}.{name}{_nearest_field(section, str(name))}"
+                )
                 continue
             try:
                 setattr(target, name, parse_value(value, types_[name], f"{section}.{name}"))
@@ -148,7 +160,11 @@ def _nearest_field(section: str, name: str) -> str:
     if elsewhere:
         return f" (it belongs to section {elsewhere[0]}: {elsewhere[0]}.{name})"
     hint = closest(name, list(field_types(sections()[section])))
-    return hint.replace("did you mean ", f"did you mean {section}.") if hint else f"; see --help-config for {section}.*"
+    return (
+        hint.replace("did you mean ", f"did you mean {section}.")
+        if hint
+        else f"; see --help-config for {section}.*"
+    )
 
 
 def parse_override(text: str) -> dict:
@@ -157,7 +173,9 @@ def parse_override(text: str) -> dict:
     A value that starts with a quote or '[' is read as YAML (``run_name="a b"``, ``[a, b]``)."""
     key, sep, raw = text.partition("=")
     if not sep or "." not in key:
-        raise ConfigError([f"override {text!r} must look like section.field=value (e.g. parallel.tp=2)"])
+        raise ConfigError(
+            [f"override {text!r} must look like section.field=value (e.g. parallel.tp=2)"]
+        )
     section, name = key.strip().split(".", 1)
     value: Any = raw
     if raw[:1] in ("'", '"', "["):
@@ -169,13 +187,18 @@ def read_yaml(path: str | Path) -> dict:
     """A config file's sections with every scalar kept as text."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} not found; `blackmamba-train --list-configs` lists the bundled ones")
+        raise FileNotFoundError(
+            f"config file {path} not found; `blackmamba-train --list-configs` lists the bundled"
+            " ones"
+        )
     try:
         raw = yaml.load(path.read_text(), Loader=yaml.BaseLoader) or {}
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: not valid YAML: {exc}"]) from exc
     if not isinstance(raw, dict):
-        raise ConfigError([f"{path}: the top level must be a mapping of sections ({', '.join(sections())})"])
+        raise ConfigError(
+            [f"{path}: the top level must be a mapping of sections ({', '.join(sections())})"]
+        )
     return raw
 
 
@@ -232,6 +255,13 @@ def describe() -> str:
         defaults = cls()
         for f in dataclasses.fields(cls):
             kind = field_types(cls)[f.name]
-            shown = _choice_text(typing.get_args(kind)) if typing.get_origin(kind) is Literal else getattr(kind, "__name__", str(kind).replace("typing.", ""))
-            lines.append(f"  {name}.{f.name} = {getattr(defaults, f.name)!r}  ({shown})  # {f.metadata.get('help', '')}")
+            shown = (
+                _choice_text(typing.get_args(kind))
+                if typing.get_origin(kind) is Literal
+                else getattr(kind, "__name__", str(kind).replace("typing.", ""))
+            )
+            lines.append(
+                f"  {name}.{f.name} = {getattr(defaults, f.name)!r}  ({shown})  #"
+                f" {f.metadata.get('help', '')}"
+            )
     return "\n".join(lines)

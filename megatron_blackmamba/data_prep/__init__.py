@@ -15,5 +15,11 @@ from .mixture import read_blend, read_megatron_blend
 from .sample import ensure_sample_dataset, sample_tokenizer_path
 from .tokenizer import TextTokenizer, load_tokenizer
 
-__all__ = ["TextTokenizer", "ensure_sample_dataset", "load_tokenizer", "read_blend",
-           "read_megatron_blend", "sample_tokenizer_path"]
+__all__ = [
+    "TextTokenizer",
+    "ensure_sample_dataset",
+    "load_tokenizer",
+    "read_blend",
+    "read_megatron_blend",
+    "sample_tokenizer_path",
+]

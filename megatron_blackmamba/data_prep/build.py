@@ -33,8 +33,16 @@ from .merge import merge_indexed_datasets
 from .readers import Document, Reader, Split, get_reader
 from .shards import FileLock, Manifest, output_intact, remove_outputs, shard_id
 from .stats import NO_SUBSET, Stats, format_table
-from .tasks import (TaskSpec, all_task_states, check_plan, finalize_problems, lock_task, merged_intact,
-                    ordered_shard_prefixes, task_files)
+from .tasks import (
+    TaskSpec,
+    all_task_states,
+    check_plan,
+    finalize_problems,
+    lock_task,
+    merged_intact,
+    ordered_shard_prefixes,
+    task_files,
+)
 from .tokenizer import EOD_TOKEN, TextTokenizer, load_tokenizer
 from .writer import IndexedDatasetWriter, OutputInfo
 
@@ -117,10 +125,16 @@ class BuildResult:
 
     def report(self) -> str:
         """Human-readable summary: per-subset counts, skipped records, filtered subsets."""
-        lines = [f"{self.reader}: {self.prefix}.bin/.idx - {self.output.documents:,} documents, "
-                 f"{self.output.tokens:,} tokens ({self.dtype}, EOD id {self.eod})",
-                 f"inputs: {self.inputs} files, {self.shards} shards "
-                 f"({self.reused_shards} reused from an earlier run)"]
+        lines = [
+            (
+                f"{self.reader}: {self.prefix}.bin/.idx - {self.output.documents:,} documents, "
+                f"{self.output.tokens:,} tokens ({self.dtype}, EOD id {self.eod})"
+            ),
+            (
+                f"inputs: {self.inputs} files, {self.shards} shards "
+                f"({self.reused_shards} reused from an earlier run)"
+            ),
+        ]
         return "\n".join(lines + stats_lines(self.stats) + self.notes)
 
 
@@ -138,31 +152,45 @@ class TaskResult:
     notes: List[str] = field(default_factory=list)
 
     def report(self) -> str:
-        lines = [f"{self.reader}: {self.task.name} of {self.prefix} - {self.files} input files, {self.shards} "
-                 f"shards ({self.reused_shards} reused), {self.stats.documents:,} documents, "
-                 f"{self.stats.tokens:,} tokens",
-                 "run the same command with --finalize once every task is complete"]
+        lines = [
+            (
+                f"{self.reader}: {self.task.name} of {self.prefix} - {self.files} input files,"
+                f" {self.shards} shards ({self.reused_shards} reused), {self.stats.documents:,}"
+                f" documents, {self.stats.tokens:,} tokens"
+            ),
+            "run the same command with --finalize once every task is complete",
+        ]
         return "\n".join(lines + stats_lines(self.stats) + self.notes)
 
 
 def stats_lines(stats: Stats) -> List[str]:
     """Per-subset counts, skipped records with an example each, filtered subsets."""
     total = max(stats.tokens, 1)
-    rows = [(name, docs, tokens, f"{100 * tokens / total:.1f}%")
-            for name, (docs, tokens) in sorted(stats.subsets.items())]
+    rows = [
+        (name, docs, tokens, f"{100 * tokens / total:.1f}%")
+        for name, (docs, tokens) in sorted(stats.subsets.items())
+    ]
     rows.append(("total", stats.documents, stats.tokens, "100.0%"))
     lines = [format_table(("subset", "documents", "tokens", "share"), rows)]
     if stats.skipped:
-        lines.append("skipped records (not in the output): " + ", ".join(
-            f"{reason} {count:,}" for reason, count in sorted(stats.skipped.items())))
-        lines.extend(f"  e.g. {messages[0]}" for _, messages in sorted(stats.examples.items()) if messages)
+        lines.append(
+            "skipped records (not in the output): "
+            + ", ".join(f"{reason} {count:,}" for reason, count in sorted(stats.skipped.items()))
+        )
+        lines.extend(
+            f"  e.g. {messages[0]}" for _, messages in sorted(stats.examples.items()) if messages
+        )
     else:
         lines.append("skipped records: none")
     if stats.filtered:
-        lines.append("filtered out by subset: " + ", ".join(
-            f"{name} {count:,}" for name, count in sorted(stats.filtered.items())))
+        lines.append(
+            "filtered out by subset: "
+            + ", ".join(f"{name} {count:,}" for name, count in sorted(stats.filtered.items()))
+        )
     if stats.titled:
-        lines.append(f"titled from the corpus metadata: {stats.titled:,} of {stats.documents:,} documents")
+        lines.append(
+            f"titled from the corpus metadata: {stats.titled:,} of {stats.documents:,} documents"
+        )
     return lines
 
 
@@ -177,7 +205,10 @@ def build(spec: BuildSpec) -> BuildResult | TaskResult:
     config = _config(spec, inputs, tokenizer)
     os.makedirs(work_dir, exist_ok=True)
     if spec.task.count > 1 and spec.restart:
-        raise InputError(f"--restart discards the whole build: remove {work_dir} once, then submit the tasks again")
+        raise InputError(
+            f"--restart discards the whole build: remove {work_dir} once, then submit the tasks"
+            " again"
+        )
     if spec.finalize:
         return _finalize(spec, inputs, tokenizer, output, work_dir, config)
     if spec.task.count > 1:
@@ -193,39 +224,73 @@ def build(spec: BuildSpec) -> BuildResult | TaskResult:
             result.notes.append("already built by an earlier run: nothing to do")
             return result
         if os.path.exists(os.path.join(work_dir, "plan.json")):
-            raise InputError(f"{work_dir} holds a build split into tasks: rerun with its --num-tasks, or "
-                             "--finalize, or --restart to discard it")
+            raise InputError(
+                f"{work_dir} holds a build split into tasks: rerun with its --num-tasks, or "
+                "--finalize, or --restart to discard it"
+            )
         manifest.merged = None
         manifest.remove_temp_files()
-        totals, progress = _build_shards(spec, reader, inputs, range(len(inputs)), tokenizer, manifest)
-        return _merge(spec, tokenizer, output, len(inputs), manifest.complete_shard_prefixes(), totals,
-                      progress.reused_shards, manifest)
+        totals, progress = _build_shards(
+            spec, reader, inputs, range(len(inputs)), tokenizer, manifest
+        )
+        return _merge(
+            spec,
+            tokenizer,
+            output,
+            len(inputs),
+            manifest.complete_shard_prefixes(),
+            totals,
+            progress.reused_shards,
+            manifest,
+        )
     finally:
         lock.release()
 
 
-def _build_task(spec: BuildSpec, reader: Reader, inputs: List[str], tokenizer: TextTokenizer, output: str,
-                work_dir: str, config: Dict[str, object]) -> TaskResult:
+def _build_task(
+    spec: BuildSpec,
+    reader: Reader,
+    inputs: List[str],
+    tokenizer: TextTokenizer,
+    output: str,
+    work_dir: str,
+    config: Dict[str, object],
+) -> TaskResult:
     """This task's files into its own folder; the merge waits for ``--finalize``."""
     check_plan(work_dir, output, config, spec.task.count, create=True)
     if merged_intact(work_dir, output):
         raise InputError(f"{output}.bin/.idx is already finalized from every task: nothing to do")
     folder, lock = lock_task(work_dir, spec.task)
     try:
-        manifest = Manifest.open(folder, {**config, "task": [spec.task.index, spec.task.count]}, False)
+        manifest = Manifest.open(
+            folder, {**config, "task": [spec.task.index, spec.task.count]}, False
+        )
         manifest.remove_temp_files()
         files = task_files(config, spec.task)
         totals, progress = _build_shards(spec, reader, inputs, files, tokenizer, manifest)
         manifest.complete_shard_prefixes(files)  # every shard there, or a clear error
         manifest.complete = True
-        return TaskResult(spec.reader, output, spec.task, len(files), progress.processed_shards
-                          + progress.reused_shards, progress.reused_shards, totals)
+        return TaskResult(
+            spec.reader,
+            output,
+            spec.task,
+            len(files),
+            progress.processed_shards + progress.reused_shards,
+            progress.reused_shards,
+            totals,
+        )
     finally:
         lock.release()
 
 
-def _finalize(spec: BuildSpec, inputs: List[str], tokenizer: TextTokenizer, output: str, work_dir: str,
-              config: Dict[str, object]) -> BuildResult:
+def _finalize(
+    spec: BuildSpec,
+    inputs: List[str],
+    tokenizer: TextTokenizer,
+    output: str,
+    work_dir: str,
+    config: Dict[str, object],
+) -> BuildResult:
     """Merge every task's shards in input order, once all tasks are complete."""
     lock = FileLock(os.path.join(work_dir, "lock"), wait=False)
     try:
@@ -235,12 +300,16 @@ def _finalize(spec: BuildSpec, inputs: List[str], tokenizer: TextTokenizer, outp
             result = _result(spec, output, tokenizer, merged, len(inputs))
             result.notes.append("already finalized by an earlier run: nothing to do")
             return result
-        plan = check_plan(work_dir, output, config, spec.task.count if spec.task.count > 1 else None, create=False)
+        plan = check_plan(
+            work_dir, output, config, spec.task.count if spec.task.count > 1 else None, create=False
+        )
         states = all_task_states(work_dir, config, plan["num_tasks"])
         problems = finalize_problems(states)
         if problems:
-            raise InputError(f"cannot finalize {output}: {len(problems)} of {len(states)} tasks are not "
-                             "complete\n  " + "\n  ".join(problems))
+            raise InputError(
+                f"cannot finalize {output}: {len(problems)} of {len(states)} tasks are not "
+                "complete\n  " + "\n  ".join(problems)
+            )
         totals = Stats()
         for state in states:
             totals.update(state.stats)
@@ -250,25 +319,52 @@ def _finalize(spec: BuildSpec, inputs: List[str], tokenizer: TextTokenizer, outp
         lock.release()
 
 
-def _merge(spec: BuildSpec, tokenizer: TextTokenizer, output: str, n_inputs: int, shard_prefixes: List[str],
-           totals: Stats, reused: int, manifest: Manifest) -> BuildResult:
+def _merge(
+    spec: BuildSpec,
+    tokenizer: TextTokenizer,
+    output: str,
+    n_inputs: int,
+    shard_prefixes: List[str],
+    totals: Stats,
+    reused: int,
+    manifest: Manifest,
+) -> BuildResult:
     if not totals.documents:
-        raise InputError(f"{spec.reader}: no documents left to write (skipped: {totals.skipped}, "
-                         f"filtered: {totals.filtered}); see the messages above")
+        raise InputError(
+            f"{spec.reader}: no documents left to write (skipped: {totals.skipped}, "
+            f"filtered: {totals.filtered}); see the messages above"
+        )
     info = merge_indexed_datasets(shard_prefixes, output)
-    manifest.merged = {"output": info.to_json(), "stats": totals.to_json(),
-                       "shards": len(shard_prefixes), "reused_shards": reused}
+    manifest.merged = {
+        "output": info.to_json(),
+        "stats": totals.to_json(),
+        "shards": len(shard_prefixes),
+        "reused_shards": reused,
+    }
     if not spec.keep_shards:
         remove_outputs(shard_prefixes)
     return _result(spec, output, tokenizer, manifest.merged, n_inputs)
 
 
-def _build_shards(spec: BuildSpec, reader: Reader, inputs: List[str], file_indices: Iterable[int],
-                  tokenizer: TextTokenizer, manifest: Manifest) -> Tuple[Stats, "_Progress"]:
+def _build_shards(
+    spec: BuildSpec,
+    reader: Reader,
+    inputs: List[str],
+    file_indices: Iterable[int],
+    tokenizer: TextTokenizer,
+    manifest: Manifest,
+) -> Tuple[Stats, "_Progress"]:
     """Every shard of the files ``file_indices`` (into ``inputs``) built or reused; returns the
     counts of them all."""
-    job = _Job(spec.reader, spec.reader_options, tokenizer.path, spec.eod_token,
-               tuple(spec.include_subsets), tuple(spec.exclude_subsets), spec.strict)
+    job = _Job(
+        spec.reader,
+        spec.reader_options,
+        tokenizer.path,
+        spec.eod_token,
+        tuple(spec.include_subsets),
+        tuple(spec.exclude_subsets),
+        spec.strict,
+    )
     totals = Stats()
     label = os.path.basename(spec.output) + (f" {spec.task.name}" if spec.task.count > 1 else "")
     progress = _Progress(spec.progress, f"{spec.reader} -> {label}")
@@ -286,8 +382,9 @@ def _build_shards(spec: BuildSpec, reader: Reader, inputs: List[str], file_indic
                     stats = Stats.from_json(entry["stats"])
                     if spec.strict and stats.skipped:
                         first = next(m for ms in stats.examples.values() for m in ms)
-                        raise BadRecordError(f"{first} (found by an earlier run; --strict: "
-                                            "stopping)")
+                        raise BadRecordError(
+                            f"{first} (found by an earlier run; --strict: stopping)"
+                        )
                     totals.update(stats)
                     progress.reused()
                     continue
@@ -319,18 +416,34 @@ def _config(spec: BuildSpec, inputs: List[str], tokenizer: TextTokenizer) -> Dic
         stat = os.stat(path)
         files.append({"path": path, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
     options = {"reader_options": dict(spec.reader_options)} if spec.reader_options else {}
-    return {"reader": spec.reader, **options, "inputs": files, "shard_bytes": spec.shard_bytes,
-            "tokenizer_sha256": file_sha256(tokenizer.path), "eod_token": spec.eod_token,
-            "eod_id": tokenizer.eod, "dtype": np.dtype(tokenizer.dtype).name,
-            "include_subsets": sorted(spec.include_subsets),
-            "exclude_subsets": sorted(spec.exclude_subsets)}
+    return {
+        "reader": spec.reader,
+        **options,
+        "inputs": files,
+        "shard_bytes": spec.shard_bytes,
+        "tokenizer_sha256": file_sha256(tokenizer.path),
+        "eod_token": spec.eod_token,
+        "eod_id": tokenizer.eod,
+        "dtype": np.dtype(tokenizer.dtype).name,
+        "include_subsets": sorted(spec.include_subsets),
+        "exclude_subsets": sorted(spec.exclude_subsets),
+    }
 
 
-def _result(spec: BuildSpec, output: str, tokenizer: TextTokenizer, merged: Dict,
-            inputs: int) -> BuildResult:
-    return BuildResult(spec.reader, output, OutputInfo(**merged["output"]),
-                       Stats.from_json(merged["stats"]), np.dtype(tokenizer.dtype).name,
-                       tokenizer.eod, merged["shards"], merged["reused_shards"], inputs)
+def _result(
+    spec: BuildSpec, output: str, tokenizer: TextTokenizer, merged: Dict, inputs: int
+) -> BuildResult:
+    return BuildResult(
+        spec.reader,
+        output,
+        OutputInfo(**merged["output"]),
+        Stats.from_json(merged["stats"]),
+        np.dtype(tokenizer.dtype).name,
+        tokenizer.eod,
+        merged["shards"],
+        merged["reused_shards"],
+        inputs,
+    )
 
 
 # ---------------------------------------------------------------- worker side
@@ -348,7 +461,9 @@ def _process_shard(task: _Task, job: _Job) -> _Result:
     stats = Stats()
     writer = IndexedDatasetWriter(task.prefix, tokenizer.dtype)
     try:
-        documents = get_reader(job.reader, **dict(job.reader_options)).read(task.path, task.split, issues)
+        documents = get_reader(job.reader, **dict(job.reader_options)).read(
+            task.path, task.split, issues
+        )
         for batch in _batches(documents, job, stats):
             ids = tokenizer.encode_documents([doc.text for doc in batch])
             writer.add_documents(ids)
@@ -394,15 +509,17 @@ def _init_worker() -> None:
             pass
 
 
-def _run(tasks: Iterator[_Task], job: _Job, workers: int,
-         on_result: Callable[[_Result], None]) -> None:
+def _run(
+    tasks: Iterator[_Task], job: _Job, workers: int, on_result: Callable[[_Result], None]
+) -> None:
     """Process tasks in-process (workers <= 1) or on a pool, at most 2 * workers in flight."""
     if workers <= 1:
         for task in tasks:
             on_result(_process_shard(task, job))
         return
-    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker)
+    executor = ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
+    )
     pending: Set[Future] = set()
 
     def drain(limit: int) -> None:
@@ -427,8 +544,14 @@ class _Progress:
     def __init__(self, enabled: bool, label: str) -> None:
         from tqdm import tqdm
 
-        self._bar = tqdm(desc=label, unit="doc", unit_scale=True, disable=not enabled,
-                         mininterval=0.5, dynamic_ncols=True)
+        self._bar = tqdm(
+            desc=label,
+            unit="doc",
+            unit_scale=True,
+            disable=not enabled,
+            mininterval=0.5,
+            dynamic_ncols=True,
+        )
         self._start = time.monotonic()
         self._tokens = 0
         self.processed_shards = 0
@@ -441,8 +564,10 @@ class _Progress:
         self.processed_shards += 1
         self._tokens += tokens
         rate = self._tokens / max(time.monotonic() - self._start, 1e-9)
-        self._bar.set_postfix_str(f"{rate:,.0f} tok/s, shards {self.processed_shards} new "
-                                  f"+ {self.reused_shards} reused", refresh=False)
+        self._bar.set_postfix_str(
+            f"{rate:,.0f} tok/s, shards {self.processed_shards} new + {self.reused_shards} reused",
+            refresh=False,
+        )
         self._bar.update(documents)
 
     def close(self) -> None:
@@ -455,5 +580,8 @@ def _log_examples(stats: Stats) -> None:
             logger.warning("data_prep: %s", message)
         more = stats.skipped.get(reason, 0) - len(messages)
         if more > 0:
-            logger.warning("data_prep: ... and %d more %s record(s) there (counted in the "
-                           "summary)", more, reason)
+            logger.warning(
+                "data_prep: ... and %d more %s record(s) there (counted in the summary)",
+                more,
+                reason,
+            )

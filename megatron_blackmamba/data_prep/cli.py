@@ -57,8 +57,10 @@ def build_spec(args: argparse.Namespace) -> BuildSpec:
     if args.reader == "jsonl":
         options = (("text_key", text_key),)
     elif text_key != "text":
-        raise InputError(f"--text-key/--json-keys apply to the jsonl reader; the {args.reader} reader "
-                         "knows where its format keeps the text")
+        raise InputError(
+            f"--text-key/--json-keys apply to the jsonl reader; the {args.reader} reader "
+            "knows where its format keeps the text"
+        )
     if args.reader == "pg19":
         options = (("split", args.split or "train"),)
     elif args.split is not None and args.split != "train":
@@ -70,19 +72,31 @@ def build_spec(args: argparse.Namespace) -> BuildSpec:
     else:
         raise InputError("give --output PREFIX (or Megatron's --output-prefix)")
     return BuildSpec(
-        reader=args.reader, inputs=tuple(p for group in args.input for p in group),
-        tokenizer=args.tokenizer, output=output, eod_token=args.eod_token,
-        workers=args.workers, shard_bytes=_shard_bytes(args),
-        include_subsets=tuple(args.include_subset), exclude_subsets=tuple(args.exclude_subset),
-        strict=args.strict, keep_shards=args.keep_shards, restart=args.restart,
-        progress=not args.no_progress, reader_options=options,
-        task=task_from_env(args.num_tasks, args.task_index), finalize=args.finalize)
+        reader=args.reader,
+        inputs=tuple(p for group in args.input for p in group),
+        tokenizer=args.tokenizer,
+        output=output,
+        eod_token=args.eod_token,
+        workers=args.workers,
+        shard_bytes=_shard_bytes(args),
+        include_subsets=tuple(args.include_subset),
+        exclude_subsets=tuple(args.exclude_subset),
+        strict=args.strict,
+        keep_shards=args.keep_shards,
+        restart=args.restart,
+        progress=not args.no_progress,
+        reader_options=options,
+        task=task_from_env(args.num_tasks, args.task_index),
+        finalize=args.finalize,
+    )
 
 
 def _text_key(args: argparse.Namespace) -> str:
     if args.json_keys:
         if len(args.json_keys) > 1:
-            raise InputError(f"--json-keys {' '.join(args.json_keys)}: one dataset per build; run once per key")
+            raise InputError(
+                f"--json-keys {' '.join(args.json_keys)}: one dataset per build; run once per key"
+            )
         return args.json_keys[0]
     return args.text_key
 
@@ -96,21 +110,35 @@ def _merge(args: argparse.Namespace) -> None:
     for manifest_path in args.manifest:
         prefixes.extend(Manifest.load(manifest_path).complete_shard_prefixes())
     info = merge_indexed_datasets(prefixes, args.output)
-    print(f"{args.output}.bin/.idx: {info.documents:,} documents, {info.tokens:,} tokens "
-          f"from {len(prefixes)} inputs")
+    print(
+        f"{args.output}.bin/.idx: {info.documents:,} documents, {info.tokens:,} tokens "
+        f"from {len(prefixes)} inputs"
+    )
 
 
 def _mixture(args: argparse.Namespace) -> None:
     if args.print_builds:
-        for name, build_args in build_arguments(load_mixture(args.config), args.output_dir, args.tokenizer,
-                                                args.eod_token, _shard_bytes(args)):
+        for name, build_args in build_arguments(
+            load_mixture(args.config),
+            args.output_dir,
+            args.tokenizer,
+            args.eod_token,
+            _shard_bytes(args),
+        ):
             print(f"{name}\t{shlex.join(build_args)}")
         return
     result = run_mixture(
-        load_mixture(args.config), args.output_dir, tokenizer=args.tokenizer,
-        eod_token=args.eod_token, workers=args.workers, shard_bytes=_shard_bytes(args),
-        strict=args.strict, progress=not args.no_progress, build_sources=not args.summary_only,
-        token_budget=args.token_budget)
+        load_mixture(args.config),
+        args.output_dir,
+        tokenizer=args.tokenizer,
+        eod_token=args.eod_token,
+        workers=args.workers,
+        shard_bytes=_shard_bytes(args),
+        strict=args.strict,
+        progress=not args.no_progress,
+        build_sources=not args.summary_only,
+        token_budget=args.token_budget,
+    )
     for built in result.builds:
         print(built.report() + "\n")
     print(result.summary)
@@ -148,81 +176,174 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="blackmamba-prep", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(
+        prog="blackmamba-prep",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     def tokenising(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--eod-token", default=EOD_TOKEN,
-                         help="end-of-document token appended to every document (default "
-                              "%(default)s); its id comes from the tokenizer")
-        sub.add_argument("--workers", type=_positive_int, default=1,
-                         help="tokenising processes (1 = in this process)")
-        sub.add_argument("--shard-size-mb", type=float, default=DEFAULT_SHARD_BYTES / (1 << 20),
-                         help="uncompressed input per shard, the unit of parallelism and of "
-                              "resuming (default %(default)g)")
-        sub.add_argument("--strict", action="store_true",
-                         help="stop with exit status 2 at the first bad record instead of "
-                              "skipping and counting it")
+        sub.add_argument(
+            "--eod-token",
+            default=EOD_TOKEN,
+            help=(
+                "end-of-document token appended to every document (default "
+                "%(default)s); its id comes from the tokenizer"
+            ),
+        )
+        sub.add_argument(
+            "--workers",
+            type=_positive_int,
+            default=1,
+            help="tokenising processes (1 = in this process)",
+        )
+        sub.add_argument(
+            "--shard-size-mb",
+            type=float,
+            default=DEFAULT_SHARD_BYTES / (1 << 20),
+            help=(
+                "uncompressed input per shard, the unit of parallelism and of "
+                "resuming (default %(default)g)"
+            ),
+        )
+        sub.add_argument(
+            "--strict",
+            action="store_true",
+            help=(
+                "stop with exit status 2 at the first bad record instead of "
+                "skipping and counting it"
+            ),
+        )
         sub.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sub = commands.add_parser("build", help="one corpus -> one indexed dataset")
-    sub.add_argument("--reader", default="jsonl", choices=sorted(READERS),
-                     help="corpus format (default %(default)s: any JSON-lines file)")
-    sub.add_argument("--input", required=True, nargs="+", action="append",
-                     help="input files, folders or glob patterns (quote globs)")
+    sub.add_argument(
+        "--reader",
+        default="jsonl",
+        choices=sorted(READERS),
+        help="corpus format (default %(default)s: any JSON-lines file)",
+    )
+    sub.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        action="append",
+        help="input files, folders or glob patterns (quote globs)",
+    )
     sub.add_argument("--tokenizer", required=True, help="path to a tokenizer.json")
     outputs = sub.add_mutually_exclusive_group()
-    outputs.add_argument("--output", help="output prefix: writes PREFIX.bin, PREFIX.idx, PREFIX.shards/")
-    outputs.add_argument("--output-prefix",
-                         help="Megatron's naming: the output is OUTPUT_PREFIX_<text key>_document")
-    sub.add_argument("--text-key", default="text", help="jsonl reader: the field holding the text (default text)")
-    sub.add_argument("--json-keys", nargs="+", metavar="KEY", help="Megatron's alias of --text-key (one key)")
-    sub.add_argument("--split", default=None, help="pg19 reader, given the root folder: the split to read "
-                                                   "(train, validation or test; default train)")
-    sub.add_argument("--num-tasks", type=_positive_int, default=None,
-                     help="split the build into this many tasks (default $SLURM_ARRAY_TASK_COUNT, else 1)")
-    sub.add_argument("--task-index", type=int, default=None,
-                     help="the task this process builds, 0-based (default $SLURM_ARRAY_TASK_ID - "
-                          "$SLURM_ARRAY_TASK_MIN, else 0)")
-    sub.add_argument("--finalize", action="store_true",
-                     help="merge every task's shards into PREFIX.bin/.idx (refused until all are complete)")
-    sub.add_argument("--include-subset", action="append", default=[], metavar="NAME",
-                     help="keep only these subsets (e.g. Pile 'ArXiv'); repeatable")
-    sub.add_argument("--exclude-subset", action="append", default=[], metavar="NAME",
-                     help="drop these subsets (e.g. Pile 'Books3'; '(none)' = records without "
-                          "a subset name); repeatable")
-    sub.add_argument("--keep-shards", action="store_true",
-                     help="keep the per-shard files after merging")
-    sub.add_argument("--restart", action="store_true",
-                     help="discard an earlier build at this prefix instead of resuming it")
+    outputs.add_argument(
+        "--output", help="output prefix: writes PREFIX.bin, PREFIX.idx, PREFIX.shards/"
+    )
+    outputs.add_argument(
+        "--output-prefix", help="Megatron's naming: the output is OUTPUT_PREFIX_<text key>_document"
+    )
+    sub.add_argument(
+        "--text-key", default="text", help="jsonl reader: the field holding the text (default text)"
+    )
+    sub.add_argument(
+        "--json-keys", nargs="+", metavar="KEY", help="Megatron's alias of --text-key (one key)"
+    )
+    sub.add_argument(
+        "--split",
+        default=None,
+        help=(
+            "pg19 reader, given the root folder: the split to read "
+            "(train, validation or test; default train)"
+        ),
+    )
+    sub.add_argument(
+        "--num-tasks",
+        type=_positive_int,
+        default=None,
+        help="split the build into this many tasks (default $SLURM_ARRAY_TASK_COUNT, else 1)",
+    )
+    sub.add_argument(
+        "--task-index",
+        type=int,
+        default=None,
+        help=(
+            "the task this process builds, 0-based (default $SLURM_ARRAY_TASK_ID - "
+            "$SLURM_ARRAY_TASK_MIN, else 0)"
+        ),
+    )
+    sub.add_argument(
+        "--finalize",
+        action="store_true",
+        help="merge every task's shards into PREFIX.bin/.idx (refused until all are complete)",
+    )
+    sub.add_argument(
+        "--include-subset",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="keep only these subsets (e.g. Pile 'ArXiv'); repeatable",
+    )
+    sub.add_argument(
+        "--exclude-subset",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=(
+            "drop these subsets (e.g. Pile 'Books3'; '(none)' = records without "
+            "a subset name); repeatable"
+        ),
+    )
+    sub.add_argument(
+        "--keep-shards", action="store_true", help="keep the per-shard files after merging"
+    )
+    sub.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard an earlier build at this prefix instead of resuming it",
+    )
     tokenising(sub)
     sub.set_defaults(run=_build)
 
-    sub = commands.add_parser("status", help="progress of a build: tasks, shards, tokens, tokens/s, ETA")
+    sub = commands.add_parser(
+        "status", help="progress of a build: tasks, shards, tokens, tokens/s, ETA"
+    )
     sub.add_argument("prefix", help="the build's output prefix (its --output)")
     sub.set_defaults(run=_status)
 
     sub = commands.add_parser("merge", help="concatenate indexed datasets into one prefix")
     sub.add_argument("--output", required=True, help="output prefix")
-    sub.add_argument("--manifest", action="append", default=[],
-                     help="merge the shards of a build kept with --keep-shards "
-                          "(PREFIX.shards/manifest.json); repeatable, in order")
+    sub.add_argument(
+        "--manifest",
+        action="append",
+        default=[],
+        help=(
+            "merge the shards of a build kept with --keep-shards "
+            "(PREFIX.shards/manifest.json); repeatable, in order"
+        ),
+    )
     sub.add_argument("prefixes", nargs="*", help="input prefixes, in order")
     sub.set_defaults(run=_merge)
 
     sub = commands.add_parser("mixture", help="build a mixture YAML's sources and its blend")
     sub.add_argument("config", help="mixture YAML (see configs/data/)")
-    sub.add_argument("--output-dir", required=True,
-                     help="writes SOURCE/SOURCE_text_document.*, blend.txt, blend.json, "
-                          "summary.txt")
+    sub.add_argument(
+        "--output-dir",
+        required=True,
+        help="writes SOURCE/SOURCE_text_document.*, blend.txt, blend.json, summary.txt",
+    )
     sub.add_argument("--tokenizer", help="tokenizer.json (overrides the config's)")
-    sub.add_argument("--token-budget", type=float,
-                     help="training tokens for the epochs column (default: config or 300e9)")
-    sub.add_argument("--summary-only", action="store_true",
-                     help="do not build; summarise sources built earlier and write the blend")
-    sub.add_argument("--print-builds", action="store_true",
-                     help="print each source's name and `build` arguments (tab-separated), build nothing")
+    sub.add_argument(
+        "--token-budget",
+        type=float,
+        help="training tokens for the epochs column (default: config or 300e9)",
+    )
+    sub.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="do not build; summarise sources built earlier and write the blend",
+    )
+    sub.add_argument(
+        "--print-builds",
+        action="store_true",
+        help="print each source's name and `build` arguments (tab-separated), build nothing",
+    )
     tokenising(sub)
     sub.set_defaults(run=_mixture)
 

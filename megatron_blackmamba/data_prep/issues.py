@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Dict, List
 
-
 EXAMPLES_PER_REASON = 3
 """Messages kept per skip reason (per shard, and in totals); counts are always complete."""
 
@@ -32,8 +31,9 @@ _ADVICE = {
     Reason.MISSING_TEXT: "record skipped; check that --reader matches this corpus",
     Reason.NON_UTF8: "record skipped; re-encode the source as UTF-8",
     Reason.EMPTY: "nothing to tokenise, record skipped",
-    Reason.CORRUPT_STREAM: ("the rest of this file is lost; re-download it "
-                            "(records before this point are kept)"),
+    Reason.CORRUPT_STREAM: (
+        "the rest of this file is lost; re-download it (records before this point are kept)"
+    ),
     Reason.UNREADABLE_FILE: "these records are lost; re-download the file",
 }
 

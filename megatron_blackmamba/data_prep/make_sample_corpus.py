@@ -32,9 +32,21 @@ from .fileio import AtomicFile
 from .sample import SAMPLE_DIR
 from .tokenizer import load_tokenizer, train_bpe_tokenizer
 
-_SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "tkinter", "ensurepip",
-              "site-packages", "dist-packages", "__pycache__", "encodings", "pydoc_data",
-              "lib-dynload"}
+_SKIP_DIRS = {
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "turtledemo",
+    "tkinter",
+    "ensurepip",
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+    "encodings",
+    "pydoc_data",
+    "lib-dynload",
+}
 _THIRD_PARTY_NOTICE = "permission to use, copy, modify"
 _SEED = 20240201
 _FILES = 2
@@ -66,8 +78,11 @@ def render_module_docs(module: str, source: str) -> str:
     doc = ast.get_docstring(tree)
     if doc:
         sections.append("DESCRIPTION\n" + _indent(doc, 1))
-    classes = [_render_class(node) for node in tree.body
-               if isinstance(node, ast.ClassDef) and not node.name.startswith("_")]
+    classes = [
+        _render_class(node)
+        for node in tree.body
+        if isinstance(node, ast.ClassDef) and not node.name.startswith("_")
+    ]
     classes = [c for c in classes if c]
     if classes:
         sections.append("CLASSES\n" + "\n\n".join(classes))
@@ -81,9 +96,11 @@ def render_module_docs(module: str, source: str) -> str:
 
 
 def _documented_function(node: ast.AST) -> bool:
-    return (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-            and (not node.name.startswith("_") or node.name == "__init__")
-            and ast.get_docstring(node) is not None)
+    return (
+        isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and (not node.name.startswith("_") or node.name == "__init__")
+        and ast.get_docstring(node) is not None
+    )
 
 
 def _render_class(node: ast.ClassDef) -> str:
@@ -150,11 +167,16 @@ def write_pile_jsonl_zst(path: str, records: List[Dict[str, object]]) -> None:
 
 
 def main(argv: List[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output-dir", default=str(SAMPLE_DIR))
-    parser.add_argument("--code-chars", type=int, default=5_000_000,
-                        help="characters of module source to include (default %(default)s)")
+    parser.add_argument(
+        "--code-chars",
+        type=int,
+        default=5_000_000,
+        help="characters of module source to include (default %(default)s)",
+    )
     parser.add_argument("--vocab-size", type=int, default=8192)
     args = parser.parse_args(argv)
 
@@ -162,7 +184,7 @@ def main(argv: List[str] | None = None) -> int:
     documents = collect_documents(args.code_chars)
     per_file = -(-len(documents) // _FILES)
     for index in range(_FILES):
-        chunk = documents[index * per_file:(index + 1) * per_file]
+        chunk = documents[index * per_file : (index + 1) * per_file]
         write_pile_jsonl_zst(os.path.join(args.output_dir, f"{index:02d}.jsonl.zst"), chunk)
     tokenizer_path = os.path.join(args.output_dir, "tokenizer.json")
     texts = [str(d["text"]) for d in documents]

@@ -47,5 +47,11 @@ def merge_indexed_datasets(prefixes: Sequence[str], output: str) -> OutputInfo:
     with AtomicFile(idx_path(output)) as out_idx:
         tokens = write_index(out_idx, dtype, sequences, document_indices, parts)
     assert out_bin.info is not None and out_idx.info is not None
-    return OutputInfo(document_indices - 1, tokens, out_bin.info.sha256, out_bin.info.size,
-                      out_idx.info.sha256, out_idx.info.size)
+    return OutputInfo(
+        document_indices - 1,
+        tokens,
+        out_bin.info.sha256,
+        out_bin.info.size,
+        out_idx.info.sha256,
+        out_idx.info.size,
+    )

@@ -69,8 +69,11 @@ def load_mixture(path: str) -> Mixture:
             data = yaml.safe_load(f)
     except (OSError, yaml.YAMLError) as error:
         raise InputError(f"cannot read mixture config {path}: {error}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("sources"), list) \
-            or not data["sources"]:
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("sources"), list)
+        or not data["sources"]
+    ):
         raise InputError(f"{path}: expected a mapping with a non-empty 'sources' list")
     unknown = set(data) - {"sources", "token_budget", "tokenizer"}
     if unknown:
@@ -81,8 +84,11 @@ def load_mixture(path: str) -> Mixture:
         raise InputError(f"{path}: source names must be unique, got {names}")
     budget = _number(path, "token_budget", data.get("token_budget", DEFAULT_TOKEN_BUDGET))
     tokenizer = data.get("tokenizer")
-    return Mixture(tuple(sources), budget,
-                   os.path.expandvars(tokenizer) if isinstance(tokenizer, str) else None)
+    return Mixture(
+        tuple(sources),
+        budget,
+        os.path.expandvars(tokenizer) if isinstance(tokenizer, str) else None,
+    )
 
 
 def _source(path: str, index: int, raw: Any) -> Source:
@@ -105,9 +111,14 @@ def _source(path: str, index: int, raw: Any) -> Source:
     filters = raw.get("filters") or {}
     if not isinstance(filters, dict) or set(filters) - _FILTER_KEYS:
         raise InputError(f"{where}: filters may only hold {sorted(_FILTER_KEYS)}")
-    return Source(name, raw["reader"], tuple(str(i) for i in inputs), weight,
-                  tuple(filters.get("include_subsets") or ()),
-                  tuple(filters.get("exclude_subsets") or ()))
+    return Source(
+        name,
+        raw["reader"],
+        tuple(str(i) for i in inputs),
+        weight,
+        tuple(filters.get("include_subsets") or ()),
+        tuple(filters.get("exclude_subsets") or ()),
+    )
 
 
 def _number(where: str, key: str, value: Any) -> float:
@@ -120,8 +131,13 @@ def _number(where: str, key: str, value: Any) -> float:
     return number
 
 
-def build_arguments(mixture: Mixture, output_dir: str, tokenizer: Optional[str] = None,
-                    eod_token: str = EOD_TOKEN, shard_bytes: int = DEFAULT_SHARD_BYTES) -> List[Tuple[str, List[str]]]:
+def build_arguments(
+    mixture: Mixture,
+    output_dir: str,
+    tokenizer: Optional[str] = None,
+    eod_token: str = EOD_TOKEN,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> List[Tuple[str, List[str]]]:
     """(source name, ``blackmamba-prep build`` arguments) per source: what ``run_mixture``
     builds, for running each source as its own job array (launch/prep_submit.sh)."""
     tokenizer = tokenizer or mixture.tokenizer
@@ -129,9 +145,20 @@ def build_arguments(mixture: Mixture, output_dir: str, tokenizer: Optional[str] 
         raise InputError("no tokenizer: pass --tokenizer or set 'tokenizer' in the mixture config")
     builds = []
     for source in mixture.sources:
-        args = ["--reader", source.reader, "--input", *source.inputs, "--tokenizer", tokenizer,
-                "--output", source_prefix(output_dir, source.name), "--eod-token", eod_token,
-                "--shard-size-mb", f"{shard_bytes / (1 << 20):g}"]
+        args = [
+            "--reader",
+            source.reader,
+            "--input",
+            *source.inputs,
+            "--tokenizer",
+            tokenizer,
+            "--output",
+            source_prefix(output_dir, source.name),
+            "--eod-token",
+            eod_token,
+            "--shard-size-mb",
+            f"{shard_bytes / (1 << 20):g}",
+        ]
         for name in source.include_subsets:
             args += ["--include-subset", name]
         for name in source.exclude_subsets:
@@ -151,8 +178,10 @@ def write_blend(pairs: Sequence[Tuple[float, str]], output_dir: str) -> Tuple[st
     with_abs = [(float(w), os.path.abspath(p)) for w, p in pairs]
     for _, prefix in with_abs:
         if any(c.isspace() for c in prefix):
-            raise InputError(f"prefix {prefix!r} contains whitespace, which the blend format "
-                             "(and megatron's --data-path) cannot carry")
+            raise InputError(
+                f"prefix {prefix!r} contains whitespace, which the blend format "
+                "(and megatron's --data-path) cannot carry"
+            )
     with AtomicFile(text_path) as f:
         f.write((" ".join(f"{w!r} {p}" for w, p in with_abs) + "\n").encode("utf-8"))
     write_json_atomic(json_path, {"blend": [[w, p] for w, p in with_abs]})
@@ -172,8 +201,9 @@ def read_blend(path: str) -> List[Tuple[float, str]]:
         except ValueError:
             entries = None
         if not isinstance(entries, list) or not all(
-                isinstance(e, list) and len(e) == 2 for e in entries):
-            raise InputError(f"{path}: expected {{\"blend\": [[weight, prefix], ...]}}")
+            isinstance(e, list) and len(e) == 2 for e in entries
+        ):
+            raise InputError(f'{path}: expected {{"blend": [[weight, prefix], ...]}}')
         raw = [(e[0], e[1]) for e in entries]
     else:
         words = content.split()
@@ -211,10 +241,10 @@ def summary_table(sources: Sequence[Tuple[str, float, str]], token_budget: float
         _, lengths, documents = read_index(prefix)
         tokens = int(lengths.sum(dtype=np.int64))
         epochs = f"{drawn / tokens:,.2f}" if tokens else "inf"
-        rows.append((name, len(documents) - 1, tokens, f"{100 * share:.2f}%", f"{drawn:.3g}",
-                     epochs))
-    table = format_table(("source", "documents", "tokens", "share", "tokens drawn", "epochs"),
-                         rows)
+        rows.append(
+            (name, len(documents) - 1, tokens, f"{100 * share:.2f}%", f"{drawn:.3g}", epochs)
+        )
+    table = format_table(("source", "documents", "tokens", "share", "tokens drawn", "epochs"), rows)
     return f"token budget {token_budget:.4g} tokens\n{table}"
 
 
@@ -226,11 +256,18 @@ class MixtureResult:
     summary: str
 
 
-def run_mixture(mixture: Mixture, output_dir: str, tokenizer: Optional[str] = None,
-                eod_token: str = EOD_TOKEN, workers: int = 1,
-                shard_bytes: int = DEFAULT_SHARD_BYTES, strict: bool = False,
-                progress: bool = True, build_sources: bool = True,
-                token_budget: Optional[float] = None) -> MixtureResult:
+def run_mixture(
+    mixture: Mixture,
+    output_dir: str,
+    tokenizer: Optional[str] = None,
+    eod_token: str = EOD_TOKEN,
+    workers: int = 1,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    strict: bool = False,
+    progress: bool = True,
+    build_sources: bool = True,
+    token_budget: Optional[float] = None,
+) -> MixtureResult:
     """Build every source (resumably) unless ``build_sources`` is false, then write the blend
     files and ``summary.txt`` into ``output_dir``."""
     tokenizer = tokenizer or mixture.tokenizer
@@ -242,19 +279,34 @@ def run_mixture(mixture: Mixture, output_dir: str, tokenizer: Optional[str] = No
         prefix = source_prefix(output_dir, source.name)
         if build_sources:
             assert tokenizer is not None
-            builds.append(build(BuildSpec(
-                reader=source.reader, inputs=source.inputs, tokenizer=tokenizer, output=prefix,
-                eod_token=eod_token, workers=workers, shard_bytes=shard_bytes,
-                include_subsets=source.include_subsets, exclude_subsets=source.exclude_subsets,
-                strict=strict, progress=progress)))
+            builds.append(
+                build(
+                    BuildSpec(
+                        reader=source.reader,
+                        inputs=source.inputs,
+                        tokenizer=tokenizer,
+                        output=prefix,
+                        eod_token=eod_token,
+                        workers=workers,
+                        shard_bytes=shard_bytes,
+                        include_subsets=source.include_subsets,
+                        exclude_subsets=source.exclude_subsets,
+                        strict=strict,
+                        progress=progress,
+                    )
+                )
+            )
         elif not os.path.exists(idx_path(prefix)):
-            raise InputError(f"source {source.name!r} is not built yet ({prefix}); "
-                             "run without --summary-only first")
-    blend = [(source.weight, source_prefix(output_dir, source.name))
-             for source in mixture.sources]
+            raise InputError(
+                f"source {source.name!r} is not built yet ({prefix}); "
+                "run without --summary-only first"
+            )
+    blend = [(source.weight, source_prefix(output_dir, source.name)) for source in mixture.sources]
     files = write_blend(blend, output_dir)
-    summary = summary_table([(s.name, w, p) for s, (w, p) in zip(mixture.sources, blend)],
-                            token_budget or mixture.token_budget)
+    summary = summary_table(
+        [(s.name, w, p) for s, (w, p) in zip(mixture.sources, blend)],
+        token_budget or mixture.token_budget,
+    )
     with AtomicFile(os.path.join(output_dir, "summary.txt")) as f:
         f.write((summary + "\n").encode("utf-8"))
     return MixtureResult(blend, files, builds, summary)

@@ -1,4 +1,5 @@
-"""The bundled sample corpus (``data/sample/``, see ``megatron_blackmamba.resources``) as a ready indexed dataset, built once per cache.
+"""The bundled sample corpus (``data/sample/``, see ``megatron_blackmamba.resources``) as a ready
+indexed dataset, built once per cache.
 
 The "main job" trains a tiny model on CPU from this data; building it takes seconds, so it is
 built on first use instead of being committed in tokenised form.
@@ -10,12 +11,12 @@ import hashlib
 import os
 from pathlib import Path
 
+from ..resources import sample_dir
 from .build import BuildSpec, build
 from .fileio import file_sha256
 from .issues import InputError
 from .shards import FileLock
 from .writer import bin_path, idx_path
-from ..resources import sample_dir
 
 SAMPLE_DIR = sample_dir()
 _FORMAT = "1"  # bump when data_prep's output for the same input changes
@@ -37,8 +38,10 @@ def ensure_sample_dataset(cache_dir: str) -> str:
     inputs = sorted(SAMPLE_DIR.glob("*.jsonl.zst"))
     tokenizer = Path(sample_tokenizer_path())
     if not inputs or not tokenizer.is_file():
-        raise InputError(f"{SAMPLE_DIR}: sample corpus or tokenizer.json missing; "
-                         "regenerate with python -m megatron_blackmamba.data_prep.make_sample_corpus")
+        raise InputError(
+            f"{SAMPLE_DIR}: sample corpus or tokenizer.json missing; "
+            "regenerate with python -m megatron_blackmamba.data_prep.make_sample_corpus"
+        )
     digest = hashlib.sha256(_FORMAT.encode())
     for path in inputs + [tokenizer]:
         digest.update(f"{path.name}:{file_sha256(str(path))}\n".encode())
@@ -49,8 +52,15 @@ def ensure_sample_dataset(cache_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     lock = FileLock(os.path.join(out_dir, "sample.lock"), wait=True)
     try:
-        build(BuildSpec(reader="pile", inputs=tuple(str(p) for p in inputs),
-                        tokenizer=str(tokenizer), output=prefix, progress=False))
+        build(
+            BuildSpec(
+                reader="pile",
+                inputs=tuple(str(p) for p in inputs),
+                tokenizer=str(tokenizer),
+                output=prefix,
+                progress=False,
+            )
+        )
     finally:
         lock.release()
     return prefix

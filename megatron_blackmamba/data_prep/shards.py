@@ -44,9 +44,16 @@ class Manifest:
     def __init__(self, work_dir: str, config: Dict[str, Any]) -> None:
         self.work_dir = work_dir
         self.path = os.path.join(work_dir, "manifest.json")
-        self.data: Dict[str, Any] = {"format": FORMAT, "config": config, "files": {},
-                                     "shards": {}, "merged": None, "complete": False,
-                                     "started_at": time.time(), "updated_at": None}
+        self.data: Dict[str, Any] = {
+            "format": FORMAT,
+            "config": config,
+            "files": {},
+            "shards": {},
+            "merged": None,
+            "complete": False,
+            "started_at": time.time(),
+            "updated_at": None,
+        }
         self._saved_at = 0.0
 
     @classmethod
@@ -66,11 +73,13 @@ class Manifest:
                     elif entry != "lock":
                         os.remove(path)
             elif old.get("format") != FORMAT or old_config != config:
-                changed = sorted(k for k in set(config) | set(old_config)
-                                 if config.get(k) != old_config.get(k)) or ["format"]
+                changed = sorted(
+                    k for k in set(config) | set(old_config) if config.get(k) != old_config.get(k)
+                ) or ["format"]
                 raise ConfigMismatchError(
                     f"{work_dir} holds a build made with different {', '.join(changed)}; rerun "
-                    "the original command to resume it, or add --restart to discard it")
+                    "the original command to resume it, or add --restart to discard it"
+                )
             else:
                 manifest.data = old
         return manifest
@@ -96,15 +105,22 @@ class Manifest:
             source = inputs[index]
             record = self.data["files"].get(str(index))
             if record is None:
-                raise InputError(f"{self.path}: {source['path']} was not fully read; "
-                                 "rerun the build command to finish it")
+                raise InputError(
+                    f"{self.path}: {source['path']} was not fully read; "
+                    "rerun the build command to finish it"
+                )
             for shard in range(record["shards"]):
                 sid = shard_id(index, shard)
                 entry = self.data["shards"].get(sid)
-                if (not entry or entry["status"] != "done"
-                        or not output_intact(self.shard_prefix(sid), entry["output"])):
-                    raise InputError(f"{self.path}: shard {sid} is unfinished or its files are "
-                                     "gone (built without --keep-shards?); rerun the build")
+                if (
+                    not entry
+                    or entry["status"] != "done"
+                    or not output_intact(self.shard_prefix(sid), entry["output"])
+                ):
+                    raise InputError(
+                        f"{self.path}: shard {sid} is unfinished or its files are "
+                        "gone (built without --keep-shards?); rerun the build"
+                    )
                 prefixes.append(self.shard_prefix(sid))
         return prefixes
 
@@ -123,13 +139,14 @@ class Manifest:
 
     def finish_shard(self, sid: str, stats: Stats, output: OutputInfo) -> None:
         entry = self.data["shards"][sid]
-        entry.update(status="done", stats=stats.to_json(), output=output.to_json(), finished_at=time.time())
+        entry.update(
+            status="done", stats=stats.to_json(), output=output.to_json(), finished_at=time.time()
+        )
         self.save()
 
     def record_file(self, index: int, path: str, shards: int, stats: Stats) -> None:
         """A fully split input: its shard count and the records lost while reading it."""
-        self.data["files"][str(index)] = {"path": path, "shards": shards,
-                                          "stats": stats.to_json()}
+        self.data["files"][str(index)] = {"path": path, "shards": shards, "stats": stats.to_json()}
 
     @property
     def complete(self) -> bool:
@@ -174,8 +191,7 @@ class FileLock:
             fcntl.flock(self._file, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             self._file.close()
-            raise InputError(f"another data_prep run holds {path}; "
-                             "wait for it to finish") from None
+            raise InputError(f"another data_prep run holds {path}; wait for it to finish") from None
 
     def release(self) -> None:
         self._file.close()
@@ -183,8 +199,10 @@ class FileLock:
 
 def output_intact(prefix: str, output: Dict[str, Any]) -> bool:
     """Both files of a recorded output exist with their recorded sizes."""
-    return (_size(bin_path(prefix)) == output["bin_bytes"]
-            and _size(idx_path(prefix)) == output["idx_bytes"])
+    return (
+        _size(bin_path(prefix)) == output["bin_bytes"]
+        and _size(idx_path(prefix)) == output["idx_bytes"]
+    )
 
 
 def _size(path: str) -> int:

@@ -55,15 +55,25 @@ class Stats:
         self.titled += other.titled
 
     def to_json(self) -> Dict[str, object]:
-        return {"documents": self.documents, "tokens": self.tokens, "subsets": self.subsets,
-                "skipped": self.skipped, "filtered": self.filtered, "examples": self.examples,
-                "titled": self.titled}
+        return {
+            "documents": self.documents,
+            "tokens": self.tokens,
+            "subsets": self.subsets,
+            "skipped": self.skipped,
+            "filtered": self.filtered,
+            "examples": self.examples,
+            "titled": self.titled,
+        }
 
     @classmethod
     def from_json(cls, data: Dict) -> "Stats":
-        return cls({k: list(v) for k, v in data.get("subsets", {}).items()},
-                   dict(data.get("skipped", {})), dict(data.get("filtered", {})),
-                   {k: list(v) for k, v in data.get("examples", {}).items()}, int(data.get("titled", 0)))
+        return cls(
+            {k: list(v) for k, v in data.get("subsets", {}).items()},
+            dict(data.get("skipped", {})),
+            dict(data.get("filtered", {})),
+            {k: list(v) for k, v in data.get("examples", {}).items()},
+            int(data.get("titled", 0)),
+        )
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -72,8 +82,9 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
 
     def line(row: List[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
+        ).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(cells[0]), rule] + [line(r) for r in cells[1:]])

@@ -33,7 +33,10 @@ def status_report(prefix: str) -> str:
         config = manifest.data["config"]
         states = [manifest_state(manifest, config, TaskSpec())]
     else:
-        raise InputError(f"{work_dir} holds no build (no plan.json or manifest.json): nothing started at {prefix}")
+        raise InputError(
+            f"{work_dir} holds no build (no plan.json or manifest.json): nothing started at"
+            f" {prefix}"
+        )
     return _report(output, work_dir, config, states)
 
 
@@ -43,28 +46,51 @@ def _report(output: str, work_dir: str, config: dict, states: List[TaskState]) -
     stats = Stats()
     for s in states:
         state = "complete" if s.complete else "running or stopped" if s.started else "not started"
-        rows.append((s.task.index, state, f"{s.files_done}/{s.files}", s.shards_done, f"{s.stats.tokens:,}",
-                     sum(s.stats.skipped.values())))
+        rows.append(
+            (
+                s.task.index,
+                state,
+                f"{s.files_done}/{s.files}",
+                s.shards_done,
+                f"{s.stats.tokens:,}",
+                sum(s.stats.skipped.values()),
+            )
+        )
         stats.update(s.stats)
     started = [s.started_at for s in states if s.started_at]
     updated = [s.updated_at for s in states if s.updated_at]
     done_bytes = sum(s.bytes_done for s in states)
     finalized = merged_intact(work_dir, output) is not None
-    lines = [f"{output}: {sum(s.complete for s in states)} of {len(states)} task(s) complete, "
-             f"{sum(s.files_done for s in states)} of {len(config['inputs'])} input files "
-             f"({_size(done_bytes)} of {_size(total_bytes)}), "
-             f"{sum(s.shards_done for s in states)} shards done, {stats.tokens:,} tokens, "
-             f"{stats.documents:,} documents",
-             format_table(("task", "state", "files", "shards", "tokens", "bad records"), rows)]
+    lines = [
+        (
+            f"{output}: {sum(s.complete for s in states)} of {len(states)} task(s) complete, "
+            f"{sum(s.files_done for s in states)} of {len(config['inputs'])} input files "
+            f"({_size(done_bytes)} of {_size(total_bytes)}), "
+            f"{sum(s.shards_done for s in states)} shards done, {stats.tokens:,} tokens, "
+            f"{stats.documents:,} documents"
+        ),
+        format_table(("task", "state", "files", "shards", "tokens", "bad records"), rows),
+    ]
     if started and updated:
         elapsed = max(max(updated) - min(started), 1e-9)
-        line = f"rate: {stats.tokens / elapsed:,.0f} tokens/s over {elapsed / 3600:.2f} h since the first task started"
+        line = (
+            f"rate: {stats.tokens / elapsed:,.0f} tokens/s over {elapsed / 3600:.2f} h since the"
+            " first task started"
+        )
         if done_bytes and done_bytes < total_bytes and not finalized:
             eta = (total_bytes - done_bytes) / (done_bytes / elapsed)
-            line += f"; ETA {eta / 3600:.2f} h (as of {time.strftime('%H:%M:%S', time.localtime(max(updated)))})"
+            line += (
+                f"; ETA {eta / 3600:.2f} h (as of"
+                f" {time.strftime('%H:%M:%S', time.localtime(max(updated)))})"
+            )
         lines.append(line)
-    lines.append("bad records (skipped, counted): " + (", ".join(
-        f"{reason} {count:,}" for reason, count in sorted(stats.skipped.items())) or "none"))
+    lines.append(
+        "bad records (skipped, counted): "
+        + (
+            ", ".join(f"{reason} {count:,}" for reason, count in sorted(stats.skipped.items()))
+            or "none"
+        )
+    )
     lines.append(f"finalized: {'yes, ' + output + '.bin/.idx' if finalized else 'no'}")
     return "\n".join(lines)
 

@@ -37,16 +37,19 @@ class TaskSpec:
 
     def __post_init__(self) -> None:
         if self.count < 1 or not 0 <= self.index < self.count:
-            raise InputError(f"--task-index {self.index} must be in 0..{self.count - 1} "
-                             f"(--num-tasks {self.count})")
+            raise InputError(
+                f"--task-index {self.index} must be in 0..{self.count - 1} "
+                f"(--num-tasks {self.count})"
+            )
 
     @property
     def name(self) -> str:
         return f"task-{self.index:05d}-of-{self.count:05d}"
 
 
-def task_from_env(num_tasks: Optional[int], task_index: Optional[int],
-                  env: Optional[Dict[str, str]] = None) -> TaskSpec:
+def task_from_env(
+    num_tasks: Optional[int], task_index: Optional[int], env: Optional[Dict[str, str]] = None
+) -> TaskSpec:
     """--num-tasks / --task-index, each defaulting to the SLURM array's count / index."""
     env = os.environ if env is None else env
     if num_tasks is None and "SLURM_ARRAY_TASK_COUNT" in env:
@@ -77,17 +80,25 @@ def _plan_path(work_dir: str) -> str:
     return os.path.join(work_dir, "plan.json")
 
 
-def check_plan(work_dir: str, output: str, config: Dict[str, Any], count: Optional[int],
-               create: bool) -> Dict[str, Any]:
+def check_plan(
+    work_dir: str, output: str, config: Dict[str, Any], count: Optional[int], create: bool
+) -> Dict[str, Any]:
     """The build's plan, written now if ``create`` and none exists; refused if it was made for
     another output path, task count (None: whatever it was made for) or settings."""
     path = _plan_path(work_dir)
-    plan = {"format": PLAN_FORMAT, "output": output, "num_tasks": count, "config": config,
-            "created_by": socket.gethostname()}
+    plan = {
+        "format": PLAN_FORMAT,
+        "output": output,
+        "num_tasks": count,
+        "config": config,
+        "created_by": socket.gethostname(),
+    }
     if not os.path.exists(path):
         if not create:
-            raise InputError(f"{path} does not exist: no task of this build has started (submit the "
-                             "task array first)")
+            raise InputError(
+                f"{path} does not exist: no task of this build has started (submit the "
+                "task array first)"
+            )
         # The first task to get here publishes it whole (a hard link fails if the name exists);
         # the others read that one.
         tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
@@ -103,17 +114,26 @@ def check_plan(work_dir: str, output: str, config: Dict[str, Any], count: Option
         found = json.load(f)
     if found.get("output") != output:
         raise InputError(
-            f"{path} was written by a task (on {found.get('created_by')}) that saw the output at "
-            f"{found.get('output')}, and this one sees it at {output}: every task must see one shared "
-            "output folder under the same path (the same parallel-filesystem mount on every node)")
+            f"{path} was written by a task (on {found.get('created_by')}) that saw the output at"
+            f" {found.get('output')}, and this one sees it at {output}: every task must see one"
+            " shared output folder under the same path (the same parallel-filesystem mount on"
+            " every node)"
+        )
     if count is not None and found.get("num_tasks") != count:
-        raise InputError(f"{path}: this build was started with --num-tasks {found.get('num_tasks')}, not "
-                         f"{count}; use the same count, or --restart to discard it")
+        raise InputError(
+            f"{path}: this build was started with --num-tasks {found.get('num_tasks')}, not "
+            f"{count}; use the same count, or --restart to discard it"
+        )
     if found.get("config") != config:
-        changed = sorted(k for k in set(config) | set(found.get("config", {}))
-                         if config.get(k) != found.get("config", {}).get(k))
-        raise InputError(f"{path}: the build's tasks were started with different {', '.join(changed)}; "
-                         "rerun the original command, or add --restart to discard it")
+        changed = sorted(
+            k
+            for k in set(config) | set(found.get("config", {}))
+            if config.get(k) != found.get("config", {}).get(k)
+        )
+        raise InputError(
+            f"{path}: the build's tasks were started with different {', '.join(changed)}; "
+            "rerun the original command, or add --restart to discard it"
+        )
     return found
 
 
@@ -141,8 +161,20 @@ def task_state(work_dir: str, config: Dict[str, Any], task: TaskSpec) -> TaskSta
     if os.path.exists(path):
         return manifest_state(Manifest.load(path), config, task)
     indices = task_files(config, task)
-    return TaskState(task, False, False, 0, len(indices), 0, 0, Stats(), 0, None, None,
-                     [config["inputs"][i]["path"] for i in indices])
+    return TaskState(
+        task,
+        False,
+        False,
+        0,
+        len(indices),
+        0,
+        0,
+        Stats(),
+        0,
+        None,
+        None,
+        [config["inputs"][i]["path"] for i in indices],
+    )
 
 
 def manifest_state(manifest: Manifest, config: Dict[str, Any], task: TaskSpec) -> TaskState:
@@ -159,14 +191,28 @@ def manifest_state(manifest: Manifest, config: Dict[str, Any], task: TaskSpec) -
         if record is not None:
             stats.update(Stats.from_json(record["stats"]))
         if record is not None and all(
-                data["shards"].get(shard_id(i, s), {}).get("status") == "done" for s in range(record["shards"])):
+            data["shards"].get(shard_id(i, s), {}).get("status") == "done"
+            for s in range(record["shards"])
+        ):
             files_done += 1
             bytes_done += config["inputs"][i]["size"]
         else:
             unfinished.append(config["inputs"][i]["path"])
     complete = bool(data.get("complete") or data.get("merged"))
-    return TaskState(task, True, complete, files_done, len(indices), shards_done, len(data["shards"]), stats,
-                     bytes_done, data.get("started_at"), data.get("updated_at"), unfinished)
+    return TaskState(
+        task,
+        True,
+        complete,
+        files_done,
+        len(indices),
+        shards_done,
+        len(data["shards"]),
+        stats,
+        bytes_done,
+        data.get("started_at"),
+        data.get("updated_at"),
+        unfinished,
+    )
 
 
 def all_task_states(work_dir: str, config: Dict[str, Any], count: int) -> List[TaskState]:
@@ -178,17 +224,25 @@ def finalize_problems(states: Sequence[TaskState]) -> List[str]:
     problems = []
     for state in states:
         if not state.started:
-            problems.append(f"{state.task.name}: never started ({state.files} input file(s): "
-                            f"{_some(state.unfinished)})")
+            problems.append(
+                f"{state.task.name}: never started ({state.files} input file(s): "
+                f"{_some(state.unfinished)})"
+            )
         elif not state.complete:
-            problems.append(f"{state.task.name}: incomplete, {state.files_done} of {state.files} input files done; "
-                            f"unfinished: {_some(state.unfinished)}")
+            problems.append(
+                f"{state.task.name}: incomplete, {state.files_done} of {state.files} input files"
+                f" done; unfinished: {_some(state.unfinished)}"
+            )
     return problems
 
 
 def _some(paths: Sequence[str], limit: int = 3) -> str:
     shown = ", ".join(os.path.basename(p) for p in paths[:limit])
-    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "") if paths else "none"
+    return (
+        shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+        if paths
+        else "none"
+    )
 
 
 def ordered_shard_prefixes(work_dir: str, config: Dict[str, Any], count: int) -> List[str]:
@@ -209,8 +263,10 @@ def lock_task(work_dir: str, task: TaskSpec) -> Tuple[str, FileLock]:
     try:
         return folder, FileLock(os.path.join(folder, "lock"), wait=False)
     except InputError:
-        raise InputError(f"{task.name} of {work_dir} is being built by another process (its lock "
-                         f"{os.path.join(folder, 'lock')} is held); each task runs once at a time") from None
+        raise InputError(
+            f"{task.name} of {work_dir} is being built by another process (its lock "
+            f"{os.path.join(folder, 'lock')} is held); each task runs once at a time"
+        ) from None
 
 
 def merged_intact(work_dir: str, output: str) -> Optional[Dict[str, Any]]:

@@ -41,8 +41,10 @@ class TextTokenizer:
             raise InputError(f"{path}: not a tokenizers tokenizer.json ({error})") from None
         eod = self.hf.token_to_id(eod_token)
         if eod is None:
-            raise InputError(f"{path}: tokenizer has no token {eod_token!r}; "
-                             "pass --eod-token with the end-of-document token it does have")
+            raise InputError(
+                f"{path}: tokenizer has no token {eod_token!r}; "
+                "pass --eod-token with the end-of-document token it does have"
+            )
         self.eod_token = eod_token
         self.eod: int = eod
         self.vocab_size: int = self.hf.get_vocab_size(with_added_tokens=True)
@@ -51,8 +53,11 @@ class TextTokenizer:
     @property
     def unique_identifiers(self) -> Dict[str, str]:
         """What megatron hashes to name its dataset index caches."""
-        return {"class": f"{type(self).__module__}.{type(self).__qualname__}",
-                "tokenizer_path": self.path, "eod_token": self.eod_token}
+        return {
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "tokenizer_path": self.path,
+            "eod_token": self.eod_token,
+        }
 
     def tokenize(self, text: str) -> List[int]:
         """Ids of one text, without EOD."""
@@ -89,8 +94,11 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, path: str) -> Non
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=2, special_tokens=[EOD_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer)
     tokenizer.save(path, pretty=False)

@@ -37,8 +37,14 @@ _MAGIC = b"MMIDIDX\x00\x00"
 _VERSION = 1
 _HEADER = struct.Struct("<9sQBQQ")
 _DTYPE_CODES: Dict[type, int] = {
-    np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4,
-    np.int64: 5, np.float64: 6, np.float32: 7, np.uint16: 8,
+    np.uint8: 1,
+    np.int8: 2,
+    np.int16: 3,
+    np.int32: 4,
+    np.int64: 5,
+    np.float64: 6,
+    np.float32: 7,
+    np.uint16: 8,
 }
 _CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 
@@ -97,7 +103,8 @@ def read_index(prefix: str) -> Tuple[IndexHeader, np.ndarray, np.ndarray]:
 
 def read_sequences(prefix: str) -> Tuple[np.ndarray, np.ndarray]:
     """(all tokens of ``PREFIX.bin``, memory-mapped; offsets [sequences + 1]): sequence i is
-    ``tokens[offsets[i]:offsets[i + 1]]``. Refused if the ``.bin`` is not the size the index says."""
+    ``tokens[offsets[i]:offsets[i + 1]]``. Refused if the ``.bin`` is not the size the index says.
+    """
     header, lengths, _ = read_index(prefix)
     dtype = np.dtype(header.dtype)
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
@@ -111,8 +118,9 @@ def read_sequences(prefix: str) -> Tuple[np.ndarray, np.ndarray]:
 IndexParts = Callable[[], Iterator[Tuple[np.ndarray, np.ndarray]]]
 
 
-def write_index(out: AtomicFile, dtype: type, sequences: int, document_indices: int,
-                parts: IndexParts) -> int:
+def write_index(
+    out: AtomicFile, dtype: type, sequences: int, document_indices: int, parts: IndexParts
+) -> int:
     """Write an ``.idx`` for the concatenation of ``parts``; returns the total token count.
 
     ``parts()`` yields ``(lengths, document_indices)`` per part, in ``.bin`` order, and is
@@ -153,8 +161,9 @@ class IndexedDatasetWriter:
 
     def add_documents(self, documents: Sequence[Sequence[int]]) -> None:
         lengths = [len(doc) for doc in documents]
-        tokens = np.fromiter(itertools.chain.from_iterable(documents), dtype=self.dtype,
-                             count=sum(lengths))
+        tokens = np.fromiter(
+            itertools.chain.from_iterable(documents), dtype=self.dtype, count=sum(lengths)
+        )
         self._bin.write(tokens)
         self._lengths.extend(lengths)
 
@@ -164,11 +173,13 @@ class IndexedDatasetWriter:
         lengths = np.asarray(self._lengths, dtype=np.int32)
         documents = np.arange(len(lengths) + 1, dtype=np.int64)
         with AtomicFile(idx_path(self.prefix)) as idx:
-            tokens = write_index(idx, self.dtype, len(lengths), len(documents),
-                                 lambda: iter([(lengths, documents)]))
+            tokens = write_index(
+                idx, self.dtype, len(lengths), len(documents), lambda: iter([(lengths, documents)])
+            )
         assert idx.info is not None
-        return OutputInfo(len(lengths), tokens, bin_info.sha256, bin_info.size,
-                          idx.info.sha256, idx.info.size)
+        return OutputInfo(
+            len(lengths), tokens, bin_info.sha256, bin_info.size, idx.info.sha256, idx.info.size
+        )
 
     def abort(self) -> None:
         self._bin.abort()

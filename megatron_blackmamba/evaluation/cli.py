@@ -1,8 +1,10 @@
 """``blackmamba-eval``: lm-evaluation-harness tasks, or held-out perplexity, for a checkpoint.
 
-    blackmamba-eval --ckpt DIR --tasks hellaswag,piqa [--limit N] [--batch-size B] [--num-fewshot K] \
+    blackmamba-eval --ckpt DIR --tasks hellaswag,piqa [--limit N] [--batch-size B] [--num-fewshot K]
+    \
         [--output results.json] [--include-path TASK_DIR]
-    blackmamba-eval --ckpt DIR --tasks paper            # the paper's zero-shot suite (tasks/paper.yaml)
+    blackmamba-eval --ckpt DIR --tasks paper            # the paper's zero-shot suite
+    (tasks/paper.yaml)
     blackmamba-eval --ckpt DIR --heldout [--data-path PREFIX | --blend FILE] [--max-samples N]
 
 Tasks run through ``lm_eval.simple_evaluate`` with the ``blackmamba`` model; the table is lm-eval's.
@@ -27,28 +29,46 @@ TASK_DIR = Path(__file__).resolve().parent / "tasks"
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="blackmamba-eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="blackmamba-eval",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--ckpt", required=True, help="checkpoint folder (or one iter_* inside it)")
     parser.add_argument("--config", help="YAML config of the model (default: the checkpoint's)")
     parser.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's)")
-    parser.add_argument("--tasks", help="comma-separated lm-eval tasks or groups ('paper': the paper's suite)")
-    parser.add_argument("--heldout", action="store_true", help="held-out loss and perplexity instead of tasks")
+    parser.add_argument(
+        "--tasks", help="comma-separated lm-eval tasks or groups ('paper': the paper's suite)"
+    )
+    parser.add_argument(
+        "--heldout", action="store_true", help="held-out loss and perplexity instead of tasks"
+    )
     data = parser.add_mutually_exclusive_group()
-    data.add_argument("--data-path", help="with --heldout: a data_prep prefix (its validation split)")
+    data.add_argument(
+        "--data-path", help="with --heldout: a data_prep prefix (its validation split)"
+    )
     data.add_argument("--blend", help="with --heldout: a blend file (its validation split)")
-    parser.add_argument("--max-samples", type=int, default=0, help="with --heldout: at most this many sequences")
-    parser.add_argument("--limit", type=float, default=None, help="examples per task (a fraction if < 1)")
+    parser.add_argument(
+        "--max-samples", type=int, default=0, help="with --heldout: at most this many sequences"
+    )
+    parser.add_argument(
+        "--limit", type=float, default=None, help="examples per task (a fraction if < 1)"
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
-    parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
-    parser.add_argument("--include-path", action="append", default=[], help="extra lm-eval task YAML folder")
+    parser.add_argument(
+        "--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)"
+    )
+    parser.add_argument(
+        "--include-path", action="append", default=[], help="extra lm-eval task YAML folder"
+    )
     parser.add_argument("--dtype", default="auto", help="auto | float32 | float64 | bfloat16")
     parser.add_argument("--output", help="write the results JSON here")
     return parser.parse_args(argv)
 
 
 def run_tasks(args: argparse.Namespace) -> dict:
-    """lm-eval's simple_evaluate with the blackmamba model; raises a clear error for missing data."""
+    """lm-eval's simple_evaluate with the blackmamba model; raises a clear error for missing
+    data."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import lm_eval
@@ -60,19 +80,36 @@ def run_tasks(args: argparse.Namespace) -> dict:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise SystemExit(f"blackmamba-eval: unknown task(s) {', '.join(unknown)}; --include-path adds task folders")
+        raise SystemExit(
+            f"blackmamba-eval: unknown task(s) {', '.join(unknown)}; --include-path adds task"
+            " folders"
+        )
     model_args = {"ckpt": args.ckpt, "batch_size": args.batch_size, "dtype": args.dtype}
-    model_args.update({k: v for k, v in (("config", args.config), ("tokenizer", args.tokenizer)) if v})
+    model_args.update(
+        {k: v for k, v in (("config", args.config), ("tokenizer", args.tokenizer)) if v}
+    )
     try:
-        return lm_eval.simple_evaluate(model="blackmamba", model_args=model_args, tasks=tasks,
-                                       num_fewshot=args.num_fewshot, limit=args.limit, task_manager=manager,
-                                       log_samples=False)
+        return lm_eval.simple_evaluate(
+            model="blackmamba",
+            model_args=model_args,
+            tasks=tasks,
+            num_fewshot=args.num_fewshot,
+            limit=args.limit,
+            task_manager=manager,
+            log_samples=False,
+        )
     except (ConnectionError, OSError, ValueError) as error:
-        if "offline" in str(error).lower() or "connect" in str(error).lower() or "cache" in str(error).lower():
+        if (
+            "offline" in str(error).lower()
+            or "connect" in str(error).lower()
+            or "cache" in str(error).lower()
+        ):
             raise SystemExit(
-                f"blackmamba-eval: a task's dataset is not in the local HF cache ({error}). On a machine with "
-                f"access run once: HF_DATASETS_OFFLINE=0 lm_eval --model dummy --tasks {args.tasks} --limit 1, "
-                "then copy ~/.cache/huggingface (or $HF_HOME) here") from None
+                f"blackmamba-eval: a task's dataset is not in the local HF cache ({error}). On a"
+                " machine with access run once: HF_DATASETS_OFFLINE=0 lm_eval --model dummy"
+                f" --tasks {args.tasks} --limit 1, then copy ~/.cache/huggingface (or $HF_HOME)"
+                " here"
+            ) from None
         raise
 
 
@@ -120,15 +157,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not rank0:
         return 0
     if args.heldout:
-        print(f"held-out: {results['tokens']:,} tokens, loss {results['loss']:.6f}, perplexity "
-              f"{results['perplexity']:.4f} ({results['tokens_per_s']:,.0f} tokens/s)")
+        print(
+            f"held-out: {results['tokens']:,} tokens, loss {results['loss']:.6f}, perplexity "
+            f"{results['perplexity']:.4f} ({results['tokens_per_s']:,.0f} tokens/s)"
+        )
     else:
         from lm_eval.utils import make_table
 
         print(make_table(results))
         if "groups" in results and results["groups"]:
             print(make_table(results, "groups"))
-        results = {k: results[k] for k in ("results", "groups", "configs", "versions", "n-shot") if k in results}
+        results = {
+            k: results[k]
+            for k in ("results", "groups", "configs", "versions", "n-shot")
+            if k in results
+        }
     results["wall_s"] = time.perf_counter() - start
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,8 @@ from megatron_blackmamba.config import JobConfig
 
 
 def downstream_scores(job: JobConfig, model, tokenizer: str) -> dict[str, float]:
-    """{"<task>/<metric>": value} for every numeric metric lm-eval reports on ``job.training.eval_tasks``."""
+    """{"<task>/<metric>": value} for every numeric metric lm-eval reports on
+    ``job.training.eval_tasks``."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -23,15 +24,24 @@ def downstream_scores(job: JobConfig, model, tokenizer: str) -> dict[str, float]
     was_training = model.training
     model.eval()
     try:
-        lm = BlackMambaLM.from_model(model, tokenizer, t.seq_length, batch_size=max(t.micro_batch_size, 1))
-        results = lm_eval.simple_evaluate(model=lm, tasks=list(t.eval_tasks), limit=t.eval_tasks_limit or None,
-                                          task_manager=TaskManager(include_path=folders), log_samples=False,
-                                          verbosity="WARNING")
+        lm = BlackMambaLM.from_model(
+            model, tokenizer, t.seq_length, batch_size=max(t.micro_batch_size, 1)
+        )
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(t.eval_tasks),
+            limit=t.eval_tasks_limit or None,
+            task_manager=TaskManager(include_path=folders),
+            log_samples=False,
+            verbosity="WARNING",
+        )
     finally:
         model.train(was_training)
     scores = {}
     for task, metrics in results["results"].items():
         for name, value in metrics.items():
-            if isinstance(value, (int, float)) and "," in name and "_stderr," not in name:  # "acc,none"
+            if (
+                isinstance(value, (int, float)) and "," in name and "_stderr," not in name
+            ):  # "acc,none"
                 scores[f"{task}/{name.replace(',none', '')}"] = float(value)
     return scores

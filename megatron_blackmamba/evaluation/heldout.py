@@ -30,8 +30,10 @@ def heldout_loss(job: JobConfig, model, max_samples: int = 0, batch_size: int = 
     bar = tqdm(total=count, desc="held-out", unit="seq")
     for first in range(0, count, batch_size):
         samples = [data.valid[i] for i in range(first, min(first + batch_size, count))]
-        batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]).to(device)
-                 for k in ("tokens", "labels", "loss_mask")}
+        batch = {
+            k: torch.stack([torch.as_tensor(s[k]) for s in samples]).to(device)
+            for k in ("tokens", "labels", "loss_mask")
+        }
         nll = -log_probs(model, batch["tokens"]).gather(-1, batch["labels"][..., None])[..., 0]
         mask = batch["loss_mask"].to(nll.dtype)
         total += float((nll * mask).sum())
@@ -40,5 +42,10 @@ def heldout_loss(job: JobConfig, model, max_samples: int = 0, batch_size: int = 
         bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):,.0f}", refresh=False)
     bar.close()
     loss = total / max(tokens, 1)
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens, "samples": count,
-            "tokens_per_s": tokens / (time.perf_counter() - start)}
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "tokens": tokens,
+        "samples": count,
+        "tokens_per_s": tokens / (time.perf_counter() - start),
+    }

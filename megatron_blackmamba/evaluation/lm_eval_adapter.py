@@ -32,7 +32,12 @@ from megatron_blackmamba.generation.generate import generate
 from megatron_blackmamba.generation.sampling import SamplingParams
 
 T = TypeVar("T")
-DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+DTYPES = {
+    "auto": None,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+}
 
 
 def _ranks() -> tuple[int, int]:
@@ -65,9 +70,17 @@ class BlackMambaLM(TemplateLM):
     checkpoint's; ``batch_size``; ``max_length`` (default the config's training.seq_length);
     ``dtype``: auto | float32 | float64 | bfloat16; ``max_gen_toks`` default 256."""
 
-    def __init__(self, ckpt: str, config: Optional[str] = None, tokenizer: Optional[str] = None,
-                 batch_size: int | str = 8, max_length: Optional[int] = None, dtype: str = "auto",
-                 max_gen_toks: int = 256, **unused: Any) -> None:
+    def __init__(
+        self,
+        ckpt: str,
+        config: Optional[str] = None,
+        tokenizer: Optional[str] = None,
+        batch_size: int | str = 8,
+        max_length: Optional[int] = None,
+        dtype: str = "auto",
+        max_gen_toks: int = 256,
+        **unused: Any,
+    ) -> None:
         super().__init__()
         from megatron_blackmamba.generation.cli import load_model_and_job, resolve_tokenizer_path
 
@@ -77,24 +90,40 @@ class BlackMambaLM(TemplateLM):
         if DTYPES[dtype] is not None:
             model = model.to(DTYPES[dtype])
             model.config.params_dtype = DTYPES[dtype]  # megatron's Mamba layers cast inputs to it
-        self._attach(model, resolve_tokenizer_path(ckpt, tokenizer, config), int(max_length or job.training.seq_length),
-                     batch_size, max_gen_toks)
+        self._attach(
+            model,
+            resolve_tokenizer_path(ckpt, tokenizer, config),
+            int(max_length or job.training.seq_length),
+            batch_size,
+            max_gen_toks,
+        )
 
     @classmethod
-    def from_model(cls, model, tokenizer: str, max_length: int, batch_size: int | str = 8,
-                   max_gen_toks: int = 256) -> "BlackMambaLM":
+    def from_model(
+        cls,
+        model,
+        tokenizer: str,
+        max_length: int,
+        batch_size: int | str = 8,
+        max_gen_toks: int = 256,
+    ) -> "BlackMambaLM":
         """An adapter around a model already in memory (downstream evaluation during training)."""
         lm = cls.__new__(cls)
         TemplateLM.__init__(lm)
         lm._attach(model, tokenizer, max_length, batch_size, max_gen_toks)
         return lm
 
-    def _attach(self, model, tokenizer: str, max_length: int, batch_size: int | str, max_gen_toks: int) -> None:
+    def _attach(
+        self, model, tokenizer: str, max_length: int, batch_size: int | str, max_gen_toks: int
+    ) -> None:
         self.model = model
         self.hf = Tokenizer.from_file(tokenizer)
         eod = self.hf.token_to_id(EOD_TOKEN)
         if eod is None:
-            raise ValueError(f"{tokenizer} has no {EOD_TOKEN!r} token: the adapter needs the data's end-of-document token")
+            raise ValueError(
+                f"{tokenizer} has no {EOD_TOKEN!r} token: the adapter needs the data's"
+                " end-of-document token"
+            )
         self._eod = eod
         self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
@@ -107,7 +136,9 @@ class BlackMambaLM(TemplateLM):
     def eot_token_id(self) -> int:
         return self._eod
 
-    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs: Any) -> list[int]:
+    def tok_encode(
+        self, string: str, add_special_tokens: Optional[bool] = None, **kwargs: Any
+    ) -> list[int]:
         return self.hf.encode(string, add_special_tokens=False).ids
 
     def tok_decode(self, tokens: Sequence[int]) -> str:
@@ -117,10 +148,14 @@ class BlackMambaLM(TemplateLM):
     def tokenizer_name(self) -> str:
         return "blackmamba-checkpoint-tokenizer"
 
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests, disable_tqdm: bool = False, **kwargs: Any
+    ) -> list[tuple[float, bool]]:
         pairs = [(context, continuation) for _, context, continuation in requests]
         rank, world = _ranks()
-        mine = score_continuations(self.model, pairs[rank::world], self.batch_size, self.max_length, self.vocab_size)
+        mine = score_continuations(
+            self.model, pairs[rank::world], self.batch_size, self.max_length, self.vocab_size
+        )
         scored = gather_in_order(mine, len(pairs))
         results = [(s.logprob, s.is_greedy) for s in scored]
         for (request, _, _), result in zip(requests, results):
@@ -129,8 +164,13 @@ class BlackMambaLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         def one(text: str) -> float:
-            return score_rolling(self.model, self.tok_encode(text), self.prefix_token_id, self.max_length,
-                                 self.vocab_size).logprob
+            return score_rolling(
+                self.model,
+                self.tok_encode(text),
+                self.prefix_token_id,
+                self.max_length,
+                self.vocab_size,
+            ).logprob
 
         results = shard_map(one, [request.args[0] for request in requests])
         for request, result in zip(requests, results):
@@ -144,14 +184,21 @@ class BlackMambaLM(TemplateLM):
             stops = gen_kwargs.pop("until", None) or []
             stops = [stops] if isinstance(stops, str) else list(stops)
             limit = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
-            greedy = not gen_kwargs.pop("do_sample", False) or float(gen_kwargs.get("temperature", 0.0)) == 0.0
-            params = SamplingParams(greedy=greedy, temperature=float(gen_kwargs.get("temperature", 1.0)) or 1.0)
-            prompt = (self.tok_encode(context) or [self.prefix_token_id])[-self.max_length:]
-            ids = generate(self.model, [prompt], limit, params, eos_id=self._eod, vocab_size=self.vocab_size)[0]
+            greedy = (
+                not gen_kwargs.pop("do_sample", False)
+                or float(gen_kwargs.get("temperature", 0.0)) == 0.0
+            )
+            params = SamplingParams(
+                greedy=greedy, temperature=float(gen_kwargs.get("temperature", 1.0)) or 1.0
+            )
+            prompt = (self.tok_encode(context) or [self.prefix_token_id])[-self.max_length :]
+            ids = generate(
+                self.model, [prompt], limit, params, eos_id=self._eod, vocab_size=self.vocab_size
+            )[0]
             text = self.tok_decode([t for t in ids if t != self._eod])
             for stop in stops:
                 if stop and stop in text:
-                    text = text[:text.index(stop)]
+                    text = text[: text.index(stop)]
             return text
 
         results = shard_map(one, [request.args for request in requests])

@@ -32,14 +32,21 @@ logger = logging.getLogger(__name__)
 
 
 def graph_blocker(model: MambaModel) -> Optional[str]:
-    """Why ``model``'s decode step cannot be captured (it would read values on the host), or None."""
+    """Why ``model``'s decode step cannot be captured (it would read values on the host), or
+    None."""
     for name, module in model.named_modules():
         if isinstance(module, MoELayer):
             if not isinstance(module.token_dispatcher, LocalTokenDispatcher):
-                return (f"{name} uses megatron's {type(module.token_dispatcher).__name__}, which waits on the "
-                        "host for token counts (parallel.moe_dispatcher=auto picks the local one at ep=tp=1)")
+                return (
+                    f"{name} uses megatron's {type(module.token_dispatcher).__name__}, which waits"
+                    " on the host for token counts (parallel.moe_dispatcher=auto picks the local"
+                    " one at ep=tp=1)"
+                )
             if not isinstance(module.experts, GroupedMLP):
-                return f"{name}'s per-expert MLPs split tokens by counts read on the host (set model.moe_grouped_gemm=true)"
+                return (
+                    f"{name}'s per-expert MLPs split tokens by counts read on the host (set"
+                    " model.moe_grouped_gemm=true)"
+                )
     return None
 
 
@@ -57,7 +64,9 @@ class DecodeStep:
     they are valid until the next call (clone them to keep them).
     """
 
-    def __init__(self, model: MambaModel, state: RecurrentState, use_graph: Optional[bool] = None) -> None:
+    def __init__(
+        self, model: MambaModel, state: RecurrentState, use_graph: Optional[bool] = None
+    ) -> None:
         if state.sequence_len_offset <= 0 or not state.layers:
             raise ValueError("DecodeStep needs a prefilled RecurrentState (run prefill first)")
         self.model = model
@@ -74,8 +83,9 @@ class DecodeStep:
                 self._capture(device)
             except RuntimeError as error:
                 raise RuntimeError(
-                    f"CUDA-graph capture of the decode step failed: {error}. Decode eagerly instead: "
-                    "generate(..., cuda_graph=False) or blackmamba-generate --no-cuda-graph."
+                    f"CUDA-graph capture of the decode step failed: {error}. Decode eagerly"
+                    " instead: generate(..., cuda_graph=False) or blackmamba-generate"
+                    " --no-cuda-graph."
                 ) from error
         logger.info("decode step backend: %s%s", self.backend, f" ({blocker})" if blocker else "")
 
@@ -84,12 +94,17 @@ class DecodeStep:
         return "cuda-graph" if self.graph is not None else "eager"
 
     def _capture(self, device: torch.device) -> None:
-        """Capture one step; the warm-up steps' effects on the state (and router counters) are undone."""
-        mutated = [t for s in self.state.layers.values() for t in (s.conv, s.ssm)] + list(self.model.buffers())
+        """Capture one step; the warm-up steps' effects on the state (and router counters) are
+        undone."""
+        mutated = [t for s in self.state.layers.values() for t in (s.conv, s.ssm)] + list(
+            self.model.buffers()
+        )
         saved = [t.clone() for t in mutated]
         self.tokens = torch.zeros(self.batch_size, 1, dtype=torch.long, device=device)
         try:
-            self.graph, self.logits = capture(lambda: last_logits(self.model, self.tokens, self.state), device, warmup=2)
+            self.graph, self.logits = capture(
+                lambda: last_logits(self.model, self.tokens, self.state), device, warmup=2
+            )
         finally:
             for tensor, value in zip(mutated, saved):
                 tensor.copy_(value)
@@ -97,7 +112,10 @@ class DecodeStep:
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape != (self.batch_size, 1):
-            raise ValueError(f"decode step takes tokens of shape ({self.batch_size}, 1), got {tuple(tokens.shape)}")
+            raise ValueError(
+                f"decode step takes tokens of shape ({self.batch_size}, 1), got"
+                f" {tuple(tokens.shape)}"
+            )
         if self.graph is None:
             logits = last_logits(self.model, tokens, self.state)
         else:

@@ -36,13 +36,18 @@ def advance(model: MambaModel, tokens: torch.Tensor, state: RecurrentState) -> t
     return logits
 
 
-def prefill(model: MambaModel, tokens: torch.Tensor, max_sequence_length: int) -> tuple[RecurrentState, torch.Tensor]:
-    """Full-sequence pass over equal-length prompts tokens [b, s]: (their state, last logits [b, V])."""
+def prefill(
+    model: MambaModel, tokens: torch.Tensor, max_sequence_length: int
+) -> tuple[RecurrentState, torch.Tensor]:
+    """Full-sequence pass over equal-length prompts tokens [b, s]: (their state, last logits [b,
+    V])."""
     state = RecurrentState(tokens.shape[0], max_sequence_length)
     return state, advance(model, tokens, state)
 
 
-def stack_states(states: Sequence[RecurrentState], order: torch.Tensor, max_sequence_length: int) -> RecurrentState:
+def stack_states(
+    states: Sequence[RecurrentState], order: torch.Tensor, max_sequence_length: int
+) -> RecurrentState:
     """One state whose batch rows are the rows of ``states`` (concatenated), permuted by ``order``.
 
     Rows may have seen different numbers of tokens: decode steps only need offset > 0, and each
@@ -63,7 +68,7 @@ def generate(
     model: MambaModel,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
-    params: SamplingParams = SamplingParams(),
+    params: SamplingParams = SamplingParams(),  # noqa: B008 (frozen dataclass)
     eos_id: Optional[int] = None,
     vocab_size: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
@@ -75,7 +80,9 @@ def generate(
     ``cuda_graph``: replay decode steps from a CUDA graph (default: when the model is on a GPU).
     """
     if model.training:
-        raise ValueError("call model.eval() first: in training mode the router balances experts over the batch")
+        raise ValueError(
+            "call model.eval() first: in training mode the router balances experts over the batch"
+        )
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if max_new_tokens <= 0 or not prompts:
@@ -114,4 +121,4 @@ def generate(
         if i < max_new_tokens - 1:
             next_logits = step(tokens.unsqueeze(1))
     rows = torch.stack(generated, dim=1).tolist()
-    return [row[:row.index(eos_id) + 1] if eos_id in row else row for row in rows]
+    return [row[: row.index(eos_id) + 1] if eos_id in row else row for row in rows]

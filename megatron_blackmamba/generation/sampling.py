@@ -13,11 +13,15 @@ class SamplingParams:
     greedy: bool = False  # argmax; the other fields are then ignored
     temperature: float = 1.0
     top_k: int = 0  # keep the k most likely tokens; 0 = no limit
-    top_p: float = 1.0  # keep the smallest set of most likely tokens holding this much mass; 1 = no limit
+    top_p: float = (
+        1.0  # keep the smallest set of most likely tokens holding this much mass; 1 = no limit
+    )
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (got {self.temperature}); use greedy for argmax decoding")
+            raise ValueError(
+                f"temperature must be > 0 (got {self.temperature}); use greedy for argmax decoding"
+            )
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (got {self.top_k})")
         if not 0 < self.top_p <= 1:
@@ -36,7 +40,8 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """logits [..., V] keeping, per row, the most likely tokens until their probability reaches ``p``.
+    """logits [..., V] keeping, per row, the most likely tokens until their probability reaches
+    ``p``.
 
     A token is dropped when the tokens ranked above it already hold >= p of the mass, so the most
     likely token always survives and the kept mass is the smallest that reaches p.
@@ -51,7 +56,9 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """logits [b, V] -> next token ids [b]."""
     if params.greedy:
         return logits.argmax(dim=-1)

@@ -69,8 +69,11 @@ def _requested(backend: str | None) -> tuple[str, str]:
     return choice, source
 
 
-def _resolve(op: str, device: torch.device, backend: str | None, limitation: str | None = None) -> tuple[str, str]:
-    """(backend, reason) for ``op`` on ``device``; ``limitation`` is what the CUDA kernel can't do here."""
+def _resolve(
+    op: str, device: torch.device, backend: str | None, limitation: str | None = None
+) -> tuple[str, str]:
+    """(backend, reason) for ``op`` on ``device``; ``limitation`` is what the CUDA kernel can't do
+    here."""
     choice, source = _requested(backend)
     if choice == "torch":
         return "torch", f"requested by {source}"
@@ -84,8 +87,9 @@ def _resolve(op: str, device: torch.device, backend: str | None, limitation: str
             missing.append(f"{package} not importable: {error}")
     if missing and choice == "cuda":
         raise RuntimeError(
-            f"{op}: the CUDA backend was requested ({source}) but {'; '.join(missing)}. It needs a CUDA "
-            f"GPU plus the mamba_ssm and causal_conv1d packages: `{_INSTALL_HINT}`, or use the torch backend."
+            f"{op}: the CUDA backend was requested ({source}) but {'; '.join(missing)}. It needs a"
+            f" CUDA GPU plus the mamba_ssm and causal_conv1d packages: `{_INSTALL_HINT}`, or use"
+            " the torch backend."
         )
     if missing:
         return "torch", "; ".join(missing)
@@ -106,14 +110,16 @@ def _log_choice(what: str, name: str, reason: str) -> None:
         logger.info("%s: %s (%s)", what, name, reason)
 
 
-def _select(op: str, device: torch.device, backend: str | None, limitation: str | None = None) -> str:
+def _select(
+    op: str, device: torch.device, backend: str | None, limitation: str | None = None
+) -> str:
     name, reason = _resolve(op, device, backend, limitation)
     _log_choice(f"{op} backend", name, reason)
     return name
 
 
 def kernel_backend(device: torch.device | str | None = None) -> str:
-    """"cuda" if every op would use its CUDA kernel for tensors on ``device``, else "torch".
+    """ "cuda" if every op would use its CUDA kernel for tensors on ``device``, else "torch".
 
     ``device`` defaults to the current CUDA device when there is one, else the CPU. Honours
     BLACKMAMBA_KERNEL_BACKEND (so it raises like the ops do when cuda is forced but impossible).
@@ -155,10 +161,25 @@ def selective_scan(
     limitation = _cuda.unsupported(u.dtype, has_initial_state=initial_state is not None)
     if _select("selective_scan", u.device, backend, limitation) == "cuda":
         if _use_own_scan(u, delta, A, B, C, D, z, delta_bias):
-            return _own_scan.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-        return _cuda.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+            return _own_scan.selective_scan(
+                u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
+            )
+        return _cuda.selective_scan(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
+        )
     return selective_scan_chunked(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, chunk_size
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        z,
+        delta_bias,
+        delta_softplus,
+        return_last_state,
+        initial_state,
+        chunk_size,
     )
 
 
@@ -218,7 +239,8 @@ def causal_conv1d_update(
     activation: str | None = None,
     backend: str | None = None,
 ) -> Tensor:
-    """One decode step of the conv: x (batch, dim); conv_state (batch, dim, width) shifted IN PLACE."""
+    """One decode step of the conv: x (batch, dim); conv_state (batch, dim, width) shifted IN
+    PLACE."""
     limitation = _cuda.unsupported(x.dtype, conv_width=weight.shape[-1])
     if _select("causal_conv1d_update", x.device, backend, limitation) == "cuda":
         return _cuda.causal_conv1d_update(x, conv_state, weight, bias, activation)

@@ -61,7 +61,9 @@ def causal_conv1d_update(
     if state_len < width - 1:
         raise ValueError(f"conv_state length {state_len} < width-1 = {width - 1}")
     dtype = compute_dtype(x.dtype)
-    window = torch.cat([conv_state[..., state_len - (width - 1):].to(dtype), x.to(dtype).unsqueeze(-1)], dim=-1)
+    window = torch.cat(
+        [conv_state[..., state_len - (width - 1) :].to(dtype), x.to(dtype).unsqueeze(-1)], dim=-1
+    )
     y = (window * weight.to(dtype)).sum(-1)
     if bias is not None:
         y = y + bias.to(dtype)

@@ -26,17 +26,21 @@ _kernels = partial(triton_kernels, _MODULE)  # the Triton module, or None withou
 
 
 def fused_applies(logits: Tensor) -> bool:
-    """Whether the Triton kernels take ``logits``: a non-empty CUDA tensor of at most fp32 precision."""
+    """Whether the Triton kernels take ``logits``: a non-empty CUDA tensor of at most fp32
+    precision."""
     return takes(_MODULE, logits)
 
 
 def _label_columns(labels: Tensor, vocab_start: int, width: int) -> tuple[Tensor, Tensor]:
-    """(each label's column in this rank's slice, clamped into it, as [N, 1]; whether it is there)."""
+    """(each label's column in this rank's slice, clamped into it, as [N, 1]; whether it is
+    there)."""
     local = labels - vocab_start
     return local.clamp(0, width - 1)[:, None], (local >= 0) & (local < width)
 
 
-def _row_stats_torch(logits: Tensor, labels: Tensor, vocab_start: int) -> tuple[Tensor, Tensor, Tensor]:
+def _row_stats_torch(
+    logits: Tensor, labels: Tensor, vocab_start: int
+) -> tuple[Tensor, Tensor, Tensor]:
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))
     row_max = x.amax(dim=-1)
     sumexp = torch.exp(x - row_max[:, None]).sum(dim=-1)
@@ -45,7 +49,9 @@ def _row_stats_torch(logits: Tensor, labels: Tensor, vocab_start: int) -> tuple[
     return row_max, sumexp, target
 
 
-def _grad_torch(logits: Tensor, labels: Tensor, lse: Tensor, dloss: Tensor, vocab_start: int) -> Tensor:
+def _grad_torch(
+    logits: Tensor, labels: Tensor, lse: Tensor, dloss: Tensor, vocab_start: int
+) -> Tensor:
     x = logits.to(lse.dtype)
     grad = torch.exp(x - lse[:, None])
     column, in_shard = _label_columns(labels, vocab_start, x.shape[-1])
@@ -66,7 +72,9 @@ class _CrossEntropy(torch.autograd.Function):
         row_max, sumexp, target = stats(rows, flat_labels, vocab_start)
         if tp_size > 1:
             global_max = row_max.clone()
-            torch.distributed.all_reduce(global_max, op=torch.distributed.ReduceOp.MAX, group=tp_group)
+            torch.distributed.all_reduce(
+                global_max, op=torch.distributed.ReduceOp.MAX, group=tp_group
+            )
             sumexp = sumexp * torch.exp(row_max - global_max)
             torch.distributed.all_reduce(sumexp, group=tp_group)
             torch.distributed.all_reduce(target, group=tp_group)
@@ -93,5 +101,7 @@ def vocab_parallel_cross_entropy(logits: Tensor, labels: Tensor, tp_group=None) 
     megatron's treatment (its logit taken as the row max, no one-hot in the gradient).
     ``tp_group`` None means the whole vocabulary is here."""
     if logits.shape[:-1] != labels.shape:
-        raise ValueError(f"cross entropy: logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
+        raise ValueError(
+            f"cross entropy: logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}"
+        )
     return _CrossEntropy.apply(logits, labels, tp_group)

@@ -17,9 +17,11 @@ BLOCK_V = 4096
 
 
 @triton.jit
-def _row_stats(logits_ptr, labels_ptr, max_ptr, sumexp_ptr, target_ptr, V, vocab_start,
-               BLOCK: tl.constexpr):
-    """Per row: max, sum(exp(x - max)) and the label's logit (0 when the label is in another shard)."""
+def _row_stats(
+    logits_ptr, labels_ptr, max_ptr, sumexp_ptr, target_ptr, V, vocab_start, BLOCK: tl.constexpr
+):
+    """Per row: max, sum(exp(x - max)) and the label's logit (0 when the label is in another
+    shard)."""
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * V
     m = -float("inf")
@@ -39,7 +41,9 @@ def _row_stats(logits_ptr, labels_ptr, max_ptr, sumexp_ptr, target_ptr, V, vocab
 
 
 @triton.jit
-def _grad(logits_ptr, labels_ptr, lse_ptr, dloss_ptr, grad_ptr, V, vocab_start, BLOCK: tl.constexpr):
+def _grad(
+    logits_ptr, labels_ptr, lse_ptr, dloss_ptr, grad_ptr, V, vocab_start, BLOCK: tl.constexpr
+):
     """grad = (softmax - onehot(label)) * dloss for one row, in the logits' dtype."""
     row = tl.program_id(0).to(tl.int64)
     lse = tl.load(lse_ptr + row)
@@ -57,11 +61,19 @@ def row_stats(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int):
     """(max, sumexp, target) fp32 [N] for logits [N, V] contiguous and labels [N] int64."""
     N, V = logits.shape
     out = torch.empty(3, N, dtype=torch.float32, device=logits.device)
-    _row_stats[(N,)](logits, labels, out[0], out[1], out[2], V, vocab_start, BLOCK=BLOCK_V, num_warps=8)
+    _row_stats[(N,)](
+        logits, labels, out[0], out[1], out[2], V, vocab_start, BLOCK=BLOCK_V, num_warps=8
+    )
     return out[0], out[1], out[2]
 
 
-def grad(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, dloss: torch.Tensor, vocab_start: int):
+def grad(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    dloss: torch.Tensor,
+    vocab_start: int,
+):
     """d loss / d logits [N, V] in the logits' dtype; lse and dloss fp32 [N]."""
     N, V = logits.shape
     out = torch.empty_like(logits)

@@ -20,7 +20,10 @@ MAMBA_SSM = "mamba_ssm"
 CAUSAL_CONV1D = "causal_conv1d"
 TRANSFORMER_ENGINE = "transformer_engine"
 _KERNEL_MODULES = {
-    MAMBA_SSM: ("mamba_ssm.ops.selective_scan_interface", "mamba_ssm.ops.triton.selective_state_update"),
+    MAMBA_SSM: (
+        "mamba_ssm.ops.selective_scan_interface",
+        "mamba_ssm.ops.triton.selective_state_update",
+    ),
     CAUSAL_CONV1D: ("causal_conv1d",),
     TRANSFORMER_ENGINE: ("transformer_engine",),
 }
@@ -78,8 +81,16 @@ def scan_kernel_args(
     """(u, delta, A, B, C, D, z, delta_bias) in the dtypes both CUDA scans check: activations in
     u's dtype, A, D and delta_bias fp32."""
     dtype = u.dtype
-    return (u, delta.to(dtype), A.float(), B.to(dtype), C.to(dtype), _fp32(D),
-            None if z is None else z.to(dtype), _fp32(delta_bias))
+    return (
+        u,
+        delta.to(dtype),
+        A.float(),
+        B.to(dtype),
+        C.to(dtype),
+        _fp32(D),
+        None if z is None else z.to(dtype),
+        _fp32(delta_bias),
+    )
 
 
 def selective_scan(
@@ -96,7 +107,9 @@ def selective_scan(
 ) -> Tensor | tuple[Tensor, Tensor]:
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
-    return selective_scan_fn(*scan_kernel_args(u, delta, A, B, C, D, z, delta_bias), delta_softplus, return_last_state)
+    return selective_scan_fn(
+        *scan_kernel_args(u, delta, A, B, C, D, z, delta_bias), delta_softplus, return_last_state
+    )
 
 
 def selective_state_update(
@@ -119,7 +132,9 @@ def selective_state_update(
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None) -> Tensor:
     from causal_conv1d import causal_conv1d_fn
 
-    return causal_conv1d_fn(x, weight, None if bias is None else bias.to(weight.dtype), activation=activation)
+    return causal_conv1d_fn(
+        x, weight, None if bias is None else bias.to(weight.dtype), activation=activation
+    )
 
 
 def causal_conv1d_update(
@@ -127,4 +142,10 @@ def causal_conv1d_update(
 ) -> Tensor:
     from causal_conv1d import causal_conv1d_update as kernel
 
-    return kernel(x, conv_state, weight, None if bias is None else bias.to(weight.dtype), activation=activation)
+    return kernel(
+        x,
+        conv_state,
+        weight,
+        None if bias is None else bias.to(weight.dtype),
+        activation=activation,
+    )

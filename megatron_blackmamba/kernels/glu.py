@@ -67,7 +67,9 @@ def glu_with_probs(x: Tensor, probs: Tensor, activation: str = "gelu") -> Tensor
     if activation not in ACTIVATIONS:
         raise ValueError(f"gated activation {activation!r} unknown; choose one of {ACTIVATIONS}")
     if x.shape[-1] % 2:
-        raise ValueError(f"glu_with_probs: last dimension {x.shape[-1]} must be even (gate and value halves)")
+        raise ValueError(
+            f"glu_with_probs: last dimension {x.shape[-1]} must be even (gate and value halves)"
+        )
     if fused_applies(x, probs):
         return _FusedGLU.apply(x, probs, activation)
     return glu_with_probs_torch(x, probs, activation)

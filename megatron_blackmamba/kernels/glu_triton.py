@@ -32,7 +32,9 @@ def _act_and_grad(a, SILU: tl.constexpr):
 
 
 @triton.jit
-def _glu_fwd(x_ptr, p_ptr, y_ptr, T, F, SILU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _glu_fwd(
+    x_ptr, p_ptr, y_ptr, T, F, SILU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
     """x [T, 2F], p [T] -> y [T, F] = act(x[:, :F]) * x[:, F:] * p."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -47,9 +49,20 @@ def _glu_fwd(x_ptr, p_ptr, y_ptr, T, F, SILU: tl.constexpr, BLOCK_M: tl.constexp
 
 
 @triton.jit
-def _glu_bwd(x_ptr, p_ptr, dy_ptr, dx_ptr, dp_ptr, T, F,
-             SILU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dx [T, 2F] and dp [T] (fp32) for y = act(a) * b * p; one program sweeps BLOCK_M whole rows."""
+def _glu_bwd(
+    x_ptr,
+    p_ptr,
+    dy_ptr,
+    dx_ptr,
+    dp_ptr,
+    T,
+    F,
+    SILU: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dx [T, 2F] and dp [T] (fp32) for y = act(a) * b * p; one program sweeps BLOCK_M whole
+    rows."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_ok = rows < T
     p = tl.load(p_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -60,7 +73,9 @@ def _glu_bwd(x_ptr, p_ptr, dy_ptr, dx_ptr, dp_ptr, T, F,
         x_row = x_ptr + rows[:, None] * (2 * F) + cols[None, :]
         a = tl.load(x_row, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(x_row + F, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + rows[:, None] * F + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + rows[:, None] * F + cols[None, :], mask=mask, other=0.0).to(
+            tl.float32
+        )
         act, dact = _act_and_grad(a, SILU)
         dp += tl.sum(dy * act * b, axis=1)
         dyp = dy * p[:, None]
@@ -79,8 +94,11 @@ def forward(x: torch.Tensor, probs: torch.Tensor, silu: bool) -> torch.Tensor:
     return y
 
 
-def backward(x: torch.Tensor, probs: torch.Tensor, dy: torch.Tensor, silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx [T, 2F] in x's dtype, dprobs [T] fp32) for ``forward``'s inputs and dy [T, F] contiguous."""
+def backward(
+    x: torch.Tensor, probs: torch.Tensor, dy: torch.Tensor, silu: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx [T, 2F] in x's dtype, dprobs [T] fp32) for ``forward``'s inputs and dy [T, F]
+    contiguous."""
     T, F = x.shape[0], x.shape[1] // 2
     dx = torch.empty_like(x)
     dp = torch.empty(T, dtype=torch.float32, device=x.device)

@@ -32,7 +32,9 @@ from torch import Tensor
 from megatron_blackmamba.kernels.triton_support import triton_kernels
 
 
-def torch_grouped_mm_blocker(dtype: torch.dtype, capability: tuple[int, int], k: int, n: int) -> str | None:
+def torch_grouped_mm_blocker(
+    dtype: torch.dtype, capability: tuple[int, int], k: int, n: int
+) -> str | None:
     """Why ``torch._grouped_mm`` cannot multiply [T, k] rows by [E, k, n] experts of ``dtype`` on a
     GPU of ``capability``, or None: the one rule, read by the GEMM below and by
     model.builder.moe_graph_blocker (a host read inside a graph capture is an error)."""
@@ -41,7 +43,10 @@ def torch_grouped_mm_blocker(dtype: torch.dtype, capability: tuple[int, int], k:
     if dtype != torch.bfloat16 or capability < (9, 0):
         return "torch._grouped_mm needs bf16 on compute capability 9.0+"
     if k % 8 or n % 8:
-        return "torch._grouped_mm needs model.hidden_size and model.ffn_hidden_size to be multiples of 8"
+        return (
+            "torch._grouped_mm needs model.hidden_size and model.ffn_hidden_size to be multiples"
+            " of 8"
+        )
     return None
 
 
@@ -49,7 +54,12 @@ def _torch_grouped_mm_applies(a: Tensor, b: Tensor) -> bool:
     """Where this fails, ``_grouped`` splits on the host."""
     if not a.is_cuda or b.dtype != a.dtype:
         return False
-    return torch_grouped_mm_blocker(a.dtype, torch.cuda.get_device_capability(a.device), a.shape[1], b.shape[2]) is None
+    return (
+        torch_grouped_mm_blocker(
+            a.dtype, torch.cuda.get_device_capability(a.device), a.shape[1], b.shape[2]
+        )
+        is None
+    )
 
 
 def _grouped(a: Tensor, b: Tensor, batch_sizes: Tensor) -> Tensor:
@@ -64,7 +74,10 @@ def _grouped(a: Tensor, b: Tensor, batch_sizes: Tensor) -> Tensor:
 def _main_grad_param(b: Tensor) -> torch.nn.Parameter | None:
     """The parameter ``b`` views, if its weight gradient is to go into its main grad."""
     param = b if b._base is None else b._base
-    if not getattr(param, "wgrad_into_main_grad", False) or getattr(param, "main_grad", None) is None:
+    if (
+        not getattr(param, "wgrad_into_main_grad", False)
+        or getattr(param, "main_grad", None) is None
+    ):
         return None
     return param
 
@@ -73,8 +86,12 @@ def _main_grad_view(param: torch.nn.Parameter, b: Tensor) -> Tensor:
     """``param.main_grad`` viewed exactly as ``b`` views ``param`` (both contiguous, same shape)."""
     main = param.main_grad
     if main.shape != param.shape or not (main.is_contiguous() and param.is_contiguous()):
-        raise RuntimeError(f"main_grad {tuple(main.shape)} does not mirror its parameter {tuple(param.shape)}")
-    return main.as_strided(b.shape, b.stride(), main.storage_offset() + b.storage_offset() - param.storage_offset())
+        raise RuntimeError(
+            f"main_grad {tuple(main.shape)} does not mirror its parameter {tuple(param.shape)}"
+        )
+    return main.as_strided(
+        b.shape, b.stride(), main.storage_offset() + b.storage_offset() - param.storage_offset()
+    )
 
 
 def accumulate_wgrad(main: Tensor, a: Tensor, dy: Tensor, batch_sizes: Tensor) -> None:
@@ -91,7 +108,9 @@ def accumulate_wgrad(main: Tensor, a: Tensor, dy: Tensor, batch_sizes: Tensor) -
     start = 0
     for expert, rows in enumerate(batch_sizes.tolist()):
         if rows:
-            main[expert].addmm_(a[start:start + rows].t().to(main.dtype), dy[start:start + rows].to(main.dtype))
+            main[expert].addmm_(
+                a[start : start + rows].t().to(main.dtype), dy[start : start + rows].to(main.dtype)
+            )
         start += rows
 
 

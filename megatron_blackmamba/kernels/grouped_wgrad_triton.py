@@ -26,9 +26,20 @@ BLOCK_K, BLOCK_N, BLOCK_T, WARPS, STAGES = 128, 256, 64, 8, 3
 
 @triton.jit
 def _wgrad_accumulate(
-    a_ptr, dy_ptr, ends_ptr, out_ptr, K, N,
-    stride_a, stride_dy, stride_oe, stride_ok, stride_on,
-    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    a_ptr,
+    dy_ptr,
+    ends_ptr,
+    out_ptr,
+    K,
+    N,
+    stride_a,
+    stride_dy,
+    stride_oe,
+    stride_ok,
+    stride_on,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     """out[e, k-tile, n-tile] += a[start_e:end_e, k-tile]^T @ dy[start_e:end_e, n-tile].
 
@@ -48,8 +59,16 @@ def _wgrad_accumulate(
     for t in range(start, end, BLOCK_T):
         rows = t + tl.arange(0, BLOCK_T)
         row_ok = rows < end
-        a = tl.load(a_ptr + rows[:, None] * stride_a + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        dy = tl.load(dy_ptr + rows[:, None] * stride_dy + ns[None, :], mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        a = tl.load(
+            a_ptr + rows[:, None] * stride_a + ks[None, :],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        dy = tl.load(
+            dy_ptr + rows[:, None] * stride_dy + ns[None, :],
+            mask=row_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
         acc = tl.dot(tl.trans(a), dy, acc)
     out = out_ptr + e * stride_oe + ks[:, None] * stride_ok + ns[None, :] * stride_on
     mask = k_ok[:, None] & n_ok[None, :]
@@ -59,8 +78,12 @@ def _wgrad_accumulate(
 def applies(a: torch.Tensor, dy: torch.Tensor, out: torch.Tensor) -> bool:
     """CUDA, 16-bit operands of one dtype, fp32 accumulator, row-contiguous operands."""
     return (
-        a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and dy.dtype == a.dtype
-        and out.dtype == torch.float32 and a.stride(1) == 1 and dy.stride(1) == 1
+        a.is_cuda
+        and a.dtype in (torch.bfloat16, torch.float16)
+        and dy.dtype == a.dtype
+        and out.dtype == torch.float32
+        and a.stride(1) == 1
+        and dy.stride(1) == 1
     )
 
 
@@ -70,7 +93,20 @@ def accumulate(out: torch.Tensor, a: torch.Tensor, dy: torch.Tensor, ends: torch
     experts, k, n = out.shape
     grid = (triton.cdiv(k, BLOCK_K) * triton.cdiv(n, BLOCK_N), experts)
     _wgrad_accumulate[grid](
-        a, dy, ends, out, k, n,
-        a.stride(0), dy.stride(0), out.stride(0), out.stride(1), out.stride(2),
-        BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, BLOCK_T=BLOCK_T, num_warps=WARPS, num_stages=STAGES,
+        a,
+        dy,
+        ends,
+        out,
+        k,
+        n,
+        a.stride(0),
+        dy.stride(0),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        BLOCK_K=BLOCK_K,
+        BLOCK_N=BLOCK_N,
+        BLOCK_T=BLOCK_T,
+        num_warps=WARPS,
+        num_stages=STAGES,
     )

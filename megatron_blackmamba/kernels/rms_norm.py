@@ -42,8 +42,12 @@ class _FusedRMSNorm(torch.autograd.Function):
 def fused_applies(x: Tensor, weight: Tensor) -> bool:
     """Whether the Triton kernels take these: non-empty CUDA tensors of at most fp32 precision, a
     contiguous weight as wide as x's last dimension, and Triton importable."""
-    return (weight.dtype in KERNEL_DTYPES and weight.shape == x.shape[-1:] and weight.is_contiguous()
-            and takes(_MODULE, x))
+    return (
+        weight.dtype in KERNEL_DTYPES
+        and weight.shape == x.shape[-1:]
+        and weight.is_contiguous()
+        and takes(_MODULE, x)
+    )
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

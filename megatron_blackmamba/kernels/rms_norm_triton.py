@@ -18,7 +18,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _rms_fwd(x_ptr, w_ptr, y_ptr, rstd_ptr, M, N, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _rms_fwd(
+    x_ptr, w_ptr, y_ptr, rstd_ptr, M, N, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
     """y = x * rstd * w for BLOCK_M rows of x [M, N]; rstd [M] fp32 saved for the backward."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
@@ -27,14 +29,28 @@ def _rms_fwd(x_ptr, w_ptr, y_ptr, rstd_ptr, M, N, eps, BLOCK_M: tl.constexpr, BL
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
-    tl.store(y_ptr + offsets, (x * rstd[:, None] * w[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        y_ptr + offsets, (x * rstd[:, None] * w[None, :]).to(y_ptr.dtype.element_ty), mask=mask
+    )
     tl.store(rstd_ptr + rows, rstd, mask=rows < M)
 
 
 @triton.jit
-def _rms_bwd(x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dw_ptr, M, N, rows_per_program,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """grad(x) for rows [pid * rows_per_program, ...) and their grad(weight) sum into dw_ptr[pid]."""
+def _rms_bwd(
+    x_ptr,
+    w_ptr,
+    dy_ptr,
+    rstd_ptr,
+    dx_ptr,
+    dw_ptr,
+    M,
+    N,
+    rows_per_program,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """grad(x) for rows [pid * rows_per_program, ...) and their grad(weight) sum into
+    dw_ptr[pid]."""
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -72,20 +88,43 @@ def forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Te
     y = torch.empty_like(x)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     block_m = _block_m(N)
-    _rms_fwd[(triton.cdiv(M, block_m),)](x, weight, y, rstd, M, N, eps, BLOCK_M=block_m,
-                                          BLOCK_N=triton.next_power_of_2(N), num_warps=4)
+    _rms_fwd[(triton.cdiv(M, block_m),)](
+        x,
+        weight,
+        y,
+        rstd,
+        M,
+        N,
+        eps,
+        BLOCK_M=block_m,
+        BLOCK_N=triton.next_power_of_2(N),
+        num_warps=4,
+    )
     return y, rstd
 
 
 def backward(
     x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad x in x's dtype, grad weight in weight's dtype) for ``forward``'s x, dy [M, N] contiguous."""
+    """(grad x in x's dtype, grad weight in weight's dtype) for ``forward``'s x, dy [M, N]
+    contiguous."""
     M, N = x.shape
     dx = torch.empty_like(x)
     programs = max(1, min(M, 8 * _sm_count(x.device)))
     rows_per_program = triton.cdiv(M, programs)
     partial = torch.empty(programs, N, dtype=torch.float32, device=x.device)
-    _rms_bwd[(programs,)](x, weight, dy, rstd, dx, partial, M, N, rows_per_program,
-                          BLOCK_M=_block_m(N), BLOCK_N=triton.next_power_of_2(N), num_warps=8)
+    _rms_bwd[(programs,)](
+        x,
+        weight,
+        dy,
+        rstd,
+        dx,
+        partial,
+        M,
+        N,
+        rows_per_program,
+        BLOCK_M=_block_m(N),
+        BLOCK_N=triton.next_power_of_2(N),
+        num_warps=8,
+    )
     return dx, partial.sum(0).to(weight.dtype)

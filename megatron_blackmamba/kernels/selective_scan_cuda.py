@@ -1,4 +1,5 @@
-"""This project's Mamba-1 selective-scan CUDA kernel (``csrc/selective_scan.cu``): build, load, autograd.
+"""This project's Mamba-1 selective-scan CUDA kernel (``csrc/selective_scan.cu``): build, load,
+autograd.
 
 The CUDA scan for d_state 16 wherever it builds; mamba-ssm's kernel otherwise.
 ``BLACKMAMBA_SCAN_KERNEL`` picks: ``auto`` (default) this kernel where it can run, else
@@ -46,19 +47,42 @@ class _Params(ctypes.Structure):
     """Mirror of ``BlackMambaScanParams`` in csrc/selective_scan.cu, field for field."""
 
     _fields_ = [
-        ("batch", ctypes.c_int64), ("dim", ctypes.c_int64), ("seqlen", ctypes.c_int64),
-        ("dtype", ctypes.c_int32), ("softplus", ctypes.c_int32),
-        ("u", ctypes.c_void_p), ("u_batch_stride", ctypes.c_int64), ("u_dim_stride", ctypes.c_int64),
-        ("delta", ctypes.c_void_p), ("delta_batch_stride", ctypes.c_int64), ("delta_dim_stride", ctypes.c_int64),
-        ("z", ctypes.c_void_p), ("z_batch_stride", ctypes.c_int64), ("z_dim_stride", ctypes.c_int64),
-        ("B", ctypes.c_void_p), ("B_batch_stride", ctypes.c_int64), ("B_state_stride", ctypes.c_int64),
-        ("C", ctypes.c_void_p), ("C_batch_stride", ctypes.c_int64), ("C_state_stride", ctypes.c_int64),
-        ("A", ctypes.c_void_p), ("D", ctypes.c_void_p), ("delta_bias", ctypes.c_void_p),
-        ("checkpoints", ctypes.c_void_p), ("out", ctypes.c_void_p),
-        ("dout", ctypes.c_void_p), ("dout_batch_stride", ctypes.c_int64), ("dout_dim_stride", ctypes.c_int64),
-        ("du", ctypes.c_void_p), ("ddelta", ctypes.c_void_p), ("dz", ctypes.c_void_p),
-        ("dA", ctypes.c_void_p), ("dB", ctypes.c_void_p), ("dC", ctypes.c_void_p),
-        ("dD", ctypes.c_void_p), ("ddelta_bias", ctypes.c_void_p),
+        ("batch", ctypes.c_int64),
+        ("dim", ctypes.c_int64),
+        ("seqlen", ctypes.c_int64),
+        ("dtype", ctypes.c_int32),
+        ("softplus", ctypes.c_int32),
+        ("u", ctypes.c_void_p),
+        ("u_batch_stride", ctypes.c_int64),
+        ("u_dim_stride", ctypes.c_int64),
+        ("delta", ctypes.c_void_p),
+        ("delta_batch_stride", ctypes.c_int64),
+        ("delta_dim_stride", ctypes.c_int64),
+        ("z", ctypes.c_void_p),
+        ("z_batch_stride", ctypes.c_int64),
+        ("z_dim_stride", ctypes.c_int64),
+        ("B", ctypes.c_void_p),
+        ("B_batch_stride", ctypes.c_int64),
+        ("B_state_stride", ctypes.c_int64),
+        ("C", ctypes.c_void_p),
+        ("C_batch_stride", ctypes.c_int64),
+        ("C_state_stride", ctypes.c_int64),
+        ("A", ctypes.c_void_p),
+        ("D", ctypes.c_void_p),
+        ("delta_bias", ctypes.c_void_p),
+        ("checkpoints", ctypes.c_void_p),
+        ("out", ctypes.c_void_p),
+        ("dout", ctypes.c_void_p),
+        ("dout_batch_stride", ctypes.c_int64),
+        ("dout_dim_stride", ctypes.c_int64),
+        ("du", ctypes.c_void_p),
+        ("ddelta", ctypes.c_void_p),
+        ("dz", ctypes.c_void_p),
+        ("dA", ctypes.c_void_p),
+        ("dB", ctypes.c_void_p),
+        ("dC", ctypes.c_void_p),
+        ("dD", ctypes.c_void_p),
+        ("ddelta_bias", ctypes.c_void_p),
     ]
 
 
@@ -66,12 +90,23 @@ def requested() -> str:
     """The scan kernel ``BLACKMAMBA_SCAN_KERNEL`` asks for: one of KERNELS, default ``auto``."""
     value = os.environ.get(KERNEL_ENV_VAR, KERNELS[0]).strip().lower()
     if value not in KERNELS:
-        raise ValueError(f"{KERNEL_ENV_VAR}={value}: the selective-scan kernel must be one of {', '.join(KERNELS)}")
+        raise ValueError(
+            f"{KERNEL_ENV_VAR}={value}: the selective-scan kernel must be one of"
+            f" {', '.join(KERNELS)}"
+        )
     return value
 
 
-def choose(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
-           z: Tensor | None = None, delta_bias: Tensor | None = None) -> tuple[bool, str]:
+def choose(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+) -> tuple[bool, str]:
     """(whether this kernel runs these CUDA arguments, why). Raises RuntimeError naming the
     argument where ``BLACKMAMBA_SCAN_KERNEL=blackmamba`` asked for it and it cannot run; under
     ``auto`` that falls back to mamba-ssm's kernel, with the reason."""
@@ -92,7 +127,8 @@ def cache_dir() -> Path:
 
 @functools.cache
 def _source_digest() -> str:
-    """The kernel source's hash, read once per process: choose() names the build on every scan call."""
+    """The kernel source's hash, read once per process: choose() names the build on every scan
+    call."""
     return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
 
 
@@ -127,12 +163,23 @@ def build(arch: str) -> Path:
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             partial = Path(tmp) / target.name
             command = [
-                _nvcc(), "-O3", "--use_fast_math", "-std=c++17", "-Xcompiler", "-fPIC", "-shared",
-                f"-gencode=arch={compute},code={arch}", "-o", str(partial), str(SOURCE),
+                _nvcc(),
+                "-O3",
+                "--use_fast_math",
+                "-std=c++17",
+                "-Xcompiler",
+                "-fPIC",
+                "-shared",
+                f"-gencode=arch={compute},code={arch}",
+                "-o",
+                str(partial),
+                str(SOURCE),
             ]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
-                raise RuntimeError(f"building {SOURCE} failed:\n$ {' '.join(command)}\n{result.stderr[-4000:]}")
+                raise RuntimeError(
+                    f"building {SOURCE} failed:\n$ {' '.join(command)}\n{result.stderr[-4000:]}"
+                )
             os.replace(partial, target)
     return target
 
@@ -148,12 +195,19 @@ def _library(arch: str) -> ctypes.CDLL:
     for name in ("blackmamba_scan_fwd", "blackmamba_scan_bwd"):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = [ctypes.POINTER(_Params), ctypes.c_void_p], ctypes.c_int
-    lib.blackmamba_scan_error_string.argtypes, lib.blackmamba_scan_error_string.restype = [ctypes.c_int], ctypes.c_char_p
-    built = (lib.blackmamba_scan_states(), lib.blackmamba_scan_chunk(), lib.blackmamba_scan_params_size())
+    lib.blackmamba_scan_error_string.argtypes, lib.blackmamba_scan_error_string.restype = (
+        [ctypes.c_int],
+        ctypes.c_char_p,
+    )
+    built = (
+        lib.blackmamba_scan_states(),
+        lib.blackmamba_scan_chunk(),
+        lib.blackmamba_scan_params_size(),
+    )
     if built != (STATES, CHUNK, ctypes.sizeof(_Params)):
         raise RuntimeError(
-            f"{SOURCE}: the build's (d_state, chunk, parameter bytes) {built} differ from this module's "
-            f"{(STATES, CHUNK, ctypes.sizeof(_Params))}"
+            f"{SOURCE}: the build's (d_state, chunk, parameter bytes) {built} differ from this"
+            f" module's {(STATES, CHUNK, ctypes.sizeof(_Params))}"
         )
     return lib
 
@@ -211,12 +265,23 @@ def unsupported(
     for name in ("B", "C"):
         t = tensors[name]
         if t.dim() == 2:
-            return f"{name}: a constant {name} of shape {tuple(t.shape)} (the kernel takes one {name} per step, (batch, d_state, seqlen))"
+            return (
+                f"{name}: a constant {name} of shape {tuple(t.shape)} (the kernel takes one {name}"
+                " per step, (batch, d_state, seqlen))"
+            )
         if t.dim() == 4:
-            return f"{name}: a grouped {name} of shape {tuple(t.shape)} (the kernel takes one group, (batch, d_state, seqlen))"
+            return (
+                f"{name}: a grouped {name} of shape {tuple(t.shape)} (the kernel takes one group,"
+                " (batch, d_state, seqlen))"
+            )
         if tuple(t.shape) != (batch, STATES, seqlen):
             return f"{name}: shape {tuple(t.shape)} (expected {(batch, STATES, seqlen)})"
-    for name, shape in (("delta", (batch, dim, seqlen)), ("z", (batch, dim, seqlen)), ("D", (dim,)), ("delta_bias", (dim,))):
+    for name, shape in (
+        ("delta", (batch, dim, seqlen)),
+        ("z", (batch, dim, seqlen)),
+        ("D", (dim,)),
+        ("delta_bias", (dim,)),
+    ):
         t = tensors[name]
         if t is not None and tuple(t.shape) != shape:
             return f"{name}: shape {tuple(t.shape)} (expected {shape})"
@@ -234,8 +299,16 @@ def _rows(t: Tensor) -> Tensor:
 
 def _params(u, delta, A, B, C, D, z, delta_bias, softplus: bool, checkpoints: Tensor) -> _Params:
     batch, dim, seqlen = u.shape
-    p = _Params(batch=batch, dim=dim, seqlen=seqlen, dtype=_DTYPE_CODES[u.dtype], softplus=int(softplus))
-    for name, t, second in (("u", u, "dim"), ("delta", delta, "dim"), ("z", z, "dim"), ("B", B, "state"), ("C", C, "state")):
+    p = _Params(
+        batch=batch, dim=dim, seqlen=seqlen, dtype=_DTYPE_CODES[u.dtype], softplus=int(softplus)
+    )
+    for name, t, second in (
+        ("u", u, "dim"),
+        ("delta", delta, "dim"),
+        ("z", z, "dim"),
+        ("B", B, "state"),
+        ("C", C, "state"),
+    ):
         setattr(p, name, _ptr(t))
         if t is not None:
             setattr(p, f"{name}_batch_stride", t.stride(0))
@@ -280,8 +353,15 @@ class _SelectiveScan(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, checkpoints = ctx.saved_tensors
         dout = _rows(dout) if dout is not None else torch.zeros_like(u)
         p = _params(u, delta, A, B, C, D, z, delta_bias, ctx.softplus, checkpoints)
-        p.dout, p.dout_batch_stride, p.dout_dim_stride = dout.data_ptr(), dout.stride(0), dout.stride(1)
-        du, ddelta = torch.empty_like(u, memory_format=torch.contiguous_format), torch.empty_like(u, memory_format=torch.contiguous_format)
+        p.dout, p.dout_batch_stride, p.dout_dim_stride = (
+            dout.data_ptr(),
+            dout.stride(0),
+            dout.stride(1),
+        )
+        du, ddelta = (
+            torch.empty_like(u, memory_format=torch.contiguous_format),
+            torch.empty_like(u, memory_format=torch.contiguous_format),
+        )
         dz = None if z is None else torch.empty_like(u, memory_format=torch.contiguous_format)
         dA = torch.zeros_like(A)
         dB = torch.zeros(B.shape, dtype=torch.float32, device=u.device)
@@ -289,7 +369,13 @@ class _SelectiveScan(torch.autograd.Function):
         dD = None if D is None else torch.zeros_like(D)
         ddelta_bias = None if delta_bias is None else torch.zeros_like(delta_bias)
         p.du, p.ddelta, p.dz = du.data_ptr(), ddelta.data_ptr(), _ptr(dz)
-        p.dA, p.dB, p.dC, p.dD, p.ddelta_bias = dA.data_ptr(), dB.data_ptr(), dC.data_ptr(), _ptr(dD), _ptr(ddelta_bias)
+        p.dA, p.dB, p.dC, p.dD, p.ddelta_bias = (
+            dA.data_ptr(),
+            dB.data_ptr(),
+            dC.data_ptr(),
+            _ptr(dD),
+            _ptr(ddelta_bias),
+        )
         _run("blackmamba_scan_bwd", p, u.device)
         return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, ddelta_bias, None
 
@@ -307,5 +393,7 @@ def selective_scan(
     return_last_state: bool,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """mamba-ssm's ``selective_scan_fn`` contract (activations in u's dtype; A, D, bias fp32)."""
-    out, checkpoints = _SelectiveScan.apply(*scan_kernel_args(u, delta, A, B, C, D, z, delta_bias), delta_softplus)
+    out, checkpoints = _SelectiveScan.apply(
+        *scan_kernel_args(u, delta, A, B, C, D, z, delta_bias), delta_softplus
+    )
     return (out, checkpoints[:, :, -1]) if return_last_state else out

@@ -38,7 +38,9 @@ def discretize_dt(
     return F.softplus(dt) if dt_softplus else dt
 
 
-def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+def _finish(
+    y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None, out_dtype: torch.dtype
+) -> Tensor:
     """Shared epilogue: skip connection ``D*u``, ``silu(z)`` gate, cast to the output dtype."""
     if D is not None:
         y = y + u.to(y.dtype) * _per_channel(D, u, y.dtype)
@@ -47,8 +49,11 @@ def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None, out_dtype:
     return y.to(out_dtype)
 
 
-def _ssm_step(h: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
-    """One recurrence step. h: (b, d, n); x, dt: (b, d); A: (d, n); B, C: (b, n) -> (h_new, y (b, d))."""
+def _ssm_step(
+    h: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One recurrence step. h: (b, d, n); x, dt: (b, d); A: (d, n); B, C: (b, n) -> (h_new, y (b,
+    d))."""
     h = torch.exp(dt.unsqueeze(-1) * A) * h + (dt * x).unsqueeze(-1) * B.unsqueeze(1)
     return h, (h * C.unsqueeze(1)).sum(-1)
 
@@ -69,7 +74,9 @@ def _linear_scan(decay: Tensor, x: Tensor) -> Tensor:
         shifted = torch.addcmul(x[:, :, offset:], decay[:, :, offset:], x[:, :, :-offset])
         x = torch.cat([x[:, :, :offset], shifted], dim=2)
         if 2 * offset < length:  # the last step's decays are never read
-            decay = torch.cat([decay[:, :, :offset], decay[:, :, offset:] * decay[:, :, :-offset]], dim=2)
+            decay = torch.cat(
+                [decay[:, :, :offset], decay[:, :, offset:] * decay[:, :, :-offset]], dim=2
+            )
         offset *= 2
     return x
 
@@ -97,7 +104,9 @@ def _scan_chunk(
     B_t = B.to(dtype).transpose(1, 2).unsqueeze(1)  # (b, 1, T, n)
     x = (dt * u.to(dtype)).unsqueeze(-1) * B_t  # (b, d, T, n)
     # Fold the carried state into the first step: h_0 = decay_0 * h0 + x_0.
-    x = torch.cat([torch.addcmul(x[:, :, :1], decay[:, :, :1], h0.unsqueeze(2)), x[:, :, 1:]], dim=2)
+    x = torch.cat(
+        [torch.addcmul(x[:, :, :1], decay[:, :, :1], h0.unsqueeze(2)), x[:, :, 1:]], dim=2
+    )
     h = _linear_scan(decay, x)
     y = (h * C.to(dtype).transpose(1, 2).unsqueeze(1)).sum(-1)  # (b, d, T)
     return _finish(y, u, D, z, u.dtype), h[:, :, -1]
@@ -131,7 +140,9 @@ def _check_scan_args(
     }
     for name, (tensor, shape) in expected.items():
         if tensor is not None and tuple(tensor.shape) != shape:
-            raise ValueError(f"selective_scan: {name} must have shape {shape}, got {tuple(tensor.shape)}")
+            raise ValueError(
+                f"selective_scan: {name} must have shape {shape}, got {tuple(tensor.shape)}"
+            )
 
 
 def _start_state(u: Tensor, A: Tensor, initial_state: Tensor | None) -> Tensor:
@@ -247,8 +258,12 @@ def selective_state_update(
     """
     dtype = compute_dtype(x.dtype)
     h, y = _ssm_step(
-        state.to(dtype), x.to(dtype), discretize_dt(dt, dt_bias, dt_softplus, dtype),
-        A.to(dtype), B.to(dtype), C.to(dtype),
+        state.to(dtype),
+        x.to(dtype),
+        discretize_dt(dt, dt_bias, dt_softplus, dtype),
+        A.to(dtype),
+        B.to(dtype),
+        C.to(dtype),
     )
     state.copy_(h)
     return _finish(y, x, D, z, x.dtype)

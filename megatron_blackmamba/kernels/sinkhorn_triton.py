@@ -32,16 +32,28 @@ PROGRAMS = 128  # token slices per launch: 256 rows each at T = 32k
 
 @triton.jit
 def _row_slice(T, P: tl.constexpr):
-    """[lo, hi): the contiguous token rows this program owns (empty for the last ones when T < P)."""
+    """[lo, hi): the contiguous token rows this program owns (empty for the last ones when T <
+    P)."""
     rows_per = tl.cdiv(T, P)
     start = tl.program_id(0) * rows_per
     return start, tl.minimum(start + rows_per, T)
 
 
 @triton.jit
-def _sinkhorn_start(cost_ptr, d1_ptr, d0_ptr, col_ptr, flag_ptr, T, tiny,
-                    E: tl.constexpr, P: tl.constexpr, BLOCK_T: tl.constexpr):
-    """d0_0 = row scaling for the initial d1 into d0[0]; this slice's column sums into col[0, pid]."""
+def _sinkhorn_start(
+    cost_ptr,
+    d1_ptr,
+    d0_ptr,
+    col_ptr,
+    flag_ptr,
+    T,
+    tiny,
+    E: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """d0_0 = row scaling for the initial d1 into d0[0]; this slice's column sums into col[0,
+    pid]."""
     cols = tl.arange(0, E)
     d1 = tl.load(d1_ptr + cols)
     lo, hi = _row_slice(T, P)
@@ -59,8 +71,23 @@ def _sinkhorn_start(cost_ptr, d1_ptr, d0_ptr, col_ptr, flag_ptr, T, tiny,
 
 
 @triton.jit(do_not_specialize=["k"])  # one compile for every launch index
-def _sinkhorn_iteration(cost_ptr, d1_ptr, d0_ptr, col_ptr, err_ptr, flag_ptr, out_ptr, T, tol, max_iters, k, tiny,
-                        E: tl.constexpr, P: tl.constexpr, BLOCK_T: tl.constexpr):
+def _sinkhorn_iteration(
+    cost_ptr,
+    d1_ptr,
+    d0_ptr,
+    col_ptr,
+    err_ptr,
+    flag_ptr,
+    out_ptr,
+    T,
+    tol,
+    max_iters,
+    k,
+    tiny,
+    E: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
     """Launch k >= 1: stop on iteration k - 1's error, else run iteration k.
 
     Buffers alternate by parity: iteration k reads d0[(k-1) % 2] and col[(k-1) % 2] (the column
@@ -82,7 +109,9 @@ def _sinkhorn_iteration(cost_ptr, d1_ptr, d0_ptr, col_ptr, err_ptr, flag_ptr, ou
         tl.store(out_ptr + 2, cur.to(tl.float32))
         tl.store(flag_ptr, 1)
     if running & ~stop:
-        colsum = tl.sum(tl.load(col_ptr + prev * P * E + slots[:, None] * E + cols[None, :]), axis=0)
+        colsum = tl.sum(
+            tl.load(col_ptr + prev * P * E + slots[:, None] * E + cols[None, :]), axis=0
+        )
         d1 = (1.0 / E) / (colsum + tiny)
         lo, hi = _row_slice(T, P)
         colsum = tl.zeros([E], dtype=tl.float32)
@@ -90,7 +119,9 @@ def _sinkhorn_iteration(cost_ptr, d1_ptr, d0_ptr, col_ptr, err_ptr, flag_ptr, ou
         for start in range(lo, hi, BLOCK_T):
             rows = start + tl.arange(0, BLOCK_T)
             valid = rows < hi
-            c = tl.load(cost_ptr + rows[:, None] * E + cols[None, :], mask=valid[:, None], other=0.0)
+            c = tl.load(
+                cost_ptr + rows[:, None] * E + cols[None, :], mask=valid[:, None], other=0.0
+            )
             d0 = tl.load(d0_ptr + prev * T + rows, mask=valid, other=1.0)
             row_mass = tl.sum(c * d1[None, :], axis=1)
             d0_next = (1.0 / T) / (row_mass + tiny)
@@ -102,9 +133,16 @@ def _sinkhorn_iteration(cost_ptr, d1_ptr, d0_ptr, col_ptr, err_ptr, flag_ptr, ou
         tl.store(err_ptr + cur * P + tl.program_id(0), err)
 
 
-def sinkhorn_loop(cost: torch.Tensor, d1: torch.Tensor, tol: float, max_iters: int,
-                  programs: int = PROGRAMS, block_t: int = 256):
-    """(d0, d1, iterations, row_error) of the first iteration with row error < ``tol`` (or the last).
+def sinkhorn_loop(
+    cost: torch.Tensor,
+    d1: torch.Tensor,
+    tol: float,
+    max_iters: int,
+    programs: int = PROGRAMS,
+    block_t: int = 256,
+):
+    """(d0, d1, iterations, row_error) of the first iteration with row error < ``tol`` (or the
+    last).
 
     ``cost`` [T, E] fp32 contiguous on a GPU, E a power of two; ``d1`` [E] the initial column
     scaling; ``tol`` already rounded up to fp32 (model.sinkhorn._rounded_up_tol). ``programs``
@@ -119,10 +157,28 @@ def sinkhorn_loop(cost: torch.Tensor, d1: torch.Tensor, tol: float, max_iters: i
     flag = torch.empty(1, dtype=torch.int32, device=dev)
     out = torch.empty(3, dtype=torch.float32, device=dev)
     grid = (programs,)
-    _sinkhorn_start[grid](cost, d1, d0, col, flag, T, _TINY, E=E, P=programs, BLOCK_T=block_t, num_warps=4)
+    _sinkhorn_start[grid](
+        cost, d1, d0, col, flag, T, _TINY, E=E, P=programs, BLOCK_T=block_t, num_warps=4
+    )
     for k in range(1, max_iters + 2):
-        _sinkhorn_iteration[grid](cost, d1, d0, col, err, flag, out, T, tol, max_iters, k, _TINY,
-                                  E=E, P=programs, BLOCK_T=block_t, num_warps=4)
+        _sinkhorn_iteration[grid](
+            cost,
+            d1,
+            d0,
+            col,
+            err,
+            flag,
+            out,
+            T,
+            tol,
+            max_iters,
+            k,
+            _TINY,
+            E=E,
+            P=programs,
+            BLOCK_T=block_t,
+            num_warps=4,
+        )
     final = d0.index_select(0, out[2:3].long()).view(T)
     return final, d1, out[0].long(), out[1]
 

@@ -30,4 +30,9 @@ def triton_kernels(name: str) -> Optional[ModuleType]:
 def takes(name: str, x: torch.Tensor) -> bool:
     """Whether kernel module ``name`` can run on ``x``: a non-empty CUDA tensor of a
     ``KERNEL_DTYPES`` dtype, and the module imports."""
-    return x.is_cuda and x.dtype in KERNEL_DTYPES and x.numel() > 0 and triton_kernels(name) is not None
+    return (
+        x.is_cuda
+        and x.dtype in KERNEL_DTYPES
+        and x.numel() > 0
+        and triton_kernels(name) is not None
+    )

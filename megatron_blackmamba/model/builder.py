@@ -27,7 +27,9 @@ def use_distributed_optimizer(job: JobConfig) -> bool:
     replicated (DDP all-reduce) optimizer runs instead; results are identical, memory is not."""
     wanted = job.parallel.distributed_optimizer
     if wanted and not torch.cuda.is_available():
-        logger.info("parallel.distributed_optimizer=true needs CUDA; using the replicated optimizer on CPU")
+        logger.info(
+            "parallel.distributed_optimizer=true needs CUDA; using the replicated optimizer on CPU"
+        )
         return False
     return wanted
 
@@ -61,9 +63,16 @@ def moe_graph_blocker(job: JobConfig) -> str | None:
     if not m.moe_grouped_gemm:
         return "model.moe_grouped_gemm=false: the per-expert MLPs split the tokens on the host"
     if not t.fused_wgrad_accumulation:
-        return "training.fused_wgrad_accumulation=false: torch._grouped_mm's own backward is not checked under graphs"
-    blocker = grouped_gemm.torch_grouped_mm_blocker(params_dtype(job), torch.cuda.get_device_capability(),
-                                                    m.hidden_size, m.resolved_ffn_hidden_size())
+        return (
+            "training.fused_wgrad_accumulation=false: torch._grouped_mm's own backward is not"
+            " checked under graphs"
+        )
+    blocker = grouped_gemm.torch_grouped_mm_blocker(
+        params_dtype(job),
+        torch.cuda.get_device_capability(),
+        m.hidden_size,
+        m.resolved_ffn_hidden_size(),
+    )
     if blocker:
         return blocker
     if grouped_gemm_util.grouped_gemm not in (None, grouped_gemm.package):  # patches install ours
@@ -85,7 +94,8 @@ def graphed_layers(job: JobConfig, cuda_graphs: bool) -> tuple[str, str]:
 
 
 def transformer_config(job: JobConfig, cuda_graphs: bool = False) -> TransformerConfig:
-    """The megatron config BlackMamba's layers read; attention fields are placeholders (no attention).
+    """The megatron config BlackMamba's layers read; attention fields are placeholders (no
+    attention).
 
     ``cuda_graphs``: layers replay megatron's per-layer training graphs (on CUDA only; which ones:
     ``graphed_layers``); training asks for them (training.setup.build_training_model), inference
@@ -141,9 +151,12 @@ def transformer_config(job: JobConfig, cuda_graphs: bool = False) -> Transformer
 
 
 def moe_dispatcher(job: JobConfig) -> str:
-    """'local', 'allgather' or 'alltoall' for this job's parallel layout (resolve_moe_dispatcher)."""
+    """'local', 'allgather' or 'alltoall' for this job's parallel layout
+    (resolve_moe_dispatcher)."""
     p = job.parallel
-    return resolve_moe_dispatcher(p.moe_dispatcher, experts_local=p.ep == 1 and p.resolved_etp() == 1)
+    return resolve_moe_dispatcher(
+        p.moe_dispatcher, experts_local=p.ep == 1 and p.resolved_etp() == 1
+    )
 
 
 def resolve_moe_dispatcher(requested: str, experts_local: bool) -> str:
@@ -159,8 +172,8 @@ def resolve_moe_dispatcher(requested: str, experts_local: bool) -> str:
         return "alltoall" if torch.cuda.is_available() else "allgather"
     if requested == "local" and not experts_local:
         raise ValueError(
-            "parallel.moe_dispatcher=local needs every expert on this rank (parallel.ep=1 and tp=1); "
-            "use parallel.moe_dispatcher=auto"
+            "parallel.moe_dispatcher=local needs every expert on this rank (parallel.ep=1 and"
+            " tp=1); use parallel.moe_dispatcher=auto"
         )
     if requested == "alltoall" and not torch.cuda.is_available():
         raise ValueError(
@@ -168,7 +181,9 @@ def resolve_moe_dispatcher(requested: str, experts_local: bool) -> str:
             "use parallel.moe_dispatcher=allgather or auto on CPU"
         )
     if requested not in ("local", "allgather", "alltoall"):
-        raise ValueError(f"parallel.moe_dispatcher={requested!r}: choose auto, local, allgather or alltoall")
+        raise ValueError(
+            f"parallel.moe_dispatcher={requested!r}: choose auto, local, allgather or alltoall"
+        )
     return requested
 
 

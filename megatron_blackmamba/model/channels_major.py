@@ -51,13 +51,16 @@ def _weight_grad(grad_channels_major: Tensor, x_bsi: Tensor, out: Tensor | None 
 
 
 class _FromSequenceMajor(torch.autograd.Function):
-    """weight's ``parts`` equal blocks of rows, each applied to x [s, b, h]: one output per block."""
+    """weight's ``parts`` equal blocks of rows, each applied to x [s, b, h]: one output per
+    block."""
 
     @staticmethod
     def forward(ctx, weight: Tensor, x: Tensor, parts: int) -> tuple[Tensor, ...]:
         ctx.save_for_backward(weight, x)
         ctx.parts = parts
-        return tuple(channels_major_linear(rows, x.permute(1, 2, 0)) for rows in weight.chunk(parts))
+        return tuple(
+            channels_major_linear(rows, x.permute(1, 2, 0)) for rows in weight.chunk(parts)
+        )
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
@@ -93,10 +96,14 @@ def linear_from_sequence_major(weight: Tensor, x: Tensor, parts: int = 1) -> tup
     x and z), each contiguous; no copy either way. One GEMM per block of weight rows, so that the
     backward sums the blocks' input gradients in the GEMMs instead of concatenating the outputs'."""
     if weight.shape[0] % parts:
-        raise ValueError(f"linear_from_sequence_major: {weight.shape[0]} output rows do not split into {parts} equal parts")
+        raise ValueError(
+            f"linear_from_sequence_major: {weight.shape[0]} output rows do not split into {parts}"
+            " equal parts"
+        )
     return _FromSequenceMajor.apply(weight, x, parts)
 
 
 def linear_to_sequence_major(weight: Tensor, y: Tensor) -> Tensor:
-    """weight [h, d] applied to y [b, d, s] -> [s, b, h], contiguous (out_proj); no copy either way."""
+    """weight [h, d] applied to y [b, d, s] -> [s, b, h], contiguous (out_proj); no copy either
+    way."""
     return _ToSequenceMajor.apply(weight, y)

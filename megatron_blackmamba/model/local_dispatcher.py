@@ -6,7 +6,8 @@ waits on that copy in every MoE layer (an event sync, which ``torch.cuda.set_syn
 not report), then re-sorts the tokens by local expert, an identity copy with one rank. Each wait
 drains the GPU queue, so the host can never run ahead of the kernels, and the wait also makes the
 layer impossible to capture in a CUDA graph. Here the layer permutes once (dropless, so the output
-size is known: ``model.token_order.permute_known_size``), hands the counts to the grouped GEMM on the device
+size is known: ``model.token_order.permute_known_size``), hands the counts to the grouped GEMM on
+the device
 (``kernels/grouped_gemm.py`` turns them into offsets there), and unpermutes. Expert weights, the
 router and the layer's checkpoint format are megatron's MoELayer's, unchanged.
 
@@ -50,15 +51,24 @@ class LocalTokenDispatcher(MoETokenDispatcher):
         super().__init__(config=config, pg_collection=pg_collection)
         if self.ep_size != 1 or self.tp_size != 1:
             raise ValueError(
-                f"the local token dispatcher needs expert-parallel and expert-tensor-parallel size 1 "
-                f"(got ep={self.ep_size}, expert tp={self.tp_size}); use parallel.moe_dispatcher=alltoall"
+                "the local token dispatcher needs expert-parallel and expert-tensor-parallel size"
+                f" 1 (got ep={self.ep_size}, expert tp={self.tp_size}); use"
+                " parallel.moe_dispatcher=alltoall"
             )
-        if config.moe_expert_capacity_factor is not None or config.moe_router_padding_for_quantization:
-            raise ValueError("the local token dispatcher is dropless: unset the expert capacity factor and padding")
+        if (
+            config.moe_expert_capacity_factor is not None
+            or config.moe_router_padding_for_quantization
+        ):
+            raise ValueError(
+                "the local token dispatcher is dropless: unset the expert capacity factor and"
+                " padding"
+            )
         self.num_local_experts = num_local_experts
         self.inverse: torch.Tensor | None = None  # top-1 routing: the inverse of the permutation
 
-    def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
+    def dispatch_preprocess(
+        self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor
+    ):
         self.hidden_shape = hidden_states.shape
         self.routing_map = routing_map
         tokens = hidden_states.view(-1, hidden_states.shape[-1])
@@ -66,7 +76,9 @@ class LocalTokenDispatcher(MoETokenDispatcher):
         num_out = routing_map.shape[0] * self.config.moe_router_topk
         if self.config.moe_router_topk == 1:
             order, permuted_probs = dropless_order(routing_map, num_out, probs)
-            self.inverse = torch.empty_like(order).scatter_(0, order, torch.arange(num_out, device=order.device))
+            self.inverse = torch.empty_like(order).scatter_(
+                0, order, torch.arange(num_out, device=order.device)
+            )
             self.reverse_map = order
             return _PermuteRows.apply(tokens, order, self.inverse), permuted_probs
         permuted, permuted_probs, self.reverse_map = permute_known_size(
@@ -92,7 +104,12 @@ class LocalTokenDispatcher(MoETokenDispatcher):
             output = _PermuteRows.apply(hidden_states, self.inverse, self.reverse_map)
         else:
             restore_shape = (self.routing_map.shape[0], self.hidden_shape[-1])
-            output = unpermute(hidden_states, self.reverse_map, restore_shape=restore_shape, routing_map=self.routing_map)
+            output = unpermute(
+                hidden_states,
+                self.reverse_map,
+                restore_shape=restore_shape,
+                routing_map=self.routing_map,
+            )
         self.routing_map = self.reverse_map = self.inverse = None
         return output.view(self.hidden_shape)
 

@@ -117,7 +117,9 @@ class Mamba1Mixer(MegatronModule):
         self.d_inner = expand * d_model
         self.dt_rank = dt_rank or math.ceil(d_model / 16)
         if self.d_inner % tp_size:
-            raise ValueError(f"d_inner={self.d_inner} must divide by tensor-parallel size {tp_size}")
+            raise ValueError(
+                f"d_inner={self.d_inner} must divide by tensor-parallel size {tp_size}"
+            )
         self.d_inner_local = self.d_inner // tp_size
         dtype = config.params_dtype
 
@@ -148,7 +150,9 @@ class Mamba1Mixer(MegatronModule):
         for p in self.conv1d.parameters():
             _mark_tp_sharded(p, partition_dim=0)
 
-        self.x_proj = TPReducedLinear(self.d_inner_local, self.dt_rank + 2 * d_state, self.tp_group, dtype)
+        self.x_proj = TPReducedLinear(
+            self.d_inner_local, self.dt_rank + 2 * d_state, self.tp_group, dtype
+        )
         with get_cuda_rng_tracker().fork():
             nn.init.kaiming_uniform_(self.x_proj.weight, a=math.sqrt(5))
 
@@ -170,7 +174,9 @@ class Mamba1Mixer(MegatronModule):
             # softplus(bias) log-uniform in [dt_min, dt_max]: Mamba-1's dt initialisation. Drawn on
             # the CPU explicitly, so a meta-device build (param_count) can copy it to a GPU bias.
             u = torch.rand(self.d_inner_local, device="cpu")
-            dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_init_floor)
+            dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(
+                min=dt_init_floor
+            )
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
         # S4D-real init, kept in fp32: A = -[1..N] for every channel.
@@ -213,7 +219,9 @@ class Mamba1Mixer(MegatronModule):
         """hidden_states [s, b, h]; with a RecurrentState, runs prefill (offset 0), a chunk that
         continues from the carried state (offset > 0, s > 1: rolling evaluation of long documents)
         or a single-token decode step."""
-        carried = isinstance(inference_context, RecurrentState) and inference_context.seqlen_offset > 0
+        carried = (
+            isinstance(inference_context, RecurrentState) and inference_context.seqlen_offset > 0
+        )
         if carried and hidden_states.shape[0] == 1:
             return self._decode(hidden_states, inference_context)
 
@@ -222,7 +230,9 @@ class Mamba1Mixer(MegatronModule):
         state, initial_state, history = None, None, 0
         if isinstance(inference_context, RecurrentState):
             state = inference_context.layer_state(self, batch_size=x.shape[0], dtype=x.dtype)
-            if carried:  # the conv sees the previous chunk's last inputs; the scan starts from its state
+            if (
+                carried
+            ):  # the conv sees the previous chunk's last inputs; the scan starts from its state
                 history = self.d_conv - 1
                 x = torch.cat([state.conv[..., 1:], x], dim=-1)
                 initial_state = state.ssm.clone()
@@ -230,7 +240,9 @@ class Mamba1Mixer(MegatronModule):
             state.conv.zero_()
             state.conv[..., -keep:] = x[..., -keep:]
 
-        x = kernels.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+        x = kernels.causal_conv1d(
+            x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu"
+        )
         x = x[..., history:]
         dt, B, C = self._project_dt_B_C(x)
         y = kernels.selective_scan(
@@ -252,7 +264,8 @@ class Mamba1Mixer(MegatronModule):
         return self._out_proj(y)
 
     def _in_proj(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[s, b, h] (sequence-parallel shard under SP) -> x, z [b, d_local, s_full], sequence contiguous.
+        """[s, b, h] (sequence-parallel shard under SP) -> x, z [b, d_local, s_full], sequence
+        contiguous.
 
         Two GEMMs on in_proj's [x_r; z_r] row blocks rather than one split afterwards: the backward
         then sums their input gradients in the GEMMs instead of concatenating grad x and grad z."""
@@ -268,7 +281,8 @@ class Mamba1Mixer(MegatronModule):
         return x, z
 
     def _out_proj(self, y: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """y [b, d_local, s] -> ([s, b, h] summed over TP (reduce-scattered under SP), bias or None)."""
+        """y [b, d_local, s] -> ([s, b, h] summed over TP (reduce-scattered under SP), bias or
+        None)."""
         proj = self.out_proj
         # The GEMM writes [s, b, h] itself and its backward hands the scan a contiguous dy: no
         # transposing copy either way (model/channels_major.py; bench/PERF_NOTES.md).
@@ -280,7 +294,8 @@ class Mamba1Mixer(MegatronModule):
         return out, getattr(proj, "bias", None)
 
     def _project_dt_B_C(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [b, d_local, s] -> dt [b, d_local, s] (pre-bias), B and C [b, N, s], replicated over TP.
+        """x [b, d_local, s] -> dt [b, d_local, s] (pre-bias), B and C [b, N, s], replicated over
+        TP.
 
         Backward: every rank's channels consume the shared B and C, so their gradients are
         partial sums that copy_to_tensor_model_parallel_region all-reduces; so is dt's, which
@@ -320,29 +335,49 @@ class Mamba1Mixer(MegatronModule):
 
     def state_shapes(self, batch_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(conv_state, ssm_state) shapes for this rank: constant in the context length."""
-        return (batch_size, self.d_inner_local, self.d_conv), (batch_size, self.d_inner_local, self.d_state)
+        return (batch_size, self.d_inner_local, self.d_conv), (
+            batch_size,
+            self.d_inner_local,
+            self.d_state,
+        )
 
     # ------------------------------------------------------------ checkpoints
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None) -> ShardedStateDict:
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None
+    ) -> ShardedStateDict:
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         own: dict = {}
         self._save_to_state_dict(own, "", keep_vars=True)
         sharded = make_sharded_tensors_for_checkpoint(
-            own, prefix, {"A_log": 0, "D": 0}, sharded_offsets,
-            tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
+            own,
+            prefix,
+            {"A_log": 0, "D": 0},
+            sharded_offsets,
+            tp_group=self.tp_group,
+            dp_cp_group=metadata["dp_cp_group"],
         )
         axis_maps = {"conv1d": {"weight": 0, "bias": 0}, "x_proj": {"weight": 1}}
         for name, module in self.named_children():
             if name in axis_maps:
                 sharded.update(
                     make_sharded_tensors_for_checkpoint(
-                        module.state_dict(prefix="", keep_vars=True), f"{prefix}{name}.", axis_maps[name],
-                        sharded_offsets, tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
+                        module.state_dict(prefix="", keep_vars=True),
+                        f"{prefix}{name}.",
+                        axis_maps[name],
+                        sharded_offsets,
+                        tp_group=self.tp_group,
+                        dp_cp_group=metadata["dp_cp_group"],
                     )
                 )
             else:
                 sharded.update(
-                    sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=self.tp_group)
+                    sharded_state_dict_default(
+                        module,
+                        f"{prefix}{name}.",
+                        sharded_offsets,
+                        metadata,
+                        tp_group=self.tp_group,
+                    )
                 )
         for key in ("weight", "bias"):
             full = f"{prefix}in_proj.{key}"

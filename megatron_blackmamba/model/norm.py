@@ -17,7 +17,9 @@ from megatron_blackmamba.kernels.rms_norm import rms_norm
 
 
 class RMSNorm(torch.nn.RMSNorm):
-    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused) -> None:
+    def __init__(
+        self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused
+    ) -> None:
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         self.weight.sequence_parallel = config.sequence_parallel
 
@@ -32,7 +34,9 @@ class LayerNorm(torch.nn.LayerNorm):
     models end with a biased LayerNorm although every block norm is an RMSNorm.
     """
 
-    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused) -> None:
+    def __init__(
+        self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused
+    ) -> None:
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         for param in (self.weight, self.bias):
             param.sequence_parallel = config.sequence_parallel

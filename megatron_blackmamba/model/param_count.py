@@ -22,7 +22,10 @@ class ParamCount:
     expert: int  # all experts' parameters
 
     def describe(self) -> str:
-        return f"{self.active / 1e6:.0f}M active / {self.total / 1e9:.2f}B total ({self.expert / 1e9:.2f}B in experts)"
+        return (
+            f"{self.active / 1e6:.0f}M active / {self.total / 1e9:.2f}B total"
+            f" ({self.expert / 1e9:.2f}B in experts)"
+        )
 
 
 def count_parameters(job: JobConfig) -> ParamCount:

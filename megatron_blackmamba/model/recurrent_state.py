@@ -18,7 +18,9 @@ from megatron.core.inference.contexts import StaticInferenceContext
 @dataclass
 class LayerState:
     conv: torch.Tensor  # (batch, d_inner_local, d_conv), model dtype
-    ssm: torch.Tensor  # (batch, d_inner_local, d_state), fp32 like the scan's accumulator (fp64 models: fp64)
+    ssm: (
+        torch.Tensor
+    )  # (batch, d_inner_local, d_state), fp32 like the scan's accumulator (fp64 models: fp64)
 
 
 class RecurrentState(StaticInferenceContext):
@@ -33,7 +35,8 @@ class RecurrentState(StaticInferenceContext):
 
     @seqlen_offset.setter
     def seqlen_offset(self, value: int) -> None:
-        # megatron's MambaStack mirrors sequence_len_offset into this (mamba-ssm) name every forward.
+        # megatron's MambaStack mirrors sequence_len_offset into this (mamba-ssm) name every
+        # forward.
         self.sequence_len_offset = value
 
     def layer_state(self, mixer, batch_size: int, dtype: torch.dtype) -> LayerState:
@@ -44,15 +47,19 @@ class RecurrentState(StaticInferenceContext):
             device = mixer.A_log.device
             state = LayerState(
                 conv=torch.zeros(conv_shape, dtype=dtype, device=device),
-                ssm=torch.zeros(ssm_shape, dtype=torch.promote_types(dtype, torch.float32), device=device),
+                ssm=torch.zeros(
+                    ssm_shape, dtype=torch.promote_types(dtype, torch.float32), device=device
+                ),
             )
             self.layers[mixer.layer_number] = state
         return state
 
     def state_bytes(self) -> int:
         """Memory held by all recurrent states (independent of how many tokens were seen)."""
-        return sum(s.conv.numel() * s.conv.element_size() + s.ssm.numel() * s.ssm.element_size()
-                   for s in self.layers.values())
+        return sum(
+            s.conv.numel() * s.conv.element_size() + s.ssm.numel() * s.ssm.element_size()
+            for s in self.layers.values()
+        )
 
     def reset(self) -> None:
         super().reset()

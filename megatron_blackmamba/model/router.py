@@ -21,21 +21,36 @@ from megatron_blackmamba.model.sinkhorn import sinkhorn_replayed
 
 
 class BlackMambaRouter(TopKRouter):
-    def __init__(self, config, pg_collection=None, *, temperature: float, init: str, tol: float,
-                 max_iters: int, bias: bool) -> None:
+    def __init__(
+        self,
+        config,
+        pg_collection=None,
+        *,
+        temperature: float,
+        init: str,
+        tol: float,
+        max_iters: int,
+        bias: bool,
+    ) -> None:
         """Sinkhorn parameters and ``bias`` as the spec passes them from ModelConfig (their one
         source of defaults)."""
         super().__init__(config=config, pg_collection=pg_collection)
         if bias and self.bias is None:
             # megatron adds a router bias only with add_bias_linear; Zyphra's released routers are
             # biased nn.Linear layers in models without linear biases. Zero-init = no bias.
-            self.bias = torch.nn.Parameter(torch.zeros(config.num_moe_experts, dtype=config.params_dtype))
+            self.bias = torch.nn.Parameter(
+                torch.zeros(config.num_moe_experts, dtype=config.params_dtype)
+            )
             self.bias.sequence_parallel = config.sequence_parallel
         self.sinkhorn_temperature = temperature
         self.sinkhorn_init = init
         self.sinkhorn_tol = tol
         self.sinkhorn_max_iters = max_iters
-        self.register_buffer("load_counts", torch.zeros(config.num_moe_experts, dtype=torch.float64), persistent=False)
+        self.register_buffer(
+            "load_counts",
+            torch.zeros(config.num_moe_experts, dtype=torch.float64),
+            persistent=False,
+        )
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         """megatron's fp32 logits; for bf16 models on tensor cores (kernels/router_gating.py)."""
@@ -54,10 +69,13 @@ class BlackMambaRouter(TopKRouter):
         if self.training:
             all_logits, first = self._micro_batch_logits(logits.detach())
             result = sinkhorn_replayed(
-                all_logits, temperature=self.sinkhorn_temperature, init=self.sinkhorn_init,
-                tol=self.sinkhorn_tol, max_iters=self.sinkhorn_max_iters,
+                all_logits,
+                temperature=self.sinkhorn_temperature,
+                init=self.sinkhorn_init,
+                tol=self.sinkhorn_tol,
+                max_iters=self.sinkhorn_max_iters,
             )
-            plan = result.plan[first:first + logits.shape[0]]
+            plan = result.plan[first : first + logits.shape[0]]
             _, indices = torch.topk(plan, k=self.topk, dim=1)
             gates = self._gate(logits)
         else:

@@ -18,15 +18,24 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 def split_into_logical_parts(
     sharded: ShardedTensor, sizes: Sequence[int], names: Sequence[str], dim: int = 0
 ) -> ShardedTensorFactory:
-    """Save ``sharded`` as consecutive local chunks ``sizes`` along ``dim``, named ``key.<name>``."""
+    """Save ``sharded`` as consecutive local chunks ``sizes`` along ``dim``, named
+    ``key.<name>``."""
     if sum(sizes) != sharded.local_shape[dim] or len(sizes) != len(names):
-        raise ValueError(f"{sharded.key}: parts {list(zip(names, sizes))} do not tile local dim {dim}")
+        raise ValueError(
+            f"{sharded.key}: parts {list(zip(names, sizes))} do not tile local dim {dim}"
+        )
     template = sharded.without_data()
 
     @torch.no_grad()
     def build(key, data, replica_id, flattened_range):
-        whole = replace(template, key=key, data=data, dtype=data.dtype, replica_id=replica_id,
-                        flattened_range=flattened_range)
+        whole = replace(
+            template,
+            key=key,
+            data=data,
+            dtype=data.dtype,
+            replica_id=replica_id,
+            flattened_range=flattened_range,
+        )
         parts, start = [], 0
         for size, name in zip(sizes, names):
             for piece in whole.narrow(dim, start, size):

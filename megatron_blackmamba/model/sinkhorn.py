@@ -64,9 +64,13 @@ def _initial_d1(cost: torch.Tensor, init: str) -> torch.Tensor:
     return torch.ones(cost.shape[1], dtype=cost.dtype, device=cost.device)
 
 
-# (1/n) / (x + tiny) as three kernels, in place on a fresh tensor (what ``(1/n) / tensor`` runs anyway).
-def _row_scale(cost: torch.Tensor, d1: torch.Tensor, row_mass: torch.Tensor | None = None) -> torch.Tensor:
-    """d0 that gives every token (row) mass 1/T for column scaling d1 (``row_mass`` = cost @ d1, not modified)."""
+# (1/n) / (x + tiny) as three kernels, in place on a fresh tensor (what ``(1/n) / tensor`` runs
+# anyway).
+def _row_scale(
+    cost: torch.Tensor, d1: torch.Tensor, row_mass: torch.Tensor | None = None
+) -> torch.Tensor:
+    """d0 that gives every token (row) mass 1/T for column scaling d1 (``row_mass`` = cost @ d1, not
+    modified)."""
     if row_mass is None:
         row_mass = cost @ d1
     return (row_mass + torch.finfo(cost.dtype).tiny).reciprocal_().mul_(1.0 / cost.shape[0])
@@ -108,8 +112,11 @@ def _rounded_up_tol(tol: float, dtype: torch.dtype) -> float:
     return float(rounded)
 
 
-def _iteration(cost: torch.Tensor, d0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Iteration k from d0_k: (d1_k, d0_k+1, row_marginal_error of the plan (d0_k, d1_k)); 14 kernels."""
+def _iteration(
+    cost: torch.Tensor, d0: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Iteration k from d0_k: (d1_k, d0_k+1, row_marginal_error of the plan (d0_k, d1_k)); 14
+    kernels."""
     d1 = _col_scale(cost, d0)
     row_mass = cost @ d1
     d0_next = _row_scale(cost, d1, row_mass)
@@ -143,7 +150,9 @@ def sinkhorn(
     ``torch.where``; the arithmetic is the early-stopping loop's, op for op.
     """
     _check_args(logits, max_iters)
-    cost = stable_cost(logits.to(torch.float32 if logits.dtype != torch.float64 else torch.float64), temperature)
+    cost = stable_cost(
+        logits.to(torch.float32 if logits.dtype != torch.float64 else torch.float64), temperature
+    )
     tol = _rounded_up_tol(tol, cost.dtype)
     d0 = _row_scale(cost, _initial_d1(cost, init))
     d1, d0_next, err = _iteration(cost, d0)
@@ -155,7 +164,9 @@ def sinkhorn(
         torch.where(done, d1, d1_new, out=d1)
         torch.where(done, err, err_new, out=err)
         frozen.add_(done)
-    return SinkhornResult(plan=d0.unsqueeze(1) * cost * d1, iterations=max_iters - frozen, row_error=err)
+    return SinkhornResult(
+        plan=d0.unsqueeze(1) * cost * d1, iterations=max_iters - frozen, row_error=err
+    )
 
 
 @torch.no_grad()
@@ -180,7 +191,8 @@ def sinkhorn_fused(
 
 
 def _fused_applies(logits: torch.Tensor) -> bool:
-    """Whether the Triton loop can take ``logits``: triton importable and its domain (fp32, GPU, ...)."""
+    """Whether the Triton loop can take ``logits``: triton importable and its domain (fp32, GPU,
+    ...)."""
     kernels = triton_kernels("sinkhorn_triton")
     return kernels is not None and kernels.applies(logits)
 
@@ -189,7 +201,9 @@ def _fused_applies(logits: torch.Tensor) -> bool:
 _GRAPHS: dict[tuple, tuple[torch.Tensor, "torch.cuda.CUDAGraph", SinkhornResult]] = {}
 
 
-def _capture(solver, logits: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, "torch.cuda.CUDAGraph", SinkhornResult]:
+def _capture(
+    solver, logits: torch.Tensor, kwargs: dict
+) -> tuple[torch.Tensor, "torch.cuda.CUDAGraph", SinkhornResult]:
     static_in = logits.clone()
     graph, static_out = capture(lambda: solver(static_in, **kwargs), logits.device)
     return static_in, graph, static_out
@@ -214,10 +228,18 @@ def sinkhorn_replayed(logits: torch.Tensor, **kwargs) -> SinkhornResult:
     solver = sinkhorn_fused if _fused_applies(logits) else sinkhorn
     if torch.cuda.is_current_stream_capturing():
         return solver(logits, **kwargs)
-    key = (solver.__name__, tuple(logits.shape), logits.dtype, logits.device, tuple(sorted(kwargs.items())))
+    key = (
+        solver.__name__,
+        tuple(logits.shape),
+        logits.dtype,
+        logits.device,
+        tuple(sorted(kwargs.items())),
+    )
     if key not in _GRAPHS:
         _GRAPHS[key] = _capture(solver, logits, kwargs)
     static_in, graph, out = _GRAPHS[key]
     static_in.copy_(logits)
     graph.replay()
-    return SinkhornResult(plan=out.plan.clone(), iterations=out.iterations.clone(), row_error=out.row_error.clone())
+    return SinkhornResult(
+        plan=out.plan.clone(), iterations=out.iterations.clone(), row_error=out.row_error.clone()
+    )

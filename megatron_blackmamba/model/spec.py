@@ -26,7 +26,10 @@ from megatron.core.transformer.transformer_layer import TransformerLayerSubmodul
 from megatron_blackmamba.config import ModelConfig
 from megatron_blackmamba.kernels.cuda import have_transformer_engine
 from megatron_blackmamba.model.experts import FusedGLUGroupedMLP
-from megatron_blackmamba.model.graphed_layers import TrainingGraphedMambaLayer, TrainingGraphedMoETransformerLayer
+from megatron_blackmamba.model.graphed_layers import (
+    TrainingGraphedMambaLayer,
+    TrainingGraphedMoETransformerLayer,
+)
 from megatron_blackmamba.model.local_dispatcher import LocalDispatchMoELayer
 from megatron_blackmamba.model.mamba1_mixer import Mamba1Mixer, Mamba1MixerSubmodules
 from megatron_blackmamba.model.norm import LayerNorm, RMSNorm
@@ -73,13 +76,13 @@ def mamba_layer_spec(model: ModelConfig, backend: BackendSpecProvider, norm: typ
     )
     return ModuleSpec(
         module=TrainingGraphedMambaLayer,
-        submodules=MambaLayerSubmodules(
-            norm=norm, mixer=mixer, mamba_bda=get_bias_dropout_add
-        ),
+        submodules=MambaLayerSubmodules(norm=norm, mixer=mixer, mamba_bda=get_bias_dropout_add),
     )
 
 
-def moe_layer_spec(model: ModelConfig, backend: BackendSpecProvider, norm: type, local_dispatch: bool) -> ModuleSpec:
+def moe_layer_spec(
+    model: ModelConfig, backend: BackendSpecProvider, norm: type, local_dispatch: bool
+) -> ModuleSpec:
     moe = get_moe_module_spec_for_backend(
         backend, num_experts=model.num_experts, moe_grouped_gemm=model.moe_grouped_gemm
     )
@@ -103,7 +106,9 @@ def moe_layer_spec(model: ModelConfig, backend: BackendSpecProvider, norm: type,
     )
 
 
-def blackmamba_stack_spec(model: ModelConfig, use_te: bool | None = None, local_dispatch: bool = False) -> ModuleSpec:
+def blackmamba_stack_spec(
+    model: ModelConfig, use_te: bool | None = None, local_dispatch: bool = False
+) -> ModuleSpec:
     """The stack spec; ``use_te=None`` picks Transformer Engine modules when TE imports;
     ``local_dispatch``: MoE layers use the sync-free LocalTokenDispatcher (all experts local)."""
     if use_te is None:

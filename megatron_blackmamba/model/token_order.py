@@ -13,12 +13,15 @@ import torch
 from megatron.core.transformer.moe.moe_utils import permute as megatron_permute
 
 
-def dropless_order(routing_map: torch.Tensor, num_out_tokens: int, probs: torch.Tensor | None = None):
+def dropless_order(
+    routing_map: torch.Tensor, num_out_tokens: int, probs: torch.Tensor | None = None
+):
     """(token index [num_out_tokens] int64, its prob [num_out_tokens] or None) of every routed
     (token, expert) pair of ``routing_map`` [tokens, experts] bool, expert by expert and tokens in
     order within an expert: megatron's permute order."""
     num_tokens = routing_map.shape[0]
-    # Row-major nonzeros of the [experts, tokens] mask, exactly what megatron's masked_select yields.
+    # Row-major nonzeros of the [experts, tokens] mask, exactly what megatron's masked_select
+    # yields.
     mask = routing_map.bool().T.contiguous().view(-1)
     flat = torch.nonzero_static(mask, size=num_out_tokens).view(-1)
     permuted_probs = None if probs is None else probs.T.contiguous().view(-1).index_select(0, flat)

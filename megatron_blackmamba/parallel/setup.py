@@ -32,7 +32,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int = 30, cuda_graphs: bool = False) -> None:
+def init_distributed(
+    parallel: ParallelConfig, seed: int, timeout_minutes: int = 30, cuda_graphs: bool = False
+) -> None:
     """torch.distributed + megatron parallel_state; idempotent within a process.
 
     ``cuda_graphs`` (training.cuda_graphs) makes megatron's RNG tracker graph-safe, which its CUDA
@@ -47,23 +49,33 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int =
             torch.cuda.set_device(local_rank)
         if launched:
             if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-                raise RuntimeError("MASTER_ADDR/MASTER_PORT unset: launch with torchrun, launch/local.sh or launch/*.sbatch")
+                raise RuntimeError(
+                    "MASTER_ADDR/MASTER_PORT unset: launch with torchrun, launch/local.sh or"
+                    " launch/*.sbatch"
+                )
             init_method = "env://"
         else:
             # A plain single process: its own free port, never one inherited from a parent job.
             init_method = f"tcp://127.0.0.1:{free_port()}"
         dist.init_process_group(
-            backend=backend, init_method=init_method, rank=rank, world_size=world,
+            backend=backend,
+            init_method=init_method,
+            rank=rank,
+            world_size=world,
             timeout=timedelta(minutes=timeout_minutes),
         )
         logger.info("torch.distributed: rank %d/%d, backend %s", rank, world, backend)
     world = dist.get_world_size()
     model_parallel = parallel.tp * parallel.pp
     if world % model_parallel:
-        raise ValueError(f"world size {world} is not divisible by parallel.tp*parallel.pp = {model_parallel}")
+        raise ValueError(
+            f"world size {world} is not divisible by parallel.tp*parallel.pp = {model_parallel}"
+        )
     expert_ranks = parallel.ep * parallel.resolved_etp()
     if (world // parallel.pp) % expert_ranks:
-        raise ValueError(f"parallel.ep * etp = {expert_ranks} must divide world/pp = {world // parallel.pp}")
+        raise ValueError(
+            f"parallel.ep * etp = {expert_ranks} must divide world/pp = {world // parallel.pp}"
+        )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tp,
@@ -82,7 +94,9 @@ def seed_everything(seed: int, cuda_graphs: bool = False) -> None:
     """
     torch.manual_seed(seed)
     if torch.cuda.is_available():
-        model_parallel_cuda_manual_seed(seed, use_cudagraphable_rng=cuda_graphs, force_reset_rng=True)
+        model_parallel_cuda_manual_seed(
+            seed, use_cudagraphable_rng=cuda_graphs, force_reset_rng=True
+        )
     else:
         initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
 

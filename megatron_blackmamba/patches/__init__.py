@@ -1,4 +1,5 @@
-"""Every change this project makes to megatron-core (and to torch as megatron sees it), in one place.
+"""Every change this project makes to megatron-core (and to torch as megatron sees it), in one
+place.
 
 ``apply()`` installs the patches this machine needs, once per process; it is called by
 ``parallel.setup.init_distributed`` and ``model.builder.build_model``, so any entry point that
@@ -13,7 +14,13 @@ prints the table: name, kind, condition, whether it applies here, test). Kinds:
 
 from __future__ import annotations
 
-from megatron_blackmamba.patches import cpu, cuda_graphs, distributed_optimizer, performance, without_te
+from megatron_blackmamba.patches import (
+    cpu,
+    cuda_graphs,
+    distributed_optimizer,
+    performance,
+    without_te,
+)
 from megatron_blackmamba.patches.registry import WRITTEN_FOR, Patch, Target, install_patches
 
 PATCHES: tuple[Patch, ...] = (

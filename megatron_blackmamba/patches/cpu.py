@@ -164,9 +164,11 @@ PATCHES = [
         kind="cpu",
         targets=tuple(Target(module, "torch") for module in CUDA_ASSUMING_MODULES),
         when="CUDA is not available",
-        why="buffers (global memory buffer, router weights, MoE token counters, DDP grad buffers) "
-        "and the pipeline, optimizer and clipping bookkeeping are allocated on the CUDA device, "
-        "and dist_checkpointing's save path synchronises it",
+        why=(
+            "buffers (global memory buffer, router weights, MoE token counters, DDP grad buffers)"
+            " and the pipeline, optimizer and clipping bookkeeping are allocated on the CUDA"
+            " device, and dist_checkpointing's save path synchronises it"
+        ),
         applies=_no_cuda,
         install=_install_torch_on_cpu,
         test="tests/patches/test_cpu.py::test_cuda_device_is_cpu_only_inside_megatron",
@@ -176,8 +178,10 @@ PATCHES = [
         kind="cpu",
         targets=(Target("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"),),
         when="CUDA is not available",
-        why="it asserts grad.type() == 'torch.cuda.FloatTensor'; the CPU version scales the same "
-        "gradients by the same coefficient",
+        why=(
+            "it asserts grad.type() == 'torch.cuda.FloatTensor'; the CPU version scales the same "
+            "gradients by the same coefficient"
+        ),
         applies=_no_cuda,
         install=_install_cpu_clip_grad,
         test="tests/patches/test_cpu.py::test_cpu_clip_matches_the_coefficient",
@@ -193,8 +197,10 @@ PATCHES = [
             ),
         ),
         when="CUDA is not available",
-        why="pipeline stages sharing the embedding move it with Tensor.cuda() before their "
-        "all-reduce; only while that method runs, Tensor.cuda() returns the tensor itself",
+        why=(
+            "pipeline stages sharing the embedding move it with Tensor.cuda() before their "
+            "all-reduce; only while that method runs, Tensor.cuda() returns the tensor itself"
+        ),
         applies=_no_cuda,
         install=_install_cpu_embedding_sync,
         test="tests/parallel/test_parallel_equivalence.py::test_layout_matches_single_process",

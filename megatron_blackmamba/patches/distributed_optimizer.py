@@ -43,14 +43,20 @@ PATCHES = [
                 own=True,
             ),
         ),
-        when="neither apex nor Transformer Engine is installed (megatron falls back to torch's Adam)",
-        why="megatron's loaders leave torch Adam's 'step' out of the saved tensors (it comes back "
-        "from the param groups), but the setter copies every key of the optimizer's state, so "
-        "every load failed with KeyError 'step'; copy the saved tensors instead (the "
-        "precision-aware path, which keeps no torch state, is unchanged)",
+        when=(
+            "neither apex nor Transformer Engine is installed (megatron falls back to torch's Adam)"
+        ),
+        why=(
+            "megatron's loaders leave torch Adam's 'step' out of the saved tensors (it comes back "
+            "from the param groups), but the setter copies every key of the optimizer's state, so "
+            "every load failed with KeyError 'step'; copy the saved tensors instead (the "
+            "precision-aware path, which keeps no torch state, is unchanged)"
+        ),
         applies=_without_apex_or_te,
         install=_install_load_saved_states_only,
-        test="tests/training/test_optimizer_state_pairing.py::"
-        "test_save_then_load_restores_every_parameter_and_its_state",
+        test=(
+            "tests/training/test_optimizer_state_pairing.py::"
+            "test_save_then_load_restores_every_parameter_and_its_state"
+        ),
     ),
 ]

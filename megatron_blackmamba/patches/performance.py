@@ -61,8 +61,10 @@ PATCHES = [
         kind="performance",
         targets=(Target("megatron.core.optimizer.clip_grads", "l2_norm_impl"),),
         when="megatron uses its local multi-tensor helpers (no apex, no TE)",
-        why="the local gradient-norm helper reads every tensor's norm back to the host (one device "
-        "sync per parameter); one torch._foreach_norm, no host sync",
+        why=(
+            "the local gradient-norm helper reads every tensor's norm back to the host (one device "
+            "sync per parameter); one torch._foreach_norm, no host sync"
+        ),
         applies=_megatron_local_multi_tensor_ops,
         install=_install_foreach_l2_norm,
         test="tests/patches/test_performance.py::test_foreach_l2_norm_matches_float64",
@@ -75,8 +77,10 @@ PATCHES = [
             Target("megatron.core.optimizer.optimizer", "multi_tensor_scale_impl"),
         ),
         when="megatron uses its local multi-tensor helpers (no apex, no TE)",
-        why="the local scale helper (main -> model param copies, gradient clipping) launches two "
-        "kernels per tensor; torch._foreach_mul + torch._foreach_copy_",
+        why=(
+            "the local scale helper (main -> model param copies, gradient clipping) launches two "
+            "kernels per tensor; torch._foreach_mul + torch._foreach_copy_"
+        ),
         applies=_megatron_local_multi_tensor_ops,
         install=_install_foreach_scale,
         test="tests/patches/test_performance.py::test_foreach_scale_matches_reference",
@@ -89,9 +93,12 @@ PATCHES = [
             Target("megatron.core.transformer.moe.token_dispatcher", "permute"),
         ),
         when="always",
-        why="permute finds each expert's tokens with masked_select, whose output size is data "
-        "dependent, so every MoE forward waited twice for the GPU; dropless dispatchers know the "
-        "size, and torch.nonzero_static with it gives the same indices in the same order, no sync",
+        why=(
+            "permute finds each expert's tokens with masked_select, whose output size is data"
+            " dependent, so every MoE forward waited twice for the GPU; dropless dispatchers know"
+            " the size, and torch.nonzero_static with it gives the same indices in the same order,"
+            " no sync"
+        ),
         applies=lambda: True,
         install=_install_sync_free_permute,
         test="tests/patches/test_performance.py::test_sync_free_permute_matches_megatron",

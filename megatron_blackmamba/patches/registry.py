@@ -49,7 +49,9 @@ class Target:
             obj = getattr(obj, part)
         if self.own:
             owner = getattr(obj, "__module__", self.module) or self.module
-            if owner != self.module and not owner.startswith("megatron_blackmamba."):  # ours: installed
+            if owner != self.module and not owner.startswith(
+                "megatron_blackmamba."
+            ):  # ours: installed
                 return f"{self.module}.{self.attribute} is now defined in {owner}"
         return None
 
@@ -94,16 +96,17 @@ def install_patches(patches: Sequence[Patch]) -> list[str]:
     moved = [problem for p in wanted for problem in p.problems()]
     if moved:
         raise RuntimeError(
-            f"megatron-core {version}: the targets of these patches moved, so they would do nothing "
-            f"(they were written for {WRITTEN_FOR}; install megatron-core=={WRITTEN_FOR} or update "
-            "megatron_blackmamba/patches): " + "; ".join(moved)
+            f"megatron-core {version}: the targets of these patches moved, so they would do nothing"
+            f" (they were written for {WRITTEN_FOR}; install megatron-core=={WRITTEN_FOR} or update"
+            " megatron_blackmamba/patches): " + "; ".join(moved)
         )
     stale = sorted({p.written_for for p in wanted} - {version})
     if stale:
         logger.warning(
             "megatron-core %s: the patches in megatron_blackmamba/patches were written for %s; "
             "their targets were found, but run the tests they name before training",
-            version, ", ".join(stale),
+            version,
+            ", ".join(stale),
         )
     for patch in wanted:
         patch.install()

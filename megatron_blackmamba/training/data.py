@@ -15,10 +15,10 @@ from megatron.core import parallel_state
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
+from megatron_blackmamba.config import JobConfig
 from megatron_blackmamba.data_prep.mixture import read_megatron_blend
 from megatron_blackmamba.data_prep.sample import ensure_sample_dataset, sample_tokenizer_path
 from megatron_blackmamba.data_prep.tokenizer import TextTokenizer, load_tokenizer
-from megatron_blackmamba.config import JobConfig
 
 
 @dataclass
@@ -34,7 +34,9 @@ def tokenizer_path(job: JobConfig) -> str:
         return job.data.tokenizer
     if job.data.blend in ("sample", "mock"):
         return sample_tokenizer_path()
-    raise ValueError("data.tokenizer is required with a blend file: pass the tokenizer.json used by data_prep")
+    raise ValueError(
+        "data.tokenizer is required with a blend file: pass the tokenizer.json used by data_prep"
+    )
 
 
 def resolve_tokenizer(job: JobConfig) -> TextTokenizer:
@@ -42,8 +44,9 @@ def resolve_tokenizer(job: JobConfig) -> TextTokenizer:
     tokenizer = load_tokenizer(path)
     if tokenizer.vocab_size > job.model.vocab_size:
         raise ValueError(
-            f"{path}: tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={job.model.vocab_size}; "
-            "raise model.vocab_size (pad to a multiple of 128)"
+            f"{path}: tokenizer has {tokenizer.vocab_size} tokens but"
+            f" model.vocab_size={job.model.vocab_size}; raise model.vocab_size (pad to a multiple"
+            " of 128)"
         )
     return tokenizer
 
@@ -74,7 +77,12 @@ def build_datasets(job: JobConfig, train_samples: int, valid_samples: int) -> Da
         config = GPTDatasetConfig(split="99,1,0", **common)
     elif d.valid_blend:
         config = GPTDatasetConfig(
-            blend_per_split=[_blend(d.blend, d.cache_dir), _blend(d.valid_blend, d.cache_dir), None], **common
+            blend_per_split=[
+                _blend(d.blend, d.cache_dir),
+                _blend(d.valid_blend, d.cache_dir),
+                None,
+            ],
+            **common,
         )
     else:
         config = GPTDatasetConfig(blend=_blend(d.blend, d.cache_dir), split=d.split, **common)
@@ -92,7 +100,9 @@ class ResumableBatchSampler:
     300B-token dataset costs nothing up front.
     """
 
-    def __init__(self, total: int, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+    def __init__(
+        self, total: int, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int
+    ):
         self.total, self.consumed = total, consumed_samples
         self.mbs, self.rank, self.step = micro_batch_size, dp_rank, micro_batch_size * dp_size
 
@@ -108,14 +118,23 @@ class ResumableBatchSampler:
 
 
 def micro_batches(
-    dataset: torch.utils.data.Dataset, consumed_samples: int, micro_batch_size: int, num_workers: int = 0
+    dataset: torch.utils.data.Dataset,
+    consumed_samples: int,
+    micro_batch_size: int,
+    num_workers: int = 0,
 ) -> Iterator[dict[str, torch.Tensor]]:
     sampler = ResumableBatchSampler(
-        len(dataset), consumed_samples, micro_batch_size,
-        parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
+        len(dataset),
+        consumed_samples,
+        micro_batch_size,
+        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_data_parallel_world_size(),
     )
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=_collate,
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=_collate,
         persistent_workers=num_workers > 0,
         # A copy from pageable memory makes the host wait for the GPU's queue to drain, at every
         # micro-batch; from pinned memory it is queued like a kernel (bench/PERF_NOTES.md).
@@ -125,4 +144,7 @@ def micro_batches(
 
 
 def _collate(samples: list[dict]) -> dict[str, torch.Tensor]:
-    return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in ("tokens", "labels", "loss_mask")}
+    return {
+        k: torch.stack([torch.as_tensor(s[k]) for s in samples])
+        for k in ("tokens", "labels", "loss_mask")
+    }

@@ -38,7 +38,13 @@ GPU_PEAK_TFLOPS = {
 
 
 def mamba_layer_flops(m: ModelConfig) -> int:
-    h, di, n, r, w = m.hidden_size, m.expand * m.hidden_size, m.d_state, m.resolved_dt_rank(), m.d_conv
+    h, di, n, r, w = (
+        m.hidden_size,
+        m.expand * m.hidden_size,
+        m.d_state,
+        m.resolved_dt_rank(),
+        m.d_conv,
+    )
     gemms = 2 * h * 2 * di + 2 * di * (r + 2 * n) + 2 * r * di + 2 * di * h
     return gemms + 2 * di * w + 7 * di * n + 5 * di
 

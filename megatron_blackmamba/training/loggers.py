@@ -27,8 +27,11 @@ RUN_CONFIG_FILE = "config.yaml"
 
 def log_dirs(job: JobConfig) -> list[Path]:
     """The folders this run writes logs to (checkpoints, tensorboard, the metrics file's)."""
-    dirs = [job.checkpoint.save, job.logging.tensorboard_dir,
-            os.path.dirname(job.logging.metrics_jsonl) if job.logging.metrics_jsonl else None]
+    dirs = [
+        job.checkpoint.save,
+        job.logging.tensorboard_dir,
+        os.path.dirname(job.logging.metrics_jsonl) if job.logging.metrics_jsonl else None,
+    ]
     unique: list[Path] = []
     for d in dirs:
         if d and Path(d).resolve() not in [u.resolve() for u in unique]:
@@ -59,7 +62,9 @@ def wandb_run_id(job: JobConfig) -> str:
         Path(ck.save).mkdir(parents=True, exist_ok=True)
         write_text_atomic(Path(ck.save) / WANDB_ID_FILE, run_id + "\n")
     else:
-        logger.warning("checkpoint.save is null: W&B run %s cannot be reopened by a restart", run_id)
+        logger.warning(
+            "checkpoint.save is null: W&B run %s cannot be reopened by a restart", run_id
+        )
     return run_id
 
 
@@ -79,7 +84,9 @@ class MetricsLogger:
             Path(lg.metrics_jsonl).parent.mkdir(parents=True, exist_ok=True)
             self.jsonl = open(lg.metrics_jsonl, "a")
         if lg.progress_bar:
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
+            )
         if lg.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -90,8 +97,13 @@ class MetricsLogger:
             run_dir = lg.wandb_dir or str(Path(job.checkpoint.save or "runs") / "wandb")
             os.makedirs(run_dir, exist_ok=True)
             self.wandb = wandb.init(
-                project=lg.wandb_project, name=lg.run_name, mode=lg.wandb_mode, dir=run_dir,
-                config=job.to_dict(), id=wandb_run_id(job), resume="allow",
+                project=lg.wandb_project,
+                name=lg.run_name,
+                mode=lg.wandb_mode,
+                dir=run_dir,
+                config=job.to_dict(),
+                id=wandb_run_id(job),
+                resume="allow",
             )
             logger.info("W&B run %s (%s, %s)", self.wandb.id, lg.wandb_mode, run_dir)
 
@@ -100,8 +112,12 @@ class MetricsLogger:
             return
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
-                                 mfu=f"{metrics['mfu_percent']:.1f}%", refresh=False)
+            self.bar.set_postfix(
+                loss=f"{metrics['loss']:.4f}",
+                tok_s=f"{metrics['tokens_per_s']:.0f}",
+                mfu=f"{metrics['mfu_percent']:.1f}%",
+                refresh=False,
+            )
         if log_line:
             logger.info(f"step {step} | " + " | ".join(_shown(k, v) for k, v in metrics.items()))
         self.scalars(step, metrics, prefix="train/")

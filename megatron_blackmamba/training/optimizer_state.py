@@ -34,12 +34,17 @@ def _pair_mixed_dtype_params_with_their_state(optimizer: DistributedOptimizer) -
     """Point megatron's checkpoint bookkeeping at each parameter's own main copy and Adam state.
 
     The optimizer records each parameter's position in its group, then reorders every group to
-    [fp32 params, fp32 copies of 16-bit params] without updating the record (NVIDIA/Megatron-LM#2777,
-    fixed upstream after 0.16.1). Optimizer steps never read it; checkpoint save and load do. A group
-    mixing A_log and D with bf16 biases and norm weights made the first save crash on a size mismatch,
+    [fp32 params, fp32 copies of 16-bit params] without updating the record
+    (NVIDIA/Megatron-LM#2777,
+    fixed upstream after 0.16.1). Optimizer steps never read it; checkpoint save and load do. A
+    group
+    mixing A_log and D with bf16 biases and norm weights made the first save crash on a size
+    mismatch,
     and where two sizes agree one parameter's state would be saved and loaded as another's.
     """
-    for group, (fp32, float16) in enumerate(zip(optimizer.model_fp32_groups, optimizer.model_float16_groups)):
+    for group, (fp32, float16) in enumerate(
+        zip(optimizer.model_fp32_groups, optimizer.model_float16_groups)
+    ):
         for order, param in enumerate([*fp32, *float16]):  # the order the group now holds
             optimizer.model_param_group_index_map[param] = (group, order)
 
@@ -61,5 +66,6 @@ def _allocate_torch_adam_state(optimizer: DistributedOptimizer) -> None:
         on_device = group.get("fused") or group.get("capturable")
         for param in group["params"]:
             device = param.device if on_device else torch.device("cpu")
-            optimizer.optimizer.state[param]["step"] = torch.zeros((), dtype=torch.float32, device=device)
-
+            optimizer.optimizer.state[param]["step"] = torch.zeros(
+                (), dtype=torch.float32, device=device
+            )

@@ -27,8 +27,19 @@ from megatron_blackmamba.config import JobConfig, ModelConfig, check_job
 # Model fields that decide the checkpoint's tensors: a checkpoint saved under other values cannot
 # be resumed with this model.
 ARCHITECTURE_FIELDS = (
-    "vocab_size", "hidden_size", "num_layers", "d_state", "d_conv", "expand", "num_experts",
-    "activation", "add_bias_linear", "router_bias", "final_norm", "tie_embeddings", "moe_grouped_gemm",
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "d_state",
+    "d_conv",
+    "expand",
+    "num_experts",
+    "activation",
+    "add_bias_linear",
+    "router_bias",
+    "final_norm",
+    "tie_embeddings",
+    "moe_grouped_gemm",
 )
 SAMPLED_DOCUMENTS = 64
 
@@ -48,14 +59,19 @@ def preflight(job: JobConfig, world_size: int) -> int:
         print(f"ok      : {line}")
     for problem in report.problems:
         print(f"PROBLEM : {problem}")
-    print(f"preflight: {'FAILED, ' + str(len(report.problems)) + ' problem(s)' if report.problems else 'ok'}")
+    print(
+        "preflight:"
+        f" {'FAILED, ' + str(len(report.problems)) + ' problem(s)' if report.problems else 'ok'}"
+    )
     return 1 if report.problems else 0
 
 
 def run_checks(job: JobConfig, world_size: int) -> Report:
     report = Report()
     layout = check_job(job, world_size)
-    report.lines.append(f"config and layout (world size {world_size}, dp {layout.info.get('dp', '?')})")
+    report.lines.append(
+        f"config and layout (world size {world_size}, dp {layout.info.get('dp', '?')})"
+    )
     report.lines += [f"warning: {w}" for w in layout.warnings]
     _check_model(job, report)
     _check_tokenizer(job, report)
@@ -116,10 +132,12 @@ def _check_tokenizer(job: JobConfig, report: Report) -> None:
     except Exception as exc:
         report.problems.append(f"data.tokenizer: {path} cannot be loaded ({exc})")
         return
-    report.check(vocab <= job.model.vocab_size,
-                 f"tokenizer {path}: {vocab} tokens <= model.vocab_size {job.model.vocab_size}",
-                 f"data.tokenizer: {path} has {vocab} tokens but model.vocab_size={job.model.vocab_size}: "
-                 "raise model.vocab_size (a multiple of 128)")
+    report.check(
+        vocab <= job.model.vocab_size,
+        f"tokenizer {path}: {vocab} tokens <= model.vocab_size {job.model.vocab_size}",
+        f"data.tokenizer: {path} has {vocab} tokens but model.vocab_size={job.model.vocab_size}: "
+        "raise model.vocab_size (a multiple of 128)",
+    )
 
 
 def _blend_prefixes(job: JobConfig, report: Report) -> list[str]:
@@ -139,7 +157,9 @@ def _blend_prefixes(job: JobConfig, report: Report) -> list[str]:
         except (InputError, OSError, ValueError) as exc:
             report.problems.append(f"data.{name}: {exc}")
     if job.data.blend in ("sample", "mock"):
-        report.lines.append(f"data.blend={job.data.blend}: built from the bundled corpus on first use")
+        report.lines.append(
+            f"data.blend={job.data.blend}: built from the bundled corpus on first use"
+        )
     return prefixes
 
 
@@ -149,17 +169,21 @@ def _check_datasets(job: JobConfig, report: Report) -> None:
     for prefix in _blend_prefixes(job, report):
         missing = [p for p in (bin_path(prefix), idx_path(prefix)) if not os.path.isfile(p)]
         if missing:
-            report.problems.append(f"dataset {prefix}: missing {' and '.join(missing)} (build it with blackmamba-prep)")
+            report.problems.append(
+                f"dataset {prefix}: missing {' and '.join(missing)} (build it with blackmamba-prep)"
+            )
             continue
         try:
             largest, how = largest_token_id(prefix)
         except (OSError, ValueError) as exc:
             report.problems.append(f"dataset {prefix}: {exc}")
             continue
-        report.check(largest < job.model.vocab_size,
-                     f"dataset {prefix}: largest token id {largest} < model.vocab_size ({how})",
-                     f"dataset {prefix}: token id {largest} >= model.vocab_size={job.model.vocab_size} ({how}): "
-                     "the data was tokenised with a larger vocabulary than the model has")
+        report.check(
+            largest < job.model.vocab_size,
+            f"dataset {prefix}: largest token id {largest} < model.vocab_size ({how})",
+            f"dataset {prefix}: token id {largest} >= model.vocab_size={job.model.vocab_size}"
+            f" ({how}): the data was tokenised with a larger vocabulary than the model has",
+        )
 
 
 def largest_token_id(prefix: str, documents: int = SAMPLED_DOCUMENTS) -> tuple[int, str]:
@@ -172,7 +196,7 @@ def largest_token_id(prefix: str, documents: int = SAMPLED_DOCUMENTS) -> tuple[i
     if count == 0:
         return -1, "empty dataset"
     picks = np.unique(np.linspace(0, count - 1, min(documents, count)).astype(np.int64))
-    largest = max(int(tokens[offsets[i]:offsets[i + 1]].max(initial=0)) for i in picks)
+    largest = max(int(tokens[offsets[i] : offsets[i + 1]].max(initial=0)) for i in picks)
     return largest, f"{len(picks)} of {count} sequences sampled, {tokens.dtype.name} tokens"
 
 
@@ -195,25 +219,39 @@ def _check_checkpoint_dir(job: JobConfig, report: Report) -> None:
             continue
         saved = (json.loads((found / MANIFEST).read_text()).get("config") or {}).get("model", {})
         differences = _architecture_differences(job.model, saved)
-        report.check(not differences, f"checkpoint.{name}: {found} holds this model",
-                     f"checkpoint.{name}: {found} holds another model ({'; '.join(differences)}): "
-                     "use a new checkpoint.save folder, or the config it was saved with")
+        report.check(
+            not differences,
+            f"checkpoint.{name}: {found} holds this model",
+            f"checkpoint.{name}: {found} holds another model ({'; '.join(differences)}): "
+            "use a new checkpoint.save folder, or the config it was saved with",
+        )
         if name == "load" or not ck.load:
             break
 
 
 def _architecture(model: ModelConfig) -> dict:
-    return {**{f: getattr(model, f) for f in ARCHITECTURE_FIELDS}, "layer_pattern": model.resolved_layer_pattern(),
-            "ffn_hidden_size": model.resolved_ffn_hidden_size(), "dt_rank": model.resolved_dt_rank()}
+    return {
+        **{f: getattr(model, f) for f in ARCHITECTURE_FIELDS},
+        "layer_pattern": model.resolved_layer_pattern(),
+        "ffn_hidden_size": model.resolved_ffn_hidden_size(),
+        "dt_rank": model.resolved_dt_rank(),
+    }
 
 
 def _architecture_differences(model: ModelConfig, saved: dict) -> list[str]:
-    """The architecture fields in which ``model`` differs from a checkpoint's saved model section."""
+    """The architecture fields in which ``model`` differs from a checkpoint's saved model
+    section."""
     if not saved:
         return []
-    before = _architecture(ModelConfig(**{k: v for k, v in saved.items() if k in ModelConfig.__dataclass_fields__}))
+    before = _architecture(
+        ModelConfig(**{k: v for k, v in saved.items() if k in ModelConfig.__dataclass_fields__})
+    )
     current = _architecture(model)
-    return [f"model.{k}: checkpoint {before[k]!r}, config {current[k]!r}" for k in current if before[k] != current[k]]
+    return [
+        f"model.{k}: checkpoint {before[k]!r}, config {current[k]!r}"
+        for k in current
+        if before[k] != current[k]
+    ]
 
 
 def _writable(folder: Path) -> tuple[bool, str, str]:
@@ -227,5 +265,12 @@ def _writable(folder: Path) -> tuple[bool, str, str]:
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".preflight-"):
             pass
     except OSError as exc:
-        return False, "", f"checkpoint.save: cannot write in {existing} ({exc.strerror}): choose a writable folder"
+        return (
+            False,
+            "",
+            (
+                f"checkpoint.save: cannot write in {existing} ({exc.strerror}): choose a writable"
+                " folder"
+            ),
+        )
     return True, f"checkpoint.save: {folder} is writable", ""

@@ -5,7 +5,11 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -43,7 +47,9 @@ def build_training_model(job: JobConfig) -> torch.nn.Module:
     return build_model(job, cuda_graphs=job.training.cuda_graphs)
 
 
-def build_ddp_model(job: JobConfig, build: Callable[[JobConfig], torch.nn.Module] = build_training_model) -> list[DistributedDataParallel]:
+def build_ddp_model(
+    job: JobConfig, build: Callable[[JobConfig], torch.nn.Module] = build_training_model
+) -> list[DistributedDataParallel]:
     """This rank's model chunk on its device, wrapped in megatron DDP (grad buffers, DP/EP reduce).
 
     ``build`` makes the bare model (benchmarks pass baselines built from the same config)."""
@@ -56,7 +62,8 @@ def build_ddp_model(job: JobConfig, build: Callable[[JobConfig], torch.nn.Module
         ddp_config=DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             # Off: the reduction must not wait on per-parameter hooks, which the grouped experts'
-            # weights never fire (their gradients go straight into the main grads: kernels/grouped_gemm.py).
+            # weights never fire (their gradients go straight into the main grads:
+            # kernels/grouped_gemm.py).
             overlap_grad_reduce=False,
             use_distributed_optimizer=use_dist_opt,
         ),
@@ -91,7 +98,11 @@ def build_optimizer(job: JobConfig, model: list[DistributedDataParallel]):
         # Whatever the DDP wrapper resolved (the distributed optimizer needs its grad buffers).
         use_distributed_optimizer=model[0].ddp_config.use_distributed_optimizer,
     )
-    overrides = {ParamKey(predicate=ParamPredicate(name="no_weight_decay", fn=_no_weight_decay)): {"wd_mult": 0.0}}
+    overrides = {
+        ParamKey(predicate=ParamPredicate(name="no_weight_decay", fn=_no_weight_decay)): {
+            "wd_mult": 0.0
+        }
+    }
     optimizer = get_megatron_optimizer(config, model, config_overrides=overrides)
     _use_fused_torch_adam(optimizer)
     make_checkpointable(optimizer)
@@ -140,6 +151,3 @@ def num_microbatches(job: JobConfig, data_parallel_size: int) -> int:
             f"micro_batch_size*data_parallel_size={per_step}"
         )
     return t.global_batch_size // per_step
-
-
-

@@ -21,7 +21,11 @@ Batch = dict[str, torch.Tensor]
 
 
 def device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -73,7 +77,9 @@ def global_loss(loss: Optional[float]) -> float:
     ranks (each saw different micro-batches), i.e. the loss of the whole global batch."""
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     t = torch.tensor([loss if loss is not None else 0.0], dtype=torch.float64, device=device())
-    torch.distributed.broadcast(t, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=pp_group)
+    torch.distributed.broadcast(
+        t, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=pp_group
+    )
     torch.distributed.all_reduce(t, group=parallel_state.get_data_parallel_group())
     return float(t.item()) / parallel_state.get_data_parallel_world_size()
 

@@ -26,15 +26,31 @@ DRY_RUNS = {
 
 @pytest.mark.parametrize("script", sorted(DRY_RUNS))
 def test_dry_run_prints_its_plan(script: str):
-    result = subprocess.run([sys.executable, str(REPO / "bench" / script), "--dry-run"], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), "--dry-run"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert DRY_RUNS[script] in result.stdout
 
 
 def test_unknown_variant_is_refused():
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "train_throughput.py"), "--variants",
-                             "blackmamba-cuda,nope", "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "train_throughput.py"),
+            "--variants",
+            "blackmamba-cuda,nope",
+            "--dry-run",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0 and "unknown variants ['nope']" in result.stderr
 
 

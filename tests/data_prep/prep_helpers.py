@@ -14,11 +14,22 @@ from typing import Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[2]
 
-_WORDS = ("the of and to in is was for on that with as by at from it be this which or are "
-          "data model token shard merge stream python state space mamba expert router layer "
-          "def return class import self None True False print lambda yield").split()
-EXTRAS = ["café", "naïve", "日本語のテキスト", "Ünïcödé", "emoji 🙂🚀",
-          'quote " and \\ back', "tab\there", "x = {'a': [1, 2, 3]}", "if x:\n    return y\n"]
+_WORDS = (
+    "the of and to in is was for on that with as by at from it be this which or are "
+    "data model token shard merge stream python state space mamba expert router layer "
+    "def return class import self None True False print lambda yield"
+).split()
+EXTRAS = [
+    "café",
+    "naïve",
+    "日本語のテキスト",
+    "Ünïcödé",
+    "emoji 🙂🚀",
+    'quote " and \\ back',
+    "tab\there",
+    "x = {'a': [1, 2, 3]}",
+    "if x:\n    return y\n",
+]
 
 
 def make_texts(count: int, seed: int) -> List[str]:
@@ -55,6 +66,7 @@ def read_documents(prefix: str) -> List[List[int]]:
 
 # ------------------------------------------------------------------ corpus writers
 
+
 def jsonl_bytes(records: Sequence[object]) -> bytes:
     return b"".join(json.dumps(r).encode("utf-8") + b"\n" for r in records)
 
@@ -72,13 +84,15 @@ def write_compressed(path: Path, data: bytes) -> Path:
     return path
 
 
-def pile_records(texts: Sequence[str], subsets: Sequence[str], key: str = "pile_set_name"
-                 ) -> List[Dict[str, object]]:
+def pile_records(
+    texts: Sequence[str], subsets: Sequence[str], key: str = "pile_set_name"
+) -> List[Dict[str, object]]:
     return [{"text": t, "meta": {key: s}} for t, s in zip(texts, subsets)]
 
 
-def write_parquet(path: Path, texts: Sequence[Optional[str]], row_group_size: int = 7,
-                  column: str = "content") -> Path:
+def write_parquet(
+    path: Path, texts: Sequence[Optional[str]], row_group_size: int = 7, column: str = "content"
+) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -104,5 +118,11 @@ def run_cli(*args: str, env: Optional[Dict[str, str]] = None, **kwargs):
     import subprocess
 
     full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
-    return subprocess.run([sys.executable, "-m", "megatron_blackmamba.data_prep", *args], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_blackmamba.data_prep", *args],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        **kwargs,
+    )

@@ -13,13 +13,30 @@ import pytest
 from megatron_blackmamba.data_prep.build import BuildSpec, build
 from megatron_blackmamba.data_prep.issues import BadRecordError
 
-from .prep_helpers import (expected_ids, jsonl_bytes, make_texts, pile_records, read_documents,
-                           run_cli, write_compressed, write_parquet, write_pg19)
+from .prep_helpers import (
+    expected_ids,
+    jsonl_bytes,
+    make_texts,
+    pile_records,
+    read_documents,
+    run_cli,
+    write_compressed,
+    write_parquet,
+    write_pg19,
+)
 
 
 def _build(tmp_path, reader, pattern, tokenizer_path, **kwargs):
-    return build(BuildSpec(reader=reader, inputs=(str(pattern),), tokenizer=tokenizer_path,
-                           output=str(tmp_path / "out" / reader), progress=False, **kwargs))
+    return build(
+        BuildSpec(
+            reader=reader,
+            inputs=(str(pattern),),
+            tokenizer=tokenizer_path,
+            output=str(tmp_path / "out" / reader),
+            progress=False,
+            **kwargs,
+        )
+    )
 
 
 def _bad_lines(texts):
@@ -41,8 +58,9 @@ def _bad_lines(texts):
 
 
 @pytest.mark.parametrize("name", ["bad.jsonl", "bad.jsonl.zst", "bad.jsonl.gz"])
-def test_bad_records_are_skipped_counted_and_located(tmp_path, tokenizer_path, hf_tokenizer,
-                                                     caplog, name):
+def test_bad_records_are_skipped_counted_and_located(
+    tmp_path, tokenizer_path, hf_tokenizer, caplog, name
+):
     texts = make_texts(10, 3)
     data, bad = _bad_lines(texts)
     path = write_compressed(tmp_path / name, data)
@@ -76,8 +94,9 @@ def test_truncated_stream(tmp_path, tokenizer_path, hf_tokenizer, caplog, name):
         result = _build(tmp_path, "pile", path, tokenizer_path, shard_bytes=20_000)
     assert read_documents(result.prefix) == expected_ids(hf_tokenizer, texts[:complete])
     assert result.stats.skipped["corrupt_stream"] == 1
-    assert any(f"{path}, after line {complete} " in m and "re-download" in m
-               for m in caplog.messages)
+    assert any(
+        f"{path}, after line {complete} " in m and "re-download" in m for m in caplog.messages
+    )
 
 
 def test_unreadable_and_incomplete_parquet(tmp_path, tokenizer_path, hf_tokenizer, caplog):
@@ -90,9 +109,12 @@ def test_unreadable_and_incomplete_parquet(tmp_path, tokenizer_path, hf_tokenize
     assert read_documents(result.prefix) == expected_ids(hf_tokenizer, texts)
     assert result.stats.skipped == {"missing_text": 3, "empty": 1, "unreadable_file": 1}
     a, b, c = (str(tmp_path / "python" / f"{x}.parquet") for x in "abc")
-    for expected in (f"{a}, row 4 (0-based): missing_text", f"{a}, row 5 (0-based): empty",
-                     f"{b}: unreadable_file: cannot open as parquet",
-                     f"{c}, all 2 rows: missing_text: no 'content' column"):
+    for expected in (
+        f"{a}, row 4 (0-based): missing_text",
+        f"{a}, row 5 (0-based): empty",
+        f"{b}: unreadable_file: cannot open as parquet",
+        f"{c}, all 2 rows: missing_text: no 'content' column",
+    ):
         assert any(expected in m for m in caplog.messages), expected
 
 
@@ -103,8 +125,10 @@ def test_pg19_bad_books(tmp_path, tokenizer_path, caplog):
     assert result.output.documents == 1
     assert result.stats.skipped == {"non_utf8": 1, "empty": 1}
     book = tmp_path / "train" / "2.txt"
-    assert any(f"{book}, 'Title of 2, a novel': non_utf8: byte 0xff at offset 0" in m
-               for m in caplog.messages)
+    assert any(
+        f"{book}, 'Title of 2, a novel': non_utf8: byte 0xff at offset 0" in m
+        for m in caplog.messages
+    )
 
 
 def test_strict_stops(tmp_path, tokenizer_path):
@@ -112,9 +136,22 @@ def test_strict_stops(tmp_path, tokenizer_path):
     path = write_compressed(tmp_path / "bad.jsonl.zst", data)
     with pytest.raises(BadRecordError, match=r"line 3: invalid_json"):
         _build(tmp_path, "pile", path, tokenizer_path, strict=True)
-    args = ["build", "--reader", "pile", "--input", str(path), "--tokenizer", tokenizer_path,
-            "--output", str(tmp_path / "cli" / "out"), "--no-progress", "--workers", "2",
-            "--shard-size-mb", "0.0002"]
+    args = [
+        "build",
+        "--reader",
+        "pile",
+        "--input",
+        str(path),
+        "--tokenizer",
+        tokenizer_path,
+        "--output",
+        str(tmp_path / "cli" / "out"),
+        "--no-progress",
+        "--workers",
+        "2",
+        "--shard-size-mb",
+        "0.0002",
+    ]
     strict = run_cli(*args, "--strict")
     assert strict.returncode == 2, strict.stderr
     # with 2 workers the first bad record *found* may be any of them
@@ -123,8 +160,10 @@ def test_strict_stops(tmp_path, tokenizer_path):
     assert not (tmp_path / "cli" / "out.bin").exists()
     lenient = run_cli(*args)
     assert lenient.returncode == 0, lenient.stderr
-    assert "skipped records (not in the output): empty 2, invalid_json 2, missing_text 1, " \
-           "non_utf8 2" in lenient.stdout
+    assert (
+        "skipped records (not in the output): empty 2, invalid_json 2, missing_text 1, non_utf8 2"
+        in lenient.stdout
+    )
     # a strict rerun must not accept shards that an earlier lenient run finished with skips
     again = run_cli(*args, "--strict", "--restart")
     assert again.returncode == 2

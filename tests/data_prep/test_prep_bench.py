@@ -7,7 +7,11 @@ from .prep_helpers import REPO
 
 
 def test_bench_dry_run():
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "data_prep_throughput.py"),
-                             "--dry-run"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "data_prep_throughput.py"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "workers [1, 2]" in result.stdout

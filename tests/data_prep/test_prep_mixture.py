@@ -20,10 +20,14 @@ from .prep_helpers import REPO, jsonl_bytes, make_texts, pile_records, run_cli, 
 
 @pytest.fixture()
 def mixture_dir(tmp_path, tokenizer_path):
-    write_compressed(tmp_path / "raw" / "pile" / "00.jsonl.zst",
-                     jsonl_bytes(pile_records(make_texts(40, 1), ["Pile-CC", "ArXiv"] * 20)))
-    write_compressed(tmp_path / "raw" / "pes2o" / "train-0.json.gz", jsonl_bytes(
-        [{"text": t, "source": "s2orc"} for t in make_texts(30, 2)]))
+    write_compressed(
+        tmp_path / "raw" / "pile" / "00.jsonl.zst",
+        jsonl_bytes(pile_records(make_texts(40, 1), ["Pile-CC", "ArXiv"] * 20)),
+    )
+    write_compressed(
+        tmp_path / "raw" / "pes2o" / "train-0.json.gz",
+        jsonl_bytes([{"text": t, "source": "s2orc"} for t in make_texts(30, 2)]),
+    )
     config = tmp_path / "mix.yaml"
     config.write_text(f"""
 token_budget: 1e5
@@ -39,8 +43,14 @@ sources:
     inputs: "$MIX_ROOT/pes2o"
     weight: 1
 """)
-    result = run_cli("mixture", str(config), "--output-dir", str(tmp_path / "out"),
-                     "--no-progress", env={"MIX_ROOT": str(tmp_path / "raw")})
+    result = run_cli(
+        "mixture",
+        str(config),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--no-progress",
+        env={"MIX_ROOT": str(tmp_path / "raw")},
+    )
     assert result.returncode == 0, result.stderr
     return tmp_path / "out", result.stdout
 
@@ -50,8 +60,10 @@ def test_blend_files_parse_back(mixture_dir):
     pairs = read_blend(str(out / "blend.txt"))
     assert pairs == read_blend(str(out / "blend.json"))
     assert json.loads((out / "blend.json").read_text()) == {"blend": [list(p) for p in pairs]}
-    prefixes = [str(out / "pile" / "pile_text_document"),
-                str(out / "papers" / "papers_text_document")]
+    prefixes = [
+        str(out / "pile" / "pile_text_document"),
+        str(out / "papers" / "papers_text_document"),
+    ]
     assert pairs == [(3.0, prefixes[0]), (1.0, prefixes[1])]
     assert read_megatron_blend(str(out / "blend.txt")) == (prefixes, [3.0, 1.0])
     # megatron-LM's own parser of --data-path reads the text form the same way
@@ -74,8 +86,10 @@ def test_summary_reports_share_and_epochs(mixture_dir):
 
 def test_relative_blend_prefixes_and_errors(tmp_path):
     (tmp_path / "b.txt").write_text("0.5 a/x 1.5 /abs/y\n")
-    assert read_blend(str(tmp_path / "b.txt")) == [(0.5, str(tmp_path / "a" / "x")),
-                                                   (1.5, "/abs/y")]
+    assert read_blend(str(tmp_path / "b.txt")) == [
+        (0.5, str(tmp_path / "a" / "x")),
+        (1.5, "/abs/y"),
+    ]
     for bad in ("0.5 a 1", "w a", "0 a", "", "nan a", '{"blend": [[1]]}', "{not json"):
         (tmp_path / "bad.txt").write_text(bad)
         with pytest.raises(InputError):
@@ -86,19 +100,27 @@ def test_megatron_builds_a_gpt_blend(mixture_dir, tokenizer_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from megatron.core.datasets.blended_megatron_dataset_builder import (
-            BlendedMegatronDatasetBuilder)
+            BlendedMegatronDatasetBuilder,
+        )
         from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     out, _ = mixture_dir
     tokenizer = load_tokenizer(tokenizer_path)
     config = GPTDatasetConfig(
-        random_seed=1234, sequence_length=32, blend=read_megatron_blend(str(out / "blend.txt")),
-        split="1,0,0", tokenizer=tokenizer, reset_position_ids=False,
-        reset_attention_mask=False, eod_mask_loss=False)
+        random_seed=1234,
+        sequence_length=32,
+        blend=read_megatron_blend(str(out / "blend.txt")),
+        split="1,0,0",
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+    )
     train, valid, test = BlendedMegatronDatasetBuilder(
-        GPTDataset, [200, 0, 0], lambda: True, config).build()
+        GPTDataset, [200, 0, 0], lambda: True, config
+    ).build()
     assert valid is None and test is None and len(train) >= 200
-    sources = np.bincount(np.asarray(train.dataset_index[:len(train)]), minlength=2)
+    sources = np.bincount(np.asarray(train.dataset_index[: len(train)]), minlength=2)
     assert sources[0] > 2 * sources[1] > 0  # weights 3:1
     sample = train[0]
     assert sample["tokens"].shape == (32,)
@@ -108,21 +130,34 @@ def test_megatron_builds_a_gpt_blend(mixture_dir, tokenizer_path):
 def test_paper_mixture_config_is_valid():
     mixture = load_mixture(str(REPO / "configs" / "data" / "blackmamba_paper_mixture.yaml"))
     assert [s.reader for s in mixture.sources] == [
-        "pile", "slimpajama", "starcoder", "pes2o", "proofpile", "pg19"]
-    assert set(s.reader for s in mixture.sources) == set(READERS) - {"jsonl"}  # jsonl: the generic reader
+        "pile",
+        "slimpajama",
+        "starcoder",
+        "pes2o",
+        "proofpile",
+        "pg19",
+    ]
+    assert set(s.reader for s in mixture.sources) == set(READERS) - {
+        "jsonl"
+    }  # jsonl: the generic reader
     assert mixture.token_budget == 300e9 and all(s.weight > 0 for s in mixture.sources)
-    table = summary_table([(s.name, s.weight, f"/nonexistent/{s.name}") for s in mixture.sources],
-                          mixture.token_budget)
+    table = summary_table(
+        [(s.name, s.weight, f"/nonexistent/{s.name}") for s in mixture.sources],
+        mixture.token_budget,
+    )
     assert table.count("not built") == 6
 
 
-@pytest.mark.parametrize("body, message", [
-    ("sources: []", "non-empty 'sources'"),
-    ("sources: [{name: a, reader: nope, inputs: x, weight: 1}]", "unknown reader"),
-    ("sources: [{name: a, reader: pile, inputs: x, weight: -1}]", "weight must be > 0"),
-    ("sources: [{name: a, reader: pile, inputs: x, wieght: 1}]", "unknown keys"),
-    ("sources: [{name: a b, reader: pile, inputs: x, weight: 1}]", "must match"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("sources: []", "non-empty 'sources'"),
+        ("sources: [{name: a, reader: nope, inputs: x, weight: 1}]", "unknown reader"),
+        ("sources: [{name: a, reader: pile, inputs: x, weight: -1}]", "weight must be > 0"),
+        ("sources: [{name: a, reader: pile, inputs: x, wieght: 1}]", "unknown keys"),
+        ("sources: [{name: a b, reader: pile, inputs: x, weight: 1}]", "must match"),
+    ],
+)
 def test_bad_mixture_configs(tmp_path, body, message):
     (tmp_path / "m.yaml").write_text(body)
     with pytest.raises(InputError, match=message):

@@ -26,14 +26,29 @@ def corpus(tmp_path) -> str:
     names = ["Pile-CC", "ArXiv", "Github"]
     for k in range(3):
         texts = make_texts(60, 20 + k)
-        write_compressed(tmp_path / "raw" / f"{k:02d}.jsonl.zst",
-                         jsonl_bytes(pile_records(texts, [names[i % 3] for i in range(60)])))
+        write_compressed(
+            tmp_path / "raw" / f"{k:02d}.jsonl.zst",
+            jsonl_bytes(pile_records(texts, [names[i % 3] for i in range(60)])),
+        )
     return str(tmp_path / "raw" / "*.jsonl.zst")
 
 
 def _args(corpus: str, tokenizer: str, output: Path, *extra: str):
-    return ["build", "--reader", "pile", "--input", corpus, "--tokenizer", tokenizer,
-            "--output", str(output), "--shard-size-mb", "0.002", "--no-progress", *extra]
+    return [
+        "build",
+        "--reader",
+        "pile",
+        "--input",
+        corpus,
+        "--tokenizer",
+        tokenizer,
+        "--output",
+        str(output),
+        "--shard-size-mb",
+        "0.002",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _files(prefix: Path):
@@ -61,9 +76,14 @@ def test_kill_and_resume_is_byte_identical(tmp_path, corpus, tokenizer_path):
     output = tmp_path / "run" / "out"
     args = _args(corpus, tokenizer_path, output, "--workers", "2")
     env = dict(os.environ, PYTHONPATH=str(REPO), DATA_PREP_TEST_SHARD_DELAY="0.3")
-    victim = subprocess.Popen([sys.executable, "-m", "megatron_blackmamba.data_prep", *args], cwd=REPO, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    victim = subprocess.Popen(
+        [sys.executable, "-m", "megatron_blackmamba.data_prep", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     manifest = Path(str(output) + ".shards") / "manifest.json"
     deadline = time.monotonic() + 60
     while _done_shards(manifest) < threshold and victim.poll() is None:
@@ -89,9 +109,17 @@ def test_output_independent_of_workers_and_shard_size(tmp_path, corpus, tokenize
     outputs = []
     for workers, shard_bytes in ((1, 2000), (2, 2000), (2, 5000), (1, 1 << 20)):
         prefix = tmp_path / f"w{workers}-s{shard_bytes}"
-        build(BuildSpec(reader="pile", inputs=(corpus,), tokenizer=tokenizer_path,
-                        output=str(prefix), workers=workers, shard_bytes=shard_bytes,
-                        progress=False))
+        build(
+            BuildSpec(
+                reader="pile",
+                inputs=(corpus,),
+                tokenizer=tokenizer_path,
+                output=str(prefix),
+                workers=workers,
+                shard_bytes=shard_bytes,
+                progress=False,
+            )
+        )
         outputs.append(_files(prefix))
     assert all(o == outputs[0] for o in outputs[1:])
 
@@ -111,25 +139,47 @@ def test_rerun_is_a_no_op_and_settings_changes_are_refused(tmp_path, corpus, tok
 
 
 def test_merge_cli(tmp_path, corpus, tokenizer_path):
-    whole = build(BuildSpec(reader="pile", inputs=(corpus,), tokenizer=tokenizer_path,
-                            output=str(tmp_path / "whole"), shard_bytes=3000, keep_shards=True,
-                            progress=False))
+    whole = build(
+        BuildSpec(
+            reader="pile",
+            inputs=(corpus,),
+            tokenizer=tokenizer_path,
+            output=str(tmp_path / "whole"),
+            shard_bytes=3000,
+            keep_shards=True,
+            progress=False,
+        )
+    )
     assert whole.shards > 3
     manifest = str(tmp_path / "whole.shards" / "manifest.json")
     merged = run_cli("merge", "--output", str(tmp_path / "again"), "--manifest", manifest)
     assert merged.returncode == 0, merged.stderr
     assert _files(tmp_path / "again") == _files(tmp_path / "whole")
-    twice = run_cli("merge", "--output", str(tmp_path / "twice"), str(tmp_path / "whole"),
-                    str(tmp_path / "again"))
+    twice = run_cli(
+        "merge",
+        "--output",
+        str(tmp_path / "twice"),
+        str(tmp_path / "whole"),
+        str(tmp_path / "again"),
+    )
     assert twice.returncode == 0 and f"{2 * whole.output.documents:,} documents" in twice.stdout
     (tmp_path / "whole.shards" / "f00000-s000001.bin").unlink()
     broken = run_cli("merge", "--output", str(tmp_path / "x"), "--manifest", manifest)
-    assert broken.returncode == 1 and "f00000-s000001 is unfinished or its files are gone" \
-        in broken.stderr
+    assert (
+        broken.returncode == 1
+        and "f00000-s000001 is unfinished or its files are gone" in broken.stderr
+    )
 
 
 def test_readers_cli():
     listed = run_cli("readers")
     assert listed.returncode == 0
     assert [line.split()[0] for line in listed.stdout.splitlines()] == [
-        "pile", "slimpajama", "starcoder", "pes2o", "proofpile", "pg19", "jsonl"]
+        "pile",
+        "slimpajama",
+        "starcoder",
+        "pes2o",
+        "proofpile",
+        "pg19",
+        "jsonl",
+    ]

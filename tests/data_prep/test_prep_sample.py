@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import time
 
-
-from megatron_blackmamba.data_prep import ensure_sample_dataset, load_tokenizer, sample_tokenizer_path
+from megatron_blackmamba.data_prep import (
+    ensure_sample_dataset,
+    load_tokenizer,
+    sample_tokenizer_path,
+)
 from megatron_blackmamba.data_prep.readers.jsonl import decompressed_chunks
 
 from .prep_helpers import REPO, read_documents
@@ -17,8 +20,13 @@ SAMPLE = REPO / "data" / "sample"
 
 def test_sample_files_are_small_and_in_pile_format():
     files = sorted(p.name for p in SAMPLE.iterdir())
-    assert files == ["00.jsonl.zst", "01.jsonl.zst", "LICENSE-PSF.txt", "README.md",
-                     "tokenizer.json"]
+    assert files == [
+        "00.jsonl.zst",
+        "01.jsonl.zst",
+        "LICENSE-PSF.txt",
+        "README.md",
+        "tokenizer.json",
+    ]
     assert sum(p.stat().st_size for p in SAMPLE.iterdir()) <= 3 * 1024 * 1024
     subsets = set()
     for path in sorted(SAMPLE.glob("*.jsonl.zst")):

@@ -55,8 +55,9 @@ def test_merge_matches_megatron_add_index(tmp_path):
         writer = IndexedDatasetWriter(str(tmp_path / f"part{k}"), np.uint16)
         writer.add_documents(docs)
         writer.finalize()
-    info = merge_indexed_datasets([str(tmp_path / f"part{k}") for k in range(3)],
-                                  str(tmp_path / "merged"))
+    info = merge_indexed_datasets(
+        [str(tmp_path / f"part{k}") for k in range(3)], str(tmp_path / "merged")
+    )
     builder = IndexedDatasetBuilder(str(tmp_path / "megatron.bin"), dtype=np.uint16)
     for k in range(3):
         builder.add_index(str(tmp_path / f"part{k}"))

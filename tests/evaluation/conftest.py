@@ -6,13 +6,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.threads import one_torch_thread  # noqa: F401  (autouse: tiny forwards run single-threaded)
 from tests.training.conftest import run_train, sample_cache, tiny_overrides  # noqa: F401
 
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(sample_cache, tmp_path_factory) -> Path:  # noqa: F811
     run = tmp_path_factory.mktemp("eval_run")
-    run_train(tiny_overrides(sample_cache, run, "training.train_iters=4", "training.seq_length=16",
-                             "model.max_seq_length=16"))
+    run_train(
+        tiny_overrides(
+            sample_cache,
+            run,
+            "training.train_iters=4",
+            "training.seq_length=16",
+            "model.max_seq_length=16",
+        )
+    )
     return run / "ckpt"

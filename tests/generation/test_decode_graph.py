@@ -15,12 +15,14 @@ from megatron_blackmamba.generation.decode_graph import graph_blocker
 from megatron_blackmamba.generation.generate import EOS_CHECK_INTERVAL, advance
 from megatron_blackmamba.model.builder import build_model
 from megatron_blackmamba.parallel.setup import init_distributed
-from tests.generation.test_generate import GREEDY, TINY, VOCAB, model  # noqa: F401  (fixture)
+from tests.generation.conftest import GREEDY, TINY, VOCAB
 
 
 def two_prefilled_states(model, batch: int, seed: int):
     device = next(model.parameters()).device
-    prompt = torch.randint(0, VOCAB, (batch, 7), device=device, generator=torch.Generator(device).manual_seed(seed))
+    prompt = torch.randint(
+        0, VOCAB, (batch, 7), device=device, generator=torch.Generator(device).manual_seed(seed)
+    )
     state, logits = prefill(model, prompt, 64)
     return state, stack_states([state], torch.arange(batch, device=device), 64), logits  # a copy
 
@@ -56,7 +58,7 @@ def test_stop_token_trims_rows_past_the_check_interval(model):
     eos = free[0][2]
     stopped = generate(model, prompts, 2 * EOS_CHECK_INTERVAL + 3, GREEDY, eos_id=eos)
     for row, full in zip(stopped, free):
-        expected = full[:full.index(eos) + 1] if eos in full else full
+        expected = full[: full.index(eos) + 1] if eos in full else full
         assert row == expected
 
 
@@ -67,7 +69,11 @@ def test_graph_blockers_are_named():
     job = load_config(None, TINY)
     init_distributed(job.parallel, seed=3)
     assert "moe_grouped_gemm" in graph_blocker(build_model(job))
-    job = load_config(None, [o for o in TINY if "precision" not in o] + ["model.moe_grouped_gemm=true", "training.precision=bf16"])
+    job = load_config(
+        None,
+        [o for o in TINY if "precision" not in o]
+        + ["model.moe_grouped_gemm=true", "training.precision=bf16"],
+    )
     init_distributed(job.parallel, seed=3)
     assert graph_blocker(build_model(job)) is None
 
@@ -75,14 +81,20 @@ def test_graph_blockers_are_named():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph replay needs a GPU")
 def test_graph_replay_is_bit_identical_to_eager_steps():
     # megatron's GroupedMLP (the capturable experts) runs in bf16 only.
-    job = load_config(None, [o for o in TINY if "precision" not in o] + ["model.moe_grouped_gemm=true", "training.precision=bf16"])
+    job = load_config(
+        None,
+        [o for o in TINY if "precision" not in o]
+        + ["model.moe_grouped_gemm=true", "training.precision=bf16"],
+    )
     init_distributed(job.parallel, seed=3)
     model = build_model(job).cuda().eval()
     with torch.no_grad():
         eager, graphed, logits = two_prefilled_states(model, batch=4, seed=torch.seed() % 2**31)
         step = DecodeStep(model, graphed)
         assert step.backend == "cuda-graph"
-        tokens = torch.randint(0, VOCAB, (12, 4, 1), device="cuda")  # fresh tokens, not the model's choices
+        tokens = torch.randint(
+            0, VOCAB, (12, 4, 1), device="cuda"
+        )  # fresh tokens, not the model's choices
         for token in tokens:
             expected = advance(model, token, eager)
             assert torch.equal(step(token), expected)
@@ -90,4 +102,6 @@ def test_graph_replay_is_bit_identical_to_eager_steps():
             assert torch.equal(graphed.layers[layer].ssm, s.ssm)
             assert torch.equal(graphed.layers[layer].conv, s.conv)
         prompts = [[5, 6, 7], [1, 2]]
-        assert generate(model, prompts, 10, GREEDY, cuda_graph=True) == generate(model, prompts, 10, GREEDY, cuda_graph=False)
+        assert generate(model, prompts, 10, GREEDY, cuda_graph=True) == generate(
+            model, prompts, 10, GREEDY, cuda_graph=False
+        )

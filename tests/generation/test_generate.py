@@ -15,29 +15,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from megatron_blackmamba.checkpointing import save_checkpoint
-from megatron_blackmamba.config import load_config
 from megatron_blackmamba.generation import SamplingParams, cli, generate, prefill
-from megatron_blackmamba.model.builder import build_model
 from megatron_blackmamba.model.recurrent_state import RecurrentState
-from megatron_blackmamba.parallel.setup import init_distributed
-
-VOCAB = 384
-# init_method_std=0.3 makes logits decisive, so greedy choices are not near-ties.
-TINY = [
-    f"model.vocab_size={VOCAB}", "model.hidden_size=32", "model.num_layers=4", "model.d_state=4",
-    "model.num_experts=4", "model.ffn_hidden_size=48", "model.init_method_std=0.3", "training.precision=fp32",
-]
-GREEDY = SamplingParams(greedy=True)
-
-
-@pytest.fixture
-def model():
-    if torch.cuda.is_available():
-        pytest.skip("CPU tests: with a GPU, megatron builds the model there (the GPU decode path is "
-                    "tests/generation/test_decode_graph.py::test_graph_replay_is_bit_identical_to_eager_steps)")
-    job = load_config(None, TINY)
-    init_distributed(job.parallel, seed=5)
-    return build_model(job).eval()
+from tests.generation.conftest import GREEDY, TINY, VOCAB
 
 
 def full_logits(model, tokens: torch.Tensor) -> torch.Tensor:
@@ -52,10 +32,26 @@ def test_decode_steps_match_full_forward(model, prefill_len):
     state = RecurrentState(2, 24, all_logits=True)
     steps = []
     with torch.no_grad():
-        steps.append(model(tokens[:, :prefill_len], None, None, inference_context=state, runtime_gather_output=True))
+        steps.append(
+            model(
+                tokens[:, :prefill_len],
+                None,
+                None,
+                inference_context=state,
+                runtime_gather_output=True,
+            )
+        )
         state.sequence_len_offset += prefill_len
         for t in range(prefill_len, 24):
-            steps.append(model(tokens[:, t:t + 1], None, None, inference_context=state, runtime_gather_output=True))
+            steps.append(
+                model(
+                    tokens[:, t : t + 1],
+                    None,
+                    None,
+                    inference_context=state,
+                    runtime_gather_output=True,
+                )
+            )
             state.sequence_len_offset += 1
     torch.testing.assert_close(torch.cat(steps, dim=1), reference, atol=1e-5, rtol=1e-5)
 
@@ -66,14 +62,17 @@ def decode_step_footprint(model, context: int) -> tuple[int, int]:
     with torch.no_grad():
         state, last = prefill(model, tokens, context + 2)
         token = last.argmax(-1, keepdim=True)
-        model(token, None, None, inference_context=state, runtime_gather_output=True)  # warm-up step
+        model(
+            token, None, None, inference_context=state, runtime_gather_output=True
+        )  # warm-up step
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             model(token, None, None, inference_context=state, runtime_gather_output=True)
     return state.state_bytes(), sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
 
 
 def test_decode_memory_does_not_grow_with_context(model):
-    """Counted through the torch profiler: tracemalloc only sees Python's heap, not tensor storage."""
+    """Counted through the torch profiler: tracemalloc only sees Python's heap, not tensor
+    storage."""
     state_16, step_16 = decode_step_footprint(model, 16)
     state_256, step_256 = decode_step_footprint(model, 256)
     assert state_16 == state_256 > 0
@@ -85,7 +84,7 @@ def greedy_by_full_forward(model, prompt: list[int], n: int) -> list[int]:
     seq = list(prompt)
     for _ in range(n):
         seq.append(int(full_logits(model, torch.tensor([seq]))[0, -1].argmax()))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def test_batched_greedy_is_deterministic_and_exact_for_mixed_lengths(model):
@@ -104,10 +103,21 @@ def test_stop_token_vocab_limit_and_seeded_sampling(model):
     first = generate(model, prompts, 1, GREEDY)[0][0]
     out = generate(model, prompts, 6, GREEDY, eos_id=first)
     assert out[0] == [first] and len(out[1]) <= 6
-    limited = generate(model, prompts, 6, SamplingParams(), vocab_size=50, generator=torch.Generator().manual_seed(0))
+    limited = generate(
+        model,
+        prompts,
+        6,
+        SamplingParams(),
+        vocab_size=50,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert all(t < 50 for seq in limited for t in seq)
-    sampled = [generate(model, prompts, 6, SamplingParams(top_k=5), generator=torch.Generator().manual_seed(7))
-               for _ in range(2)]
+    sampled = [
+        generate(
+            model, prompts, 6, SamplingParams(top_k=5), generator=torch.Generator().manual_seed(7)
+        )
+        for _ in range(2)
+    ]
     assert sampled[0] == sampled[1]
 
 
@@ -126,9 +136,15 @@ def train_tokenizer(path) -> None:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    text = ["the quick brown fox jumps over the lazy dog", "state space models mix tokens recurrently"] * 50
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    text = [
+        "the quick brown fox jumps over the lazy dog",
+        "state space models mix tokens recurrently",
+    ] * 50
     tokenizer.train_from_iterator(text, trainer)
     tokenizer.save(str(path))
 
@@ -136,11 +152,27 @@ def train_tokenizer(path) -> None:
 def test_cli_greedy_single_and_batch(model, tmp_path, capsys):
     save_checkpoint(tmp_path / "ckpt", 3, [model])
     config = tmp_path / "tiny.yaml"
-    config.write_text("model:\n" + "".join(f"  {o.split('=')[0].split('.')[1]}: {o.split('=')[1]}\n"
-                                          for o in TINY if o.startswith("model.")))
+    config.write_text(
+        "model:\n"
+        + "".join(
+            f"  {o.split('=')[0].split('.')[1]}: {o.split('=')[1]}\n"
+            for o in TINY
+            if o.startswith("model.")
+        )
+    )
     train_tokenizer(tmp_path / "tokenizer.json")
-    common = ["--ckpt", str(tmp_path / "ckpt"), "--config", str(config), "--tokenizer", str(tmp_path / "tokenizer.json"),
-              "--max-new-tokens", "6", "--greedy", "training.precision=fp32"]
+    common = [
+        "--ckpt",
+        str(tmp_path / "ckpt"),
+        "--config",
+        str(config),
+        "--tokenizer",
+        str(tmp_path / "tokenizer.json"),
+        "--max-new-tokens",
+        "6",
+        "--greedy",
+        "training.precision=fp32",
+    ]
     assert cli.main(common + ["--prompt", "the quick brown"]) == 0
     single = capsys.readouterr().out.strip()
     assert single.startswith("the quick brown") and len(single) > len("the quick brown")

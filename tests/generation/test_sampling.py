@@ -1,4 +1,5 @@
-"""Sampling filters: top-k / top-p keep exactly the tokens they should; sampling never leaves them."""
+"""Sampling filters: top-k / top-p keep exactly the tokens they should; sampling never leaves
+them."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ import math
 import pytest
 import torch
 
-from megatron_blackmamba.generation.sampling import SamplingParams, sample, top_k_filter, top_p_filter
+from megatron_blackmamba.generation.sampling import (
+    SamplingParams,
+    sample,
+    top_k_filter,
+    top_p_filter,
+)
 
 PROBS = torch.tensor([[0.05, 0.5, 0.15, 0.3], [0.4, 0.1, 0.25, 0.25]])
 LOGITS = PROBS.log()
@@ -26,12 +32,15 @@ def test_top_k_keeps_the_k_largest_and_ties():
     assert torch.equal(survivors[torch.isfinite(survivors)], LOGITS[torch.isfinite(survivors)])
 
 
-@pytest.mark.parametrize("p, expected", [
-    (0.3, [{1}, {0}]),  # the most likely token alone already reaches p
-    (0.75, [{1, 3}, {0, 2, 3}]),  # row 2 needs 0.4 + 0.25 + 0.25 >= 0.75
-    (0.85, [{1, 2, 3}, {0, 2, 3}]),
-    (1.0, [{0, 1, 2, 3}, {0, 1, 2, 3}]),
-])
+@pytest.mark.parametrize(
+    "p, expected",
+    [
+        (0.3, [{1}, {0}]),  # the most likely token alone already reaches p
+        (0.75, [{1, 3}, {0, 2, 3}]),  # row 2 needs 0.4 + 0.25 + 0.25 >= 0.75
+        (0.85, [{1, 2, 3}, {0, 2, 3}]),
+        (1.0, [{0, 1, 2, 3}, {0, 1, 2, 3}]),
+    ],
+)
 def test_top_p_keeps_the_smallest_nucleus(p, expected):
     assert kept(top_p_filter(LOGITS, p)) == expected
 
@@ -64,7 +73,9 @@ def test_temperature_sharpens_and_greedy_is_argmax():
     assert sample(LOGITS, SamplingParams(greedy=True, temperature=3.0, top_k=1)).tolist() == [1, 0]
 
 
-@pytest.mark.parametrize("kwargs", [dict(temperature=0.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(temperature=0.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)]
+)
 def test_invalid_params_are_refused(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)

@@ -23,9 +23,17 @@ EPS = 1e-5
 
 def tiny_config(**changes) -> dict:
     cfg = {
-        "num_layers": 4, "hidden_size": 32, "state_size": 4, "conv_dimension": 4, "vocab_size": 96,
-        "expansion_factor": 2, "mamba_moe_layers": ["r", "8", "r", "8"], "ffn_hidden_size": 48,
-        "add_bias_linear": False, "swiglu": True, "max_sequence_length": 64,
+        "num_layers": 4,
+        "hidden_size": 32,
+        "state_size": 4,
+        "conv_dimension": 4,
+        "vocab_size": 96,
+        "expansion_factor": 2,
+        "mamba_moe_layers": ["r", "8", "r", "8"],
+        "ffn_hidden_size": 48,
+        "add_bias_linear": False,
+        "swiglu": True,
+        "max_sequence_length": 64,
     }
     cfg.update(changes)
     return cfg
@@ -39,18 +47,28 @@ def zyphra_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
         p = f"decoder.layers.{i}."
         shapes[p + "norm.weight"] = (h,)
         if code == "r":
-            shapes.update({
-                p + "mixer.in_proj.weight": (2 * d, h), p + "mixer.conv1d.weight": (d, 1, w),
-                p + "mixer.conv1d.bias": (d,), p + "mixer.x_proj.weight": (r + 2 * n, d),
-                p + "mixer.dt_proj.weight": (d, r), p + "mixer.dt_proj.bias": (d,),
-                p + "mixer.A_log": (d, n), p + "mixer.D": (d,), p + "mixer.out_proj.weight": (h, d),
-            })
+            shapes.update(
+                {
+                    p + "mixer.in_proj.weight": (2 * d, h),
+                    p + "mixer.conv1d.weight": (d, 1, w),
+                    p + "mixer.conv1d.bias": (d,),
+                    p + "mixer.x_proj.weight": (r + 2 * n, d),
+                    p + "mixer.dt_proj.weight": (d, r),
+                    p + "mixer.dt_proj.bias": (d,),
+                    p + "mixer.A_log": (d, n),
+                    p + "mixer.D": (d,),
+                    p + "mixer.out_proj.weight": (h, d),
+                }
+            )
         else:
             experts = int(code[-1])
             shapes[p + "mixer.router.weight"] = (experts, h)
             shapes[p + "mixer.router.bias"] = (experts,)
             for e in range(experts):
-                shapes[p + f"mixer.local_experts.{e}.linear_fc1.weight"] = ((2 if cfg["swiglu"] else 1) * f, h)
+                shapes[p + f"mixer.local_experts.{e}.linear_fc1.weight"] = (
+                    (2 if cfg["swiglu"] else 1) * f,
+                    h,
+                )
                 shapes[p + f"mixer.local_experts.{e}.linear_fc2.weight"] = (h, f)
     shapes["decoder.final_layernorm.weight"] = (h,)
     shapes["decoder.final_layernorm.bias"] = (h,)
@@ -95,7 +113,9 @@ def _mamba(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: dict) -> torch.Tens
     xs, z = (x @ w["in_proj.weight"].T).chunk(2, dim=-1)  # [b, l, d] each
     width = w["conv1d.weight"].shape[-1]
     padded = F.pad(xs.transpose(1, 2), (width - 1, 0))  # [b, d, l + w - 1]
-    conv = sum(padded[..., k:k + seqlen] * w["conv1d.weight"][:, 0, k:k + 1] for k in range(width))
+    conv = sum(
+        padded[..., k : k + seqlen] * w["conv1d.weight"][:, 0, k : k + 1] for k in range(width)
+    )
     xs = F.silu(conv + w["conv1d.bias"][:, None]).transpose(1, 2)  # [b, l, d]
     dt, B, C = torch.split(xs @ w["x_proj.weight"].T, [r, n, n], dim=-1)
     dt = F.softplus(dt @ w["dt_proj.weight"].T + w["dt_proj.bias"])  # [b, l, d]
@@ -103,13 +123,18 @@ def _mamba(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: dict) -> torch.Tens
     h = x.new_zeros(x.shape[0], A.shape[0], n)
     ys = []
     for t in range(seqlen):
-        h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * xs[:, t])[..., None] * B[:, t, None, :]
+        h = (
+            torch.exp(dt[:, t, :, None] * A) * h
+            + (dt[:, t] * xs[:, t])[..., None] * B[:, t, None, :]
+        )
         ys.append((h * C[:, t, None, :]).sum(-1) + w["D"] * xs[:, t])
     y = torch.stack(ys, dim=1) * F.silu(z)
     return y @ w["out_proj.weight"].T
 
 
-def _switch_moe(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: dict, glu: str, used: list) -> torch.Tensor:
+def _switch_moe(
+    x: torch.Tensor, w: dict[str, torch.Tensor], cfg: dict, glu: str, used: list
+) -> torch.Tensor:
     """Top-1 switch MoE in eval: sigmoid gate, argmax expert, output scaled by the gate value."""
     flat = x.reshape(-1, x.shape[-1])
     gate, expert = torch.sigmoid(flat @ w["router.weight"].T + w["router.bias"]).max(dim=-1)
@@ -128,8 +153,13 @@ def _switch_moe(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: dict, glu: str
     return (out * gate[:, None]).reshape(x.shape)
 
 
-def reference_logits(cfg: dict, state: dict[str, torch.Tensor], tokens: torch.Tensor,
-                     glu: str = "gelu", experts_used: list | None = None) -> torch.Tensor:
+def reference_logits(
+    cfg: dict,
+    state: dict[str, torch.Tensor],
+    tokens: torch.Tensor,
+    glu: str = "gelu",
+    experts_used: list | None = None,
+) -> torch.Tensor:
     """logits [b, l, V] in float64 for tokens [b, l]."""
     sd = {k: v.double() for k, v in state.items()}
     used = experts_used if experts_used is not None else []
@@ -137,11 +167,22 @@ def reference_logits(cfg: dict, state: dict[str, torch.Tensor], tokens: torch.Te
     hidden, residual = embedding[tokens], None
     for i, code in enumerate(cfg["mamba_moe_layers"]):
         p = f"decoder.layers.{i}."
-        layer = {k[len(p) + len("mixer."):]: v for k, v in sd.items() if k.startswith(p + "mixer.")}
+        layer = {
+            k[len(p) + len("mixer.") :]: v for k, v in sd.items() if k.startswith(p + "mixer.")
+        }
         residual = hidden if residual is None else hidden + residual
         normed = _rms_norm(residual, sd[p + "norm.weight"])
-        hidden = _mamba(normed, layer, cfg) if code == "r" else _switch_moe(normed, layer, cfg, glu, used)
+        hidden = (
+            _mamba(normed, layer, cfg)
+            if code == "r"
+            else _switch_moe(normed, layer, cfg, glu, used)
+        )
     residual = hidden + residual
-    out = F.layer_norm(residual, residual.shape[-1:], sd["decoder.final_layernorm.weight"],
-                       sd["decoder.final_layernorm.bias"], eps=EPS)
+    out = F.layer_norm(
+        residual,
+        residual.shape[-1:],
+        sd["decoder.final_layernorm.weight"],
+        sd["decoder.final_layernorm.bias"],
+        eps=EPS,
+    )
     return out @ embedding.T

@@ -49,7 +49,13 @@ def call_op(op: str, **kwargs) -> torch.Tensor:
     if op == "selective_state_update":
         state = torch.zeros(1, 3, 4)
         return kernels.selective_state_update(
-            state, s["u"][..., 0], s["delta"][..., 0], s["A"], s["B"][..., 0], s["C"][..., 0], **kwargs
+            state,
+            s["u"][..., 0],
+            s["delta"][..., 0],
+            s["A"],
+            s["B"][..., 0],
+            s["C"][..., 0],
+            **kwargs,
         )
     weight = torch.randn(3, 4)
     if op == "causal_conv1d":
@@ -64,8 +70,12 @@ def test_auto_on_cpu_selects_torch_and_logs_it(caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
     assert kernels.kernel_backend(torch.device("cpu")) == "torch"
     s = scan_inputs()
-    torch.testing.assert_close(kernels.selective_scan(**s), selective_scan_chunked(**s), rtol=0, atol=0)
-    assert "selective_scan backend: torch (tensors are on cpu, not a CUDA device)" in caplog.messages
+    torch.testing.assert_close(
+        kernels.selective_scan(**s), selective_scan_chunked(**s), rtol=0, atol=0
+    )
+    assert (
+        "selective_scan backend: torch (tensors are on cpu, not a CUDA device)" in caplog.messages
+    )
 
 
 def test_backend_is_logged_once_per_op(caplog):
@@ -74,7 +84,10 @@ def test_backend_is_logged_once_per_op(caplog):
         call_op("causal_conv1d")
         call_op("selective_scan")
     lines = [m for m in caplog.messages if " backend: " in m]
-    assert sorted(line.split(" backend: ")[0] for line in lines) == ["causal_conv1d", "selective_scan"]
+    assert sorted(line.split(" backend: ")[0] for line in lines) == [
+        "causal_conv1d",
+        "selective_scan",
+    ]
     assert all(" backend: torch (" in line for line in lines)
 
 
@@ -82,10 +95,15 @@ def test_env_override_torch(monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
     monkeypatch.setenv(kernels.BACKEND_ENV_VAR, "torch")
     # even for a CUDA device whose kernels would import, the override wins (and imports nothing)
-    monkeypatch.setattr(kernels_cuda, "import_error", lambda package: pytest.fail("import attempted"))
+    monkeypatch.setattr(
+        kernels_cuda, "import_error", lambda package: pytest.fail("import attempted")
+    )
     assert kernels.kernel_backend(CUDA) == "torch"
     call_op("causal_conv1d")
-    assert f"causal_conv1d backend: torch (requested by {kernels.BACKEND_ENV_VAR}=torch)" in caplog.messages
+    assert (
+        f"causal_conv1d backend: torch (requested by {kernels.BACKEND_ENV_VAR}=torch)"
+        in caplog.messages
+    )
 
 
 @pytest.mark.parametrize("via", ["env", "argument"])
@@ -96,14 +114,20 @@ def test_forcing_cuda_on_cpu_raises_clear_error(op, via, monkeypatch):
         monkeypatch.setenv(kernels.BACKEND_ENV_VAR, "cuda")
     else:
         kwargs["backend"] = "cuda"
-    with pytest.raises(RuntimeError, match=r"tensors are on cpu.*pip install megatron_blackmamba\[cuda\]") as info:
+    with pytest.raises(
+        RuntimeError, match=r"tensors are on cpu.*pip install megatron_blackmamba\[cuda\]"
+    ) as info:
         call_op(op, **kwargs)
     assert op in str(info.value)
 
 
 def test_cuda_error_names_the_missing_package(monkeypatch):
-    monkeypatch.setattr(kernels_cuda, "import_error", lambda package: f"ModuleNotFoundError: no {package}")
-    with pytest.raises(RuntimeError, match="mamba_ssm not importable: ModuleNotFoundError: no mamba_ssm"):
+    monkeypatch.setattr(
+        kernels_cuda, "import_error", lambda package: f"ModuleNotFoundError: no {package}"
+    )
+    with pytest.raises(
+        RuntimeError, match="mamba_ssm not importable: ModuleNotFoundError: no mamba_ssm"
+    ):
         kernels._resolve("selective_scan", CUDA, "cuda")
 
 
@@ -111,7 +135,9 @@ def test_per_call_argument_beats_env(monkeypatch):
     monkeypatch.setenv(kernels.BACKEND_ENV_VAR, "cuda")
     x, weight = torch.randn(1, 3, 5), torch.randn(3, 4)
     out = kernels.causal_conv1d(x, weight, activation="silu", backend="torch")
-    torch.testing.assert_close(out, causal_conv1d_torch(x, weight, activation="silu"), rtol=0, atol=0)
+    torch.testing.assert_close(
+        out, causal_conv1d_torch(x, weight, activation="silu"), rtol=0, atol=0
+    )
 
 
 def test_invalid_choice_raises(monkeypatch):
@@ -129,7 +155,10 @@ def test_cuda_device_with_kernels_selects_cuda(monkeypatch):
 
 
 def test_cuda_device_with_one_package_missing(monkeypatch):
-    errors = {kernels_cuda.MAMBA_SSM: None, kernels_cuda.CAUSAL_CONV1D: "ModuleNotFoundError: causal_conv1d"}
+    errors = {
+        kernels_cuda.MAMBA_SSM: None,
+        kernels_cuda.CAUSAL_CONV1D: "ModuleNotFoundError: causal_conv1d",
+    }
     monkeypatch.setattr(kernels_cuda, "import_error", errors.get)
     assert kernels._resolve("selective_scan", CUDA, None)[0] == "cuda"
     name, reason = kernels._resolve("causal_conv1d", CUDA, None)
@@ -164,7 +193,9 @@ def install_fake_modules(monkeypatch, **modules: dict) -> None:
     for name, attributes in modules.items():
         parts = name.split(".")
         for i in range(1, len(parts)):
-            monkeypatch.setitem(sys.modules, ".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
+            monkeypatch.setitem(
+                sys.modules, ".".join(parts[:i]), types.ModuleType(".".join(parts[:i]))
+            )
         monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(**attributes))
 
 
@@ -179,18 +210,43 @@ def test_import_error_reports_missing_and_present_packages(monkeypatch):
 def test_selective_scan_adapter_matches_mamba_ssm_signature(monkeypatch):
     calls = []
 
-    def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          return_last_state=False):
-        calls.append(dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
-                          delta_softplus=delta_softplus, return_last_state=return_last_state))
+    def selective_scan_fn(
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D=None,
+        z=None,
+        delta_bias=None,
+        delta_softplus=False,
+        return_last_state=False,
+    ):
+        calls.append(
+            dict(
+                u=u,
+                delta=delta,
+                A=A,
+                B=B,
+                C=C,
+                D=D,
+                z=z,
+                delta_bias=delta_bias,
+                delta_softplus=delta_softplus,
+                return_last_state=return_last_state,
+            )
+        )
         return u
 
     install_fake_modules(
-        monkeypatch, **{"mamba_ssm.ops.selective_scan_interface": dict(selective_scan_fn=selective_scan_fn)}
+        monkeypatch,
+        **{"mamba_ssm.ops.selective_scan_interface": dict(selective_scan_fn=selective_scan_fn)},
     )
     s = {k: v.bfloat16() for k, v in scan_inputs().items()}
     D, z, bias = torch.randn(3).bfloat16(), torch.randn(1, 3, 6), torch.randn(3).bfloat16()
-    kernels_cuda.selective_scan(s["u"], s["delta"].float(), s["A"], s["B"], s["C"], D, z, bias, True, True)
+    kernels_cuda.selective_scan(
+        s["u"], s["delta"].float(), s["A"], s["B"], s["C"], D, z, bias, True, True
+    )
     (got,) = calls
     assert got["delta_softplus"] is True and got["return_last_state"] is True
     for name in ("u", "delta", "B", "C", "z"):  # the kernel wants activations in u's dtype
@@ -202,8 +258,16 @@ def test_selective_scan_adapter_matches_mamba_ssm_signature(monkeypatch):
 def test_conv_adapters_cast_bias_and_pass_activation(monkeypatch):
     calls = []
 
-    def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
-                         final_states_out=None, activation=None):
+    def causal_conv1d_fn(
+        x,
+        weight,
+        bias=None,
+        seq_idx=None,
+        initial_states=None,
+        return_final_states=False,
+        final_states_out=None,
+        activation=None,
+    ):
         calls.append((bias.dtype, activation))
         return x
 
@@ -212,7 +276,10 @@ def test_conv_adapters_cast_bias_and_pass_activation(monkeypatch):
         return x
 
     install_fake_modules(
-        monkeypatch, causal_conv1d=dict(causal_conv1d_fn=causal_conv1d_fn, causal_conv1d_update=causal_conv1d_update)
+        monkeypatch,
+        causal_conv1d=dict(
+            causal_conv1d_fn=causal_conv1d_fn, causal_conv1d_update=causal_conv1d_update
+        ),
     )
     x, weight, bias = torch.randn(1, 3, 5).bfloat16(), torch.randn(3, 4), torch.randn(3).bfloat16()
     kernels_cuda.causal_conv1d(x, weight, bias, "silu")
@@ -223,14 +290,29 @@ def test_conv_adapters_cast_bias_and_pass_activation(monkeypatch):
 def test_state_update_adapter_passes_keywords(monkeypatch):
     calls = []
 
-    def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                               state_batch_indices=None):
+    def selective_state_update(
+        state,
+        x,
+        dt,
+        A,
+        B,
+        C,
+        D=None,
+        z=None,
+        dt_bias=None,
+        dt_softplus=False,
+        state_batch_indices=None,
+    ):
         calls.append(dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus))
         return x
 
     install_fake_modules(
         monkeypatch,
-        **{"mamba_ssm.ops.triton.selective_state_update": dict(selective_state_update=selective_state_update)},
+        **{
+            "mamba_ssm.ops.triton.selective_state_update": dict(
+                selective_state_update=selective_state_update
+            )
+        },
     )
     D, z, bias = torch.ones(3), torch.ones(1, 3), torch.zeros(3)
     state, x = torch.zeros(1, 3, 4), torch.ones(1, 3)

@@ -119,14 +119,15 @@ def test_update_steps_reproduce_conv(dtype, state_extra):
     tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
     assert rel_err(torch.stack(steps, dim=-1), causal_conv1d(x, weight, b, "silu")) < tol
     # the state holds the most recent inputs, newest last (in place)
-    assert torch.equal(conv_state, x[..., seqlen - conv_state.shape[-1]:])
+    assert torch.equal(conv_state, x[..., seqlen - conv_state.shape[-1] :])
 
 
 def test_update_continues_after_prefill():
-    """Prefill fills conv_state with the prompt's last `width` inputs; steps then continue the conv."""
+    """Prefill fills conv_state with the prompt's last `width` inputs; steps then continue the
+    conv."""
     batch, dim, seqlen, width, prompt = 1, 4, 10, 4, 6
     x, weight, b = make_inputs("prefill", batch, dim, seqlen, width)
-    conv_state = x[..., prompt - width: prompt].clone()
+    conv_state = x[..., prompt - width : prompt].clone()
     steps = [causal_conv1d_update(x[..., t], conv_state, weight, b) for t in range(prompt, seqlen)]
     assert rel_err(torch.stack(steps, dim=-1), causal_conv1d(x, weight, b)[..., prompt:]) < FP32_TOL
 

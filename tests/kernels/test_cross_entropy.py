@@ -45,7 +45,9 @@ def test_torch_path_matches_float64(seed: int):
     logits, labels, dloss = _draw((5, 3), 37, seed)
     loss, grad = _loss_and_grad(ce.vocab_parallel_cross_entropy, logits, labels, dloss)
     want_loss, want_grad = _loss_and_grad(_reference64, logits.double(), labels, dloss)
-    assert loss.dtype == torch.float32 and grad.dtype == torch.float32 and loss.shape == labels.shape
+    assert (
+        loss.dtype == torch.float32 and grad.dtype == torch.float32 and loss.shape == labels.shape
+    )
     assert _rel(loss, want_loss) <= 1e-6 and _rel(grad, want_grad) <= 1e-6
 
 
@@ -68,13 +70,16 @@ def _tp_worker(vocab: int) -> None:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     logits, labels, dloss = _draw((6, 2), vocab, seed=7)  # same draw on every rank
     part = vocab // world
-    shard = logits[..., rank * part:(rank + 1) * part]
+    shard = logits[..., rank * part : (rank + 1) * part]
     loss, grad = _loss_and_grad(
-        lambda x, y: ce.vocab_parallel_cross_entropy(x, y, torch.distributed.group.WORLD), shard, labels, dloss
+        lambda x, y: ce.vocab_parallel_cross_entropy(x, y, torch.distributed.group.WORLD),
+        shard,
+        labels,
+        dloss,
     )
     want_loss, want_grad = _loss_and_grad(_reference64, logits.double(), labels, dloss)
     assert _rel(loss, want_loss) <= 1e-6, _rel(loss, want_loss)
-    assert _rel(grad, want_grad[..., rank * part:(rank + 1) * part]) <= 1e-6
+    assert _rel(grad, want_grad[..., rank * part : (rank + 1) * part]) <= 1e-6
     torch.distributed.destroy_process_group()
 
 
@@ -98,7 +103,8 @@ def test_triton_kernels_match_float64(dtype: torch.dtype, tol: float, rows: int,
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on GPUs")
 def test_triton_row_statistics_of_a_vocabulary_slice():
-    """A rank's slice (vocab_start > 0, labels in and outside it): kernels equal the PyTorch path."""
+    """A rank's slice (vocab_start > 0, labels in and outside it): kernels equal the PyTorch
+    path."""
     from megatron_blackmamba.kernels import cross_entropy_triton as kernels
 
     logits, labels, dloss = _draw((96,), 2 * 3001, seed=5, device="cuda")
@@ -108,5 +114,9 @@ def test_triton_row_statistics_of_a_vocabulary_slice():
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
     lse = want[0] + torch.log(want[1])
-    torch.testing.assert_close(kernels.grad(shard, labels, lse, dloss.float(), 3001),
-                               ce._grad_torch(shard, labels, lse, dloss.float(), 3001), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        kernels.grad(shard, labels, lse, dloss.float(), 3001),
+        ce._grad_torch(shard, labels, lse, dloss.float(), 3001),
+        rtol=1e-5,
+        atol=1e-7,
+    )

@@ -32,11 +32,27 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return float(torch.linalg.norm(got.double() - want) / torch.linalg.norm(want))
 
 
-def _check(device: str, dtype: torch.dtype, activation: str, rows: int, width: int, seed: int, tol: float,
-           probs_dtype: torch.dtype = torch.float32):
+def _check(
+    device: str,
+    dtype: torch.dtype,
+    activation: str,
+    rows: int,
+    width: int,
+    seed: int,
+    tol: float,
+    probs_dtype: torch.dtype = torch.float32,
+):
     g = torch.Generator().manual_seed(seed)
-    x = (2 * torch.randn(rows, 2 * width, generator=g, dtype=torch.float64)).to(device, dtype).requires_grad_()
-    probs = torch.rand(rows, 1, generator=g, dtype=torch.float64).to(device, probs_dtype).requires_grad_()
+    x = (
+        (2 * torch.randn(rows, 2 * width, generator=g, dtype=torch.float64))
+        .to(device, dtype)
+        .requires_grad_()
+    )
+    probs = (
+        torch.rand(rows, 1, generator=g, dtype=torch.float64)
+        .to(device, probs_dtype)
+        .requires_grad_()
+    )
     dy = torch.randn(rows, width, generator=g, dtype=torch.float64).to(device, dtype)
     y = glu_with_probs(x, probs, activation)
     y.backward(dy)
@@ -54,7 +70,9 @@ def test_torch_path_matches_float64(activation: str, seed: int):
 
 
 def test_float64_stays_float64():
-    _check("cpu", torch.float64, "gelu", rows=9, width=16, seed=3, tol=1e-12, probs_dtype=torch.float64)
+    _check(
+        "cpu", torch.float64, "gelu", rows=9, width=16, seed=3, tol=1e-12, probs_dtype=torch.float64
+    )
 
 
 def test_cpu_tensors_take_the_torch_path():
@@ -74,7 +92,9 @@ def test_bad_arguments_are_named():
 @pytest.mark.parametrize("activation", ["gelu", "silu"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("rows,width", [(1, 8), (37, 24), (1027, 1536), (4096, 3072)])
-def test_triton_kernels_match_float64(activation: str, dtype: torch.dtype, tol: float, rows: int, width: int):
+def test_triton_kernels_match_float64(
+    activation: str, dtype: torch.dtype, tol: float, rows: int, width: int
+):
     """Fresh random inputs, ragged row counts and widths that are not multiples of the tiles."""
     x = torch.randn(rows, 2 * width, device="cuda", dtype=dtype)
     assert fused_applies(x, torch.rand(rows, 1, device="cuda"))

@@ -21,7 +21,11 @@ def test_gmm_matches_float64_reference(trans_b: bool, seed: int):
     groups, k, n = 5, 24, 16
     sizes = _sizes(groups, 40, g)
     a = torch.randn(int(sizes.sum()), k, generator=g, requires_grad=True)
-    b = torch.randn(groups, n, k, generator=g) if trans_b else torch.randn(groups, k, n, generator=g)
+    b = (
+        torch.randn(groups, n, k, generator=g)
+        if trans_b
+        else torch.randn(groups, k, n, generator=g)
+    )
     b.requires_grad_(True)
     upstream = torch.randn(a.shape[0], n, generator=g)
 
@@ -51,7 +55,9 @@ def test_empty_group_gets_zero_weight_gradient():
     assert torch.count_nonzero(b.grad[1:]) == 0 and torch.count_nonzero(b.grad[0]) > 0
 
 
-def _marked_weight(groups: int, k: int, n: int, dtype: torch.dtype, g: torch.Generator) -> torch.nn.Parameter:
+def _marked_weight(
+    groups: int, k: int, n: int, dtype: torch.dtype, g: torch.Generator
+) -> torch.nn.Parameter:
     """A GroupedMLP-like [k, groups * n] weight under megatron DDP's main-grad protocol."""
     w = torch.nn.Parameter(torch.randn(k, groups * n, generator=g).to(dtype))
     w.wgrad_into_main_grad = True
@@ -69,7 +75,7 @@ def test_weight_grads_accumulate_into_main_grad(dtype: torch.dtype, tol: float):
     groups, k, n = 4, 16, 8
     w = _marked_weight(groups, k, n, dtype, g)
     want = w.main_grad.double().clone()
-    for micro_batch in range(2):
+    for _micro_batch in range(2):
         sizes = _sizes(groups, 30, g)
         a = torch.randn(int(sizes.sum()), k, generator=g).to(dtype).requires_grad_()
         dy = torch.randn(a.shape[0], n, generator=g).to(dtype)
@@ -77,7 +83,9 @@ def test_weight_grads_accumulate_into_main_grad(dtype: torch.dtype, tol: float):
         a64 = a.detach().double()
         start = 0
         for e, rows in enumerate(sizes.tolist()):
-            want.view(groups, k, n)[e] += a64[start:start + rows].t() @ dy[start:start + rows].double()
+            want.view(groups, k, n)[e] += (
+                a64[start : start + rows].t() @ dy[start : start + rows].double()
+            )
             start += rows
         plain_a = a.detach().clone().requires_grad_()
         gmm(plain_a, w.detach().view(groups, k, n), sizes).backward(dy)

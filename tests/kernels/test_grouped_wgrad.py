@@ -23,10 +23,12 @@ def _sizes(experts: int, total: int, g: torch.Generator) -> torch.Tensor:
     return sizes
 
 
-def _reference(main: torch.Tensor, a: torch.Tensor, dy: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+def _reference(
+    main: torch.Tensor, a: torch.Tensor, dy: torch.Tensor, sizes: torch.Tensor
+) -> torch.Tensor:
     out, start = main.double().clone(), 0
     for e, rows in enumerate(sizes.tolist()):
-        out[e] += a[start:start + rows].double().t() @ dy[start:start + rows].double()
+        out[e] += a[start : start + rows].double().t() @ dy[start : start + rows].double()
         start += rows
     return out
 
@@ -43,7 +45,9 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("tokens,experts,k,n", [(1000, 5, 72, 200), (3001, 8, 256, 384), (130, 3, 136, 40)])
+@pytest.mark.parametrize(
+    "tokens,experts,k,n", [(1000, 5, 72, 200), (3001, 8, 256, 384), (130, 3, 136, 40)]
+)
 @pytest.mark.parametrize("transposed", [False, True])
 def test_accumulates_like_float64(dtype, tokens, experts, k, n, transposed):
     g = torch.Generator().manual_seed(tokens + k)

@@ -13,17 +13,37 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return float(torch.linalg.norm(got.double() - want) / torch.linalg.norm(want))
 
 
-def _check(device: str, dtype: torch.dtype, shape: tuple[int, ...], seed: int, tol: float, eps: float = 1e-5):
+def _check(
+    device: str,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    seed: int,
+    tol: float,
+    eps: float = 1e-5,
+):
     g = torch.Generator().manual_seed(seed)
     width = shape[-1]
-    x = (3 * torch.randn(*shape, generator=g, dtype=torch.float64)).to(device, dtype).requires_grad_()
-    w = (1 + 0.3 * torch.randn(width, generator=g, dtype=torch.float64)).to(device, dtype).requires_grad_()
+    x = (
+        (3 * torch.randn(*shape, generator=g, dtype=torch.float64))
+        .to(device, dtype)
+        .requires_grad_()
+    )
+    w = (
+        (1 + 0.3 * torch.randn(width, generator=g, dtype=torch.float64))
+        .to(device, dtype)
+        .requires_grad_()
+    )
     dy = torch.randn(*shape, generator=g, dtype=torch.float64).to(device, dtype)
     y = rms_norm(x, w, eps)
     y.backward(dy)
 
-    x64, w64 = x.detach().double().cpu().requires_grad_(), w.detach().double().cpu().requires_grad_()
-    y64 = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps) * w64  # written out, not F.rms_norm
+    x64, w64 = (
+        x.detach().double().cpu().requires_grad_(),
+        w.detach().double().cpu().requires_grad_(),
+    )
+    y64 = (
+        x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps) * w64
+    )  # written out, not F.rms_norm
     y64.backward(dy.double().cpu())
     assert y.dtype == x.grad.dtype == w.grad.dtype == dtype
     for got, want in ((y, y64), (x.grad, x64.grad), (w.grad, w64.grad)):

@@ -1,4 +1,5 @@
-"""kernels/router_gating (bf16 tensor-core router GEMM) against float64 and megatron's fp32 router."""
+"""kernels/router_gating (bf16 tensor-core router GEMM) against float64 and megatron's fp32
+router."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def _megatron_fp32(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor):
-    """megatron's arithmetic without TE: fp32 GEMMs of the upcast operands, grads rounded to bf16."""
+    """megatron's arithmetic without TE: fp32 GEMMs of the upcast operands, grads rounded to
+    bf16."""
     x32, w32 = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
     y = x32 @ w32.t()
     y.backward(g)
@@ -27,7 +29,11 @@ def _megatron_fp32(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor):
 def test_matches_float64_and_megatron_fp32(device: str, tokens: int, hidden: int, experts: int):
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     x = torch.randn(tokens, hidden, generator=gen).to(device, torch.bfloat16).requires_grad_()
-    w = (0.05 * torch.randn(experts, hidden, generator=gen)).to(device, torch.bfloat16).requires_grad_()
+    w = (
+        (0.05 * torch.randn(experts, hidden, generator=gen))
+        .to(device, torch.bfloat16)
+        .requires_grad_()
+    )
     g = torch.randn(tokens, experts, generator=gen).to(device)
 
     logits = router_logits(x, w)

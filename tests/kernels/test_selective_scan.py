@@ -22,7 +22,10 @@ import pytest
 import torch
 
 from megatron_blackmamba.kernels import selective_scan, selective_state_update
-from megatron_blackmamba.kernels.selective_scan_torch import selective_scan_chunked, selective_scan_loop
+from megatron_blackmamba.kernels.selective_scan_torch import (
+    selective_scan_chunked,
+    selective_scan_loop,
+)
 
 FP32_TOL = 1e-5
 BF16_TOL = 1e-2
@@ -65,7 +68,11 @@ def make_inputs(
         C=randn(batch, dstate, seqlen),
         D=randn(dim) if D else None,
         z=randn(batch, dim, seqlen) if z else None,
-        delta_bias=(0.5 * randn(dim) if delta_softplus else 0.1 * torch.rand(dim, generator=g)) if delta_bias else None,
+        delta_bias=(
+            (0.5 * randn(dim) if delta_softplus else 0.1 * torch.rand(dim, generator=g))
+            if delta_bias
+            else None
+        ),
         delta_softplus=delta_softplus,
         initial_state=randn(batch, dim, dstate) if initial_state else None,
     )
@@ -75,7 +82,9 @@ def make_inputs(
     return inputs
 
 
-def reference_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None):
+def reference_scan(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None
+):
     """Plain float64 recurrence straight from the definition; returns (y, last_state)."""
     u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
     if delta_bias is not None:
@@ -108,7 +117,9 @@ SHAPES = [  # (batch, dim, dstate, seqlen, chunk_size)
 ]
 OPTIONS = [
     pytest.param({}, id="bare"),
-    pytest.param(dict(D=True, z=True, delta_bias=True, delta_softplus=True, initial_state=True), id="all"),
+    pytest.param(
+        dict(D=True, z=True, delta_bias=True, delta_softplus=True, initial_state=True), id="all"
+    ),
     pytest.param(dict(D=True, delta_softplus=True), id="D-softplus"),
     pytest.param(dict(z=True, delta_bias=True, initial_state=True), id="z-bias-state"),
 ]
@@ -139,7 +150,9 @@ def test_forward_fp32_matches_float64_reference(shape, options, form, request):
 def test_forward_bf16_inputs(shape, form, request):
     batch, dim, dstate, seqlen, chunk = shape
     options = dict(D=True, z=True, delta_bias=True, delta_softplus=True)
-    inputs = make_inputs(request.node.name, batch, dim, dstate, seqlen, dtype=torch.bfloat16, **options)
+    inputs = make_inputs(
+        request.node.name, batch, dim, dstate, seqlen, dtype=torch.bfloat16, **options
+    )
     y, last = run_form(form, inputs, chunk, return_last_state=True)
     y_ref, last_ref = reference_scan(**inputs)
     assert y.dtype == torch.bfloat16 and last.dtype == torch.float32  # mamba-ssm's convention
@@ -185,14 +198,17 @@ def test_gradients_match_float64_reference(shape, form, request):
 
 
 def test_gradcheck_chunked_float64():
-    """Finite differences through every input, several chunks (incl. a partial one) under checkpoint."""
+    """Finite differences through every input, several chunks (incl. a partial one) under
+    checkpoint."""
     all_options = dict(D=True, z=True, delta_bias=True, delta_softplus=True, initial_state=True)
     inputs = make_inputs("gradcheck", 1, 2, 3, 5, **all_options)
     leaves = tuple(inputs[k].double().requires_grad_() for k in GRAD_NAMES)
 
     def fn(*tensors):
         kwargs = dict(zip(GRAD_NAMES, tensors))
-        return selective_scan_chunked(**kwargs, delta_softplus=True, return_last_state=True, chunk_size=2)
+        return selective_scan_chunked(
+            **kwargs, delta_softplus=True, return_last_state=True, chunk_size=2
+        )
 
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
 
@@ -241,7 +257,9 @@ def test_split_sequence_continues_from_last_state(split):
 
     def part(sl: slice, state: torch.Tensor):
         sliced = {k: inputs[k][..., sl] for k in ACTIVATIONS}
-        return selective_scan(**{**inputs, **sliced, "initial_state": state}, return_last_state=True, chunk_size=16)
+        return selective_scan(
+            **{**inputs, **sliced, "initial_state": state}, return_last_state=True, chunk_size=16
+        )
 
     y1, state = part(slice(0, split), inputs["initial_state"])
     y2, last = part(slice(split, None), state)
@@ -261,12 +279,22 @@ def test_state_update_steps_reproduce_scan(dtype):
         step = {k: inputs[k][..., t] for k in ACTIVATIONS}
         ys.append(
             selective_state_update(
-                state, step["u"], step["delta"], inputs["A"], step["B"], step["C"], inputs["D"], step["z"],
-                dt_bias=inputs["delta_bias"], dt_softplus=True,
+                state,
+                step["u"],
+                step["delta"],
+                inputs["A"],
+                step["B"],
+                step["C"],
+                inputs["D"],
+                step["z"],
+                dt_bias=inputs["delta_bias"],
+                dt_softplus=True,
             )
         )
     assert ys[0].dtype == dtype
-    assert rel_err(torch.stack(ys, dim=-1), y_full) < (FP32_TOL if dtype == torch.float32 else BF16_TOL)
+    assert rel_err(torch.stack(ys, dim=-1), y_full) < (
+        FP32_TOL if dtype == torch.float32 else BF16_TOL
+    )
     assert rel_err(state, last_full) < FP32_TOL  # state was advanced in place
 
 

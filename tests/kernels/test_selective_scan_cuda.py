@@ -26,7 +26,9 @@ def test_build_is_cached_and_matches_the_ctypes_mirror(tmp_path, monkeypatch):
     assert path.parent == tmp_path and path.name.startswith("selective_scan_sm_90_")
     stamp = path.stat().st_mtime_ns
     assert own.build("sm_90") == path and path.stat().st_mtime_ns == stamp
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".build.lock", path.name])  # no leftovers
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [".build.lock", path.name]
+    )  # no leftovers
     lib = ctypes.CDLL(str(path))  # loads without a GPU: cudart reaches the driver on first use only
     assert (lib.blackmamba_scan_states(), lib.blackmamba_scan_chunk()) == (own.STATES, own.CHUNK)
     assert lib.blackmamba_scan_params_size() == ctypes.sizeof(own._Params)
@@ -42,12 +44,21 @@ def test_kernel_choice_comes_from_the_env_var(monkeypatch):
         own.requested()
 
 
-def _args(batch: int = 1, dim: int = 4, seqlen: int = 8, d_state: int = 16, device: str = "cpu") -> dict:
-    """Arguments of one scan in the layout this project's kernel implements (fresh random values)."""
-    return dict(u=torch.randn(batch, dim, seqlen, device=device), delta=torch.rand(batch, dim, seqlen, device=device),
-                A=-torch.rand(dim, d_state, device=device) - 0.1, B=torch.randn(batch, d_state, seqlen, device=device),
-                C=torch.randn(batch, d_state, seqlen, device=device), D=torch.rand(dim, device=device),
-                z=torch.randn(batch, dim, seqlen, device=device), delta_bias=torch.rand(dim, device=device))
+def _args(
+    batch: int = 1, dim: int = 4, seqlen: int = 8, d_state: int = 16, device: str = "cpu"
+) -> dict:
+    """Arguments of one scan in the layout this project's kernel implements (fresh random
+    values)."""
+    return dict(
+        u=torch.randn(batch, dim, seqlen, device=device),
+        delta=torch.rand(batch, dim, seqlen, device=device),
+        A=-torch.rand(dim, d_state, device=device) - 0.1,
+        B=torch.randn(batch, d_state, seqlen, device=device),
+        C=torch.randn(batch, d_state, seqlen, device=device),
+        D=torch.rand(dim, device=device),
+        z=torch.randn(batch, dim, seqlen, device=device),
+        delta_bias=torch.rand(dim, device=device),
+    )
 
 
 def _choose(x: dict):
@@ -120,25 +131,54 @@ def test_supported_layouts_are_accepted_at_any_strides():
     assert "batch 70000" in own.unsupported(**{**x, "u": torch.zeros(70000, 6, 1)})
 
 
-def _inputs(batch: int, dim: int, seqlen: int, dtype: torch.dtype, seed: int, gated: bool, skip: bool, bias: bool):
-    """Mixer-like inputs on the GPU; u and z (and B and C) are views of one tensor, as in the mixer."""
+def _inputs(
+    batch: int,
+    dim: int,
+    seqlen: int,
+    dtype: torch.dtype,
+    seed: int,
+    gated: bool,
+    skip: bool,
+    bias: bool,
+):
+    """Mixer-like inputs on the GPU; u and z (and B and C) are views of one tensor, as in the
+    mixer."""
     g = torch.Generator().manual_seed(seed)
     xz = torch.randn(batch, 2 * dim, seqlen, generator=g)
     bc = torch.randn(batch, 40, seqlen, generator=g)
     x = dict(
-        u=xz[:, :dim], z=xz[:, dim:] if gated else None, B=bc[:, 3:19], C=bc[:, 21:37],
+        u=xz[:, :dim],
+        z=xz[:, dim:] if gated else None,
+        B=bc[:, 3:19],
+        C=bc[:, 21:37],
         delta=0.5 * torch.randn(batch, dim, seqlen, generator=g),
         A=-torch.rand(dim, 16, generator=g) * 8 - 0.1,
         D=torch.rand(dim, generator=g) if skip else None,
         delta_bias=torch.rand(dim, generator=g) * 4 - 6 if bias else None,
     )
-    return {k: None if v is None else v.to("cuda", dtype if v.dim() == 3 else torch.float32) for k, v in x.items()}
+    return {
+        k: None if v is None else v.to("cuda", dtype if v.dim() == 3 else torch.float32)
+        for k, v in x.items()
+    }
 
 
 def _run(fn, x: dict, dout: torch.Tensor, softplus: bool, dtype=None):
-    leaves = {k: None if v is None else v.detach().to(dtype or v.dtype).requires_grad_() for k, v in x.items()}
-    out, last = fn(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], leaves["D"], leaves["z"],
-                   leaves["delta_bias"], softplus, True)
+    leaves = {
+        k: None if v is None else v.detach().to(dtype or v.dtype).requires_grad_()
+        for k, v in x.items()
+    }
+    out, last = fn(
+        leaves["u"],
+        leaves["delta"],
+        leaves["A"],
+        leaves["B"],
+        leaves["C"],
+        leaves["D"],
+        leaves["z"],
+        leaves["delta_bias"],
+        softplus,
+        True,
+    )
     out.backward(dout.to(out.dtype))
     return out, last, {k: v.grad for k, v in leaves.items() if v is not None}
 
@@ -177,7 +217,9 @@ def _check_against_float64(shape, gated, skip, bias, softplus, dtype, tol):
     x = _inputs(*shape, dtype, seed=sum(shape), gated=gated, skip=skip, bias=bias)
     dout = torch.randn(shape, device="cuda", dtype=torch.float64)
     out, last, grads = _run(own.selective_scan, x, dout, softplus)
-    ref_out, ref_last, ref_grads = _run(selective_scan_chunked, x, dout, softplus, dtype=torch.float64)
+    ref_out, ref_last, ref_grads = _run(
+        selective_scan_chunked, x, dout, softplus, dtype=torch.float64
+    )
     assert out.dtype == dtype and last.dtype == torch.float32
     assert _rel(out, ref_out.detach()) <= tol
     assert _rel(last, ref_last.detach()) <= tol
@@ -188,7 +230,9 @@ def _check_against_float64(shape, gated, skip, bias, softplus, dtype, tol):
 
 
 @needs_cuda
-@pytest.mark.parametrize("choice, own_kernel", [("auto", True), ("blackmamba", True), ("mamba_ssm", False)])
+@pytest.mark.parametrize(
+    "choice, own_kernel", [("auto", True), ("blackmamba", True), ("mamba_ssm", False)]
+)
 def test_dispatch_honours_the_env_var(choice, own_kernel, monkeypatch):
     x = _inputs(2, 64, 40, torch.float32, seed=5, gated=True, skip=True, bias=True)
     args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True)
@@ -218,14 +262,18 @@ def _reference_scan(u, delta, A, B, C, D, z, delta_bias):
     h = u.new_zeros(batch, dim, A.shape[1])
     ys = []
     for t in range(length):
-        h = torch.exp(delta[..., t, None] * A) * h + (delta[..., t] * u[..., t])[..., None] * at(B, t)
+        h = torch.exp(delta[..., t, None] * A) * h + (delta[..., t] * u[..., t])[..., None] * at(
+            B, t
+        )
         ys.append((h * at(C, t)).sum(-1))
     y = (torch.stack(ys, -1) + D[:, None] * u) * torch.nn.functional.silu(z)
     return y, h
 
 
 @needs_cuda
-@pytest.mark.parametrize("case", ["constant B", "constant C", "grouped B and C", "d_state 8", "float64 u"])
+@pytest.mark.parametrize(
+    "case", ["constant B", "constant C", "grouped B and C", "d_state 8", "float64 u"]
+)
 def test_refused_layouts_run_elsewhere_and_match_float64(case, monkeypatch):
     """Each refused layout, through the public function: under auto it runs on mamba-ssm's kernel
     (or the torch backend, for float64) and matches a float64 reference; under
@@ -239,7 +287,9 @@ def test_refused_layouts_run_elsewhere_and_match_float64(case, monkeypatch):
         x, named = cases[case]
     monkeypatch.delenv(own.KERNEL_ENV_VAR, raising=False)
     out, last = kernels.selective_scan(**x, delta_softplus=True, return_last_state=True)
-    ref, ref_last = _reference_scan(*(x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")))
+    ref, ref_last = _reference_scan(
+        *(x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"))
+    )
     tol = 1e-12 if case == "float64 u" else 1e-4
     assert _rel(out, ref) < tol, _rel(out, ref)
     # mamba-ssm 2.3.2's returned last state for a constant B differs from the recurrence (its

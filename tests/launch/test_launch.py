@@ -26,8 +26,12 @@ LAUNCH = REPO / "launch"
 SBATCH = LAUNCH / "blackmamba.sbatch"
 LOCAL = LAUNCH / "local.sh"
 PAPER_CONFIGS = {
-    "configs/blackmamba-340m-1.5b.yaml": dict(hidden=1152, layers=30, ffn=3072, total=1.5e9, active=340e6),
-    "configs/blackmamba-630m-2.8b.yaml": dict(hidden=1472, layers=36, ffn=3872, total=2.8e9, active=630e6),
+    "configs/blackmamba-340m-1.5b.yaml": dict(
+        hidden=1152, layers=30, ffn=3072, total=1.5e9, active=340e6
+    ),
+    "configs/blackmamba-630m-2.8b.yaml": dict(
+        hidden=1472, layers=36, ffn=3872, total=2.8e9, active=630e6
+    ),
 }
 PAPER_1B5 = "configs/blackmamba-340m-1.5b.yaml"
 SHIPPED_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("*.yaml"))
@@ -47,24 +51,29 @@ print_layout = _load_print_layout()
 # fixtures: a simulated 2-node x 8-GPU allocation with recording srun / scontrol
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def fake_slurm(tmp_path):
     """(env, log path): SLURM variables for job 4242 on gpu-a[01-02], fake tools first on PATH."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "calls.log"
-    (bin_dir / "scontrol").write_text(textwrap.dedent(f"""\
+    (bin_dir / "scontrol").write_text(
+        textwrap.dedent(f"""\
         #!/bin/bash
         echo "scontrol $*" >> "{log}"
         if [[ "$1" == show && "$2" == hostnames ]]; then
-            exec {sys.executable} "{LAUNCH / 'print_layout.py'}" --hostnames "$3"
+            exec {sys.executable} "{LAUNCH / "print_layout.py"}" --hostnames "$3"
         fi
-        """))
+        """)
+    )
     # srun: records its arguments and environment; then exits / fails / waits for a signal.
-    (bin_dir / "srun").write_text(textwrap.dedent(f"""\
+    (bin_dir / "srun").write_text(
+        textwrap.dedent(f"""\
         #!/bin/bash
         echo "srun $*" >> "{log}"
-        echo "srun-env MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT NCCL_NVLS_ENABLE=$NCCL_NVLS_ENABLE RANK=${{RANK:-unset}}" >> "{log}"
+        echo "srun-env MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT" \
+            "NCCL_NVLS_ENABLE=$NCCL_NVLS_ENABLE RANK=${{RANK:-unset}}" >> "{log}"
         case "${{FAKE_SRUN:-wait}}" in
             ok) exit 0 ;;
             fail) exit 3 ;;
@@ -74,7 +83,8 @@ def fake_slurm(tmp_path):
         for _ in $(seq 1 300); do sleep 0.1; done
         echo "srun was never signalled" >> "{log}"
         exit 9
-        """))
+        """)
+    )
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
     env = print_layout.slurm_env(2, 8, 4242, "gpu-a[01-02]", cpus_per_task=8)
@@ -82,9 +92,23 @@ def fake_slurm(tmp_path):
     env["PYTHON"] = sys.executable
     env["LOG_DIR"] = str(tmp_path / "slurm-logs")
     env["RANK"] = "5"  # a stale torchrun variable the script must drop
-    env["PREFLIGHT"] = "0"  # the paper configs' data paths are placeholders; preflight has its own tests
-    for key in ("DRY_RUN", "CONFIG", "OVERRIDES", "CKPT_DIR", "TB_DIR", "NCCL_NVLS_ENABLE", "NCCL_SOCKET_IFNAME",
-                "OMP_NUM_THREADS", "MAX_RESTARTS", "REQUEUE_ON_FAILURE", "SRUN_EXTRA_ARGS", "RDZV_PORT"):
+    env["PREFLIGHT"] = (
+        "0"  # the paper configs' data paths are placeholders; preflight has its own tests
+    )
+    for key in (
+        "DRY_RUN",
+        "CONFIG",
+        "OVERRIDES",
+        "CKPT_DIR",
+        "TB_DIR",
+        "NCCL_NVLS_ENABLE",
+        "NCCL_SOCKET_IFNAME",
+        "OMP_NUM_THREADS",
+        "MAX_RESTARTS",
+        "REQUEUE_ON_FAILURE",
+        "SRUN_EXTRA_ARGS",
+        "RDZV_PORT",
+    ):
         env.pop(key, None)
     return env, log
 
@@ -94,17 +118,29 @@ def _calls(log: Path) -> str:
 
 
 def _run_sbatch(env, *args, timeout=60):
-    return subprocess.run(["bash", str(SBATCH), *args], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        ["bash", str(SBATCH), *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # shell syntax
 # ---------------------------------------------------------------------------------------------
 
+
 def test_every_launch_script_passes_bash_n():
     scripts = sorted(LAUNCH.glob("*.sh")) + sorted(LAUNCH.glob("*.sbatch"))
-    assert {p.name for p in scripts} >= {"local.sh", "blackmamba.sbatch", "prep.sbatch", "prep_submit.sh"}
+    assert {p.name for p in scripts} >= {
+        "local.sh",
+        "blackmamba.sbatch",
+        "prep.sbatch",
+        "prep_submit.sh",
+    }
     for script in scripts:
         result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert result.returncode == 0, f"{script.name}: {result.stderr}"
@@ -119,15 +155,21 @@ def test_sbatch_header_has_requeue_signal_and_one_task_per_gpu():
     gpus = int(options["--gpus-per-node"].split("=")[1])
     assert tasks == gpus == 8  # one rank per GPU, started by srun
     # #SBATCH lines are only read before the first command
-    first_command = next(i for i, line in enumerate(SBATCH.read_text().splitlines())
-                         if line and not line.startswith("#"))
-    last_directive = max(i for i, line in enumerate(SBATCH.read_text().splitlines()) if line.startswith("#SBATCH"))
+    first_command = next(
+        i
+        for i, line in enumerate(SBATCH.read_text().splitlines())
+        if line and not line.startswith("#")
+    )
+    last_directive = max(
+        i for i, line in enumerate(SBATCH.read_text().splitlines()) if line.startswith("#SBATCH")
+    )
     assert last_directive < first_command
 
 
 # ---------------------------------------------------------------------------------------------
 # sbatch dry run on a simulated 2 x 8 allocation
 # ---------------------------------------------------------------------------------------------
+
 
 def test_sbatch_dry_run_prints_every_node_and_runs_nothing(fake_slurm):
     env, log = fake_slurm
@@ -142,11 +184,17 @@ def test_sbatch_dry_run_prints_every_node_and_runs_nothing(fake_slurm):
     assert "nnodes=2 nproc_per_node=8 world_size=16" in out
     assert "node 0 (gpu-a01): node_rank=0 nnodes=2 nproc_per_node=8 ranks 0-7" in out
     assert "node 1 (gpu-a02): node_rank=1 nnodes=2 nproc_per_node=8 ranks 8-15" in out
-    ranks = re.findall(r"\[rank (\d+)\] SLURM_NODEID=(\d) SLURM_PROCID=\1 SLURM_LOCALID=(\d) SLURM_NTASKS=16", out)
+    ranks = re.findall(
+        r"\[rank (\d+)\] SLURM_NODEID=(\d) SLURM_PROCID=\1 SLURM_LOCALID=(\d) SLURM_NTASKS=16", out
+    )
     assert [int(r) for r, _, _ in ranks] == list(range(16))
     assert all(int(node) == int(r) // 8 and int(local) == int(r) % 8 for r, node, local in ranks)
     srun_line = next(line for line in out.splitlines() if line.startswith("srun "))
-    assert "--nodes=2" in srun_line and "--ntasks-per-node=8" in srun_line and "--kill-on-bad-exit=1" in srun_line
+    assert (
+        "--nodes=2" in srun_line
+        and "--ntasks-per-node=8" in srun_line
+        and "--kill-on-bad-exit=1" in srun_line
+    )
     assert f"-m megatron_blackmamba.train --config {config} training.lr=3e-4" in srun_line
     assert "export NCCL_NVLS_ENABLE=0" in out
     assert "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in out
@@ -162,35 +210,62 @@ def test_sbatch_dry_run_prints_every_node_and_runs_nothing(fake_slurm):
 
 def test_dry_run_env_var_and_overrides(fake_slurm):
     env, log = fake_slurm
-    env.update(DRY_RUN="1", NCCL_NVLS_ENABLE="1", NCCL_SOCKET_IFNAME="ib0", CKPT_DIR="/ckpt/bm",
-               OVERRIDES="training.lr=1e-4 parallel.ep=4", CONFIG="configs/blackmamba-630m-2.8b.yaml")
+    env.update(
+        DRY_RUN="1",
+        NCCL_NVLS_ENABLE="1",
+        NCCL_SOCKET_IFNAME="ib0",
+        CKPT_DIR="/ckpt/bm",
+        OVERRIDES="training.lr=1e-4 parallel.ep=4",
+        CONFIG="configs/blackmamba-630m-2.8b.yaml",
+    )
     result = _run_sbatch(env, "configs/blackmamba-630m-2.8b.yaml", "parallel.ep=8")
     assert result.returncode == 0, result.stderr + result.stdout
     out = result.stdout
     assert "export NCCL_NVLS_ENABLE=1" in out and "export NCCL_SOCKET_IFNAME=ib0" in out
     # CKPT_DIR first, then OVERRIDES, then the arguments (last wins in load_config)
-    assert ("--config configs/blackmamba-630m-2.8b.yaml checkpoint.save=/ckpt/bm training.lr=1e-4 "
-            "parallel.ep=4 parallel.ep=8") in out
+    assert (
+        "--config configs/blackmamba-630m-2.8b.yaml checkpoint.save=/ckpt/bm training.lr=1e-4 "
+        "parallel.ep=4 parallel.ep=8" in out
+    )
     assert "parallel   : tp=1 pp=1 ep=8" in out
     assert "srun" not in _calls(log)
 
 
 def test_print_layout_simulates_the_allocation():
-    result = subprocess.run([sys.executable, str(LAUNCH / "print_layout.py"), "--nnodes", "2", "--gpus-per-node", "8",
-                             "configs/blackmamba-630m-2.8b.yaml"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(LAUNCH / "print_layout.py"),
+            "--nnodes",
+            "2",
+            "--gpus-per-node",
+            "8",
+            "configs/blackmamba-630m-2.8b.yaml",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "MASTER_ADDR=node001" in out
-    assert "node_rank=0 nnodes=2 nproc_per_node=8" in out and "node_rank=1 nnodes=2 nproc_per_node=8" in out
+    assert (
+        "node_rank=0 nnodes=2 nproc_per_node=8" in out
+        and "node_rank=1 nnodes=2 nproc_per_node=8" in out
+    )
     assert "--config configs/blackmamba-630m-2.8b.yaml" in out
     assert "export NCCL_NVLS_ENABLE=0" in out
 
 
-@pytest.mark.parametrize("override, message", [
-    ("parallel.ep=3", "must divide model.num_experts=8"),
-    ("training.global_batch_size=1000", "must be a multiple of micro_batch_size*dp"),
-    ("parallel.tp=3", "not divisible by parallel.tp*pp"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("parallel.ep=3", "must divide model.num_experts=8"),
+        ("training.global_batch_size=1000", "must be a multiple of micro_batch_size*dp"),
+        ("parallel.tp=3", "not divisible by parallel.tp*pp"),
+    ],
+)
 def test_bad_layout_is_refused_before_anything_runs(fake_slurm, override, message):
     env, log = fake_slurm
     result = _run_sbatch(env, "--dry-run", "configs/blackmamba-340m-1.5b.yaml", override)
@@ -201,8 +276,14 @@ def test_bad_layout_is_refused_before_anything_runs(fake_slurm, override, messag
 
 def test_sbatch_outside_slurm_points_to_the_simulator():
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    result = subprocess.run(["bash", str(SBATCH), "--dry-run", "configs/tiny.yaml"], env=env, cwd=REPO,
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        ["bash", str(SBATCH), "--dry-run", "configs/tiny.yaml"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 1
     assert "not inside a SLURM allocation" in result.stderr and "print_layout.py" in result.stderr
 
@@ -211,19 +292,28 @@ def test_sbatch_outside_slurm_points_to_the_simulator():
 # real mode with a fake srun: the time-limit signal, checkpoint-and-exit, requeue
 # ---------------------------------------------------------------------------------------------
 
+
 def _wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while text not in _calls(log):
         if proc.poll() is not None or time.monotonic() > deadline:
             out, err = proc.communicate(timeout=5)
-            raise AssertionError(f"never saw {text!r}; rc={proc.returncode}\n{out}\n{err}\n{_calls(log)}")
+            raise AssertionError(
+                f"never saw {text!r}; rc={proc.returncode}\n{out}\n{err}\n{_calls(log)}"
+            )
         time.sleep(0.05)
 
 
 def test_usr1_is_forwarded_to_the_ranks_then_the_job_requeues(fake_slurm):
     env, log = fake_slurm
-    proc = subprocess.Popen(["bash", str(SBATCH), PAPER_1B5, "training.train_iters=10"], env=env,
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["bash", str(SBATCH), PAPER_1B5, "training.train_iters=10"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _wait_for(log, "srun ready", proc)
     proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 does
     out, err = proc.communicate(timeout=30)
@@ -231,7 +321,9 @@ def test_usr1_is_forwarded_to_the_ranks_then_the_job_requeues(fake_slurm):
     calls = _calls(log).splitlines()
     srun = next(line for line in calls if line.startswith("srun "))
     assert "--nodes=2 --ntasks-per-node=8" in srun
-    assert srun.endswith(f"-m megatron_blackmamba.train --config {PAPER_1B5} training.train_iters=10")
+    assert srun.endswith(
+        f"-m megatron_blackmamba.train --config {PAPER_1B5} training.train_iters=10"
+    )
     assert "srun-env MASTER_ADDR=gpu-a01 MASTER_PORT=24242 NCCL_NVLS_ENABLE=0 RANK=unset" in calls
     # the ranks got the signal (and saved) before the requeue
     assert calls.index("srun got USR1") < calls.index("scontrol requeue 4242")
@@ -245,18 +337,30 @@ def test_preflight_runs_before_srun_and_stops_a_job_that_would_fail(fake_slurm):
     env["PREFLIGHT"] = "1"
     dry = _run_sbatch(env, "--dry-run", PAPER_1B5)
     assert dry.returncode == 0
-    assert f"-m megatron_blackmamba.train --preflight --world-size 16 --config {PAPER_1B5}" in dry.stdout
+    assert (
+        f"-m megatron_blackmamba.train --preflight --world-size 16 --config {PAPER_1B5}"
+        in dry.stdout
+    )
     result = _run_sbatch(env, PAPER_1B5)  # its blend and tokenizer are placeholders
     assert result.returncode != 0 and "preflight found problems" in result.stderr
-    assert "PROBLEM : data.blend: blend file /path/to/processed/blend.txt does not exist" in result.stdout
+    assert (
+        "PROBLEM : data.blend: blend file /path/to/processed/blend.txt does not exist"
+        in result.stdout
+    )
     assert "srun " not in _calls(log)
 
 
 def test_usr1_after_max_restarts_does_not_requeue(fake_slurm):
     env, log = fake_slurm
     env.update(SLURM_RESTART_COUNT="3", MAX_RESTARTS="3")
-    proc = subprocess.Popen(["bash", str(SBATCH), PAPER_1B5], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["bash", str(SBATCH), PAPER_1B5],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _wait_for(log, "srun ready", proc)
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=30)
@@ -287,18 +391,26 @@ def test_finished_training_exits_zero_without_requeue(fake_slurm):
 # local.sh
 # ---------------------------------------------------------------------------------------------
 
+
 def _local(*args, **env_extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "RANK", "WORLD_SIZE")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "RANK", "WORLD_SIZE")
+    }
     env.update(DRY_RUN="1", **env_extra)
-    return subprocess.run(["bash", str(LOCAL), *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        ["bash", str(LOCAL), *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=30
+    )
 
 
 def test_local_sh_multi_process_uses_torchrun_standalone():
     result = _local("2", "configs/tiny.yaml", "training.train_iters=5")
     assert result.returncode == 0, result.stderr
     line = result.stderr.strip().splitlines()[-1]
-    assert re.search(r"(torchrun|-m torch\.distributed\.run) --standalone --nproc_per_node=2 "
-                     r"-m megatron_blackmamba\.train --config configs/tiny\.yaml training\.train_iters=5", line), line
+    assert re.search(
+        r"(torchrun|-m torch\.distributed\.run) --standalone --nproc_per_node=2 "
+        r"-m megatron_blackmamba\.train --config configs/tiny\.yaml training\.train_iters=5",
+        line,
+    ), line
     threads = max(1, len(os.sched_getaffinity(0)) // 2)  # what `nproc` reports
     assert f"OMP_NUM_THREADS={threads} " in line
 
@@ -321,12 +433,16 @@ def test_local_sh_rejects_a_missing_config():
 # host lists
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("nodelist, hosts", [
-    ("node001", ["node001"]),
-    ("node[001-003]", ["node001", "node002", "node003"]),
-    ("gpu-a[08-10,12],login2", ["gpu-a08", "gpu-a09", "gpu-a10", "gpu-a12", "login2"]),
-    ("r[1-2]n[1-2]", ["r1n1", "r1n2", "r2n1", "r2n2"]),
-])
+
+@pytest.mark.parametrize(
+    "nodelist, hosts",
+    [
+        ("node001", ["node001"]),
+        ("node[001-003]", ["node001", "node002", "node003"]),
+        ("gpu-a[08-10,12],login2", ["gpu-a08", "gpu-a09", "gpu-a10", "gpu-a12", "login2"]),
+        ("r[1-2]n[1-2]", ["r1n1", "r1n2", "r2n1", "r2n2"]),
+    ],
+)
 def test_hostlist_expansion_matches_scontrol(nodelist, hosts):
     assert print_layout.expand_hostlist(nodelist) == hosts
 
@@ -334,6 +450,7 @@ def test_hostlist_expansion_matches_scontrol(nodelist, hosts):
 # ---------------------------------------------------------------------------------------------
 # shipped configs
 # ---------------------------------------------------------------------------------------------
+
 
 def test_configs_are_shipped():
     assert set(SHIPPED_CONFIGS) >= {"configs/tiny.yaml", *PAPER_CONFIGS}
@@ -344,7 +461,9 @@ def test_every_shipped_config_loads(path):
     job = load_config(REPO / path)
     assert job.model.vocab_size % 128 == 0
     assert job.training.seq_length <= job.model.max_seq_length
-    assert job.checkpoint.save, "every shipped config saves checkpoints (resume/requeue relies on it)"
+    assert job.checkpoint.save, (
+        "every shipped config saves checkpoints (resume/requeue relies on it)"
+    )
 
 
 @pytest.mark.parametrize("path", sorted(PAPER_CONFIGS))
@@ -352,10 +471,20 @@ def test_paper_configs_match_the_released_models(path):
     want = PAPER_CONFIGS[path]
     job = load_config(REPO / path)
     m, p, t = job.model, job.parallel, job.training
-    assert (m.hidden_size, m.num_layers, m.resolved_ffn_hidden_size()) == (want["hidden"], want["layers"], want["ffn"])
+    assert (m.hidden_size, m.num_layers, m.resolved_ffn_hidden_size()) == (
+        want["hidden"],
+        want["layers"],
+        want["ffn"],
+    )
     assert m.resolved_layer_pattern() == "ME" * (want["layers"] // 2)
     assert (m.num_experts, m.moe_topk, m.routing) == (8, 1, "sinkhorn")
-    assert (m.d_state, m.d_conv, m.expand, m.vocab_size, m.max_seq_length) == (16, 4, 2, 50304, 2048)
+    assert (m.d_state, m.d_conv, m.expand, m.vocab_size, m.max_seq_length) == (
+        16,
+        4,
+        2,
+        50304,
+        2048,
+    )
     assert m.tie_embeddings and not m.add_bias_linear
     assert m.num_experts % p.ep == 0 and p.ep == 8 and p.tp == 1 and p.pp == 1
     assert p.distributed_optimizer
@@ -390,7 +519,9 @@ def test_tiny_config_fits_the_sample_tokenizer_and_one_or_two_ranks():
 
     job = load_config(REPO / "configs/tiny.yaml")
     vocab = json.loads((REPO / "data/sample/tokenizer.json").read_text())
-    n_tokens = len(vocab["model"]["vocab"]) + sum(t["id"] >= len(vocab["model"]["vocab"]) for t in vocab["added_tokens"])
+    n_tokens = len(vocab["model"]["vocab"]) + sum(
+        t["id"] >= len(vocab["model"]["vocab"]) for t in vocab["added_tokens"]
+    )
     assert n_tokens <= job.model.vocab_size < n_tokens + 128
     assert job.data.blend == "sample" and job.checkpoint.save == "runs/tiny/ckpt"
     assert job.logging.metrics_jsonl == "runs/tiny/metrics.jsonl"
@@ -409,22 +540,35 @@ def _count_params(m) -> tuple[int, int]:
     `python launch/print_layout.py --check-only --params CONFIG` prints it) but costs no megatron
     import, which would take most of this file's time budget.
     """
-    d, di, n, k, r = m.hidden_size, m.expand * m.hidden_size, m.d_state, m.d_conv, m.resolved_dt_rank()
+    d, di, n, k, r = (
+        m.hidden_size,
+        m.expand * m.hidden_size,
+        m.d_state,
+        m.d_conv,
+        m.resolved_dt_rank(),
+    )
     f, e = m.resolved_ffn_hidden_size(), m.num_experts
-    mamba = (d                         # pre-norm
-             + 2 * di * d              # in_proj (x and z)
-             + di * k + di             # depthwise conv + bias
-             + (r + 2 * n) * di        # x_proj -> dt, B, C
-             + r * di + di             # dt_proj + bias
-             + di * n + di             # A_log, D
-             + d * di)                 # out_proj
+    mamba = (
+        d  # pre-norm
+        + 2 * di * d  # in_proj (x and z)
+        + di * k
+        + di  # depthwise conv + bias
+        + (r + 2 * n) * di  # x_proj -> dt, B, C
+        + r * di
+        + di  # dt_proj + bias
+        + di * n
+        + di  # A_log, D
+        + d * di
+    )  # out_proj
     expert = d * f * (1 if m.activation == "gelu" else 2) + f * d
-    moe_shared = d + e * d + (e if m.router_bias else 0)   # pre-norm, router (+ bias)
+    moe_shared = d + e * d + (e if m.router_bias else 0)  # pre-norm, router (+ bias)
     pattern = m.resolved_layer_pattern()
-    total = (m.vocab_size * d * (1 if m.tie_embeddings else 2)
-             + pattern.count("M") * mamba
-             + pattern.count("E") * (moe_shared + e * expert)
-             + d * (2 if m.final_norm == "layernorm" else 1))
+    total = (
+        m.vocab_size * d * (1 if m.tie_embeddings else 2)
+        + pattern.count("M") * mamba
+        + pattern.count("E") * (moe_shared + e * expert)
+        + d * (2 if m.final_norm == "layernorm" else 1)
+    )
     return total, total - pattern.count("E") * (e - m.moe_topk) * expert
 
 

@@ -1,4 +1,5 @@
-"""The mixer's layout GEMMs against plain matmuls in float64: values, gradients and result layouts."""
+"""The mixer's layout GEMMs against plain matmuls in float64: values, gradients and result
+layouts."""
 
 from __future__ import annotations
 
@@ -27,10 +28,14 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _leaf(*shape, device, dtype, gen) -> torch.Tensor:
-    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device, dtype).requires_grad_()
+    return (
+        torch.randn(*shape, generator=gen, dtype=torch.float64).to(device, dtype).requires_grad_()
+    )
 
 
-def _run_against_float64(fn, equation: str, weight_shape, input_shape, grad_shape, device, dtype, seed):
+def _run_against_float64(
+    fn, equation: str, weight_shape, input_shape, grad_shape, device, dtype, seed
+):
     """fn(w, x) and its backward on fresh random inputs; the same through einsum in float64.
 
     Returns (out, grad w, grad x) and their float64 references."""
@@ -40,7 +45,10 @@ def _run_against_float64(fn, equation: str, weight_shape, input_shape, grad_shap
     g = torch.randn(*grad_shape, generator=gen, dtype=torch.float64)
     out = fn(w, x)
     out.backward(g.to(device, dtype))
-    w64, x64 = w.detach().double().cpu().requires_grad_(), x.detach().double().cpu().requires_grad_()
+    w64, x64 = (
+        w.detach().double().cpu().requires_grad_(),
+        x.detach().double().cpu().requires_grad_(),
+    )
     ref = torch.einsum(equation, w64, x64)
     ref.backward(g)
     return (out, w.grad, x.grad), (ref.detach(), w64.grad, x64.grad)
@@ -49,8 +57,16 @@ def _run_against_float64(fn, equation: str, weight_shape, input_shape, grad_shap
 @pytest.mark.parametrize("device,dtype,tol", list(_cases()))
 def test_from_sequence_major_matches_float64(device, dtype, tol):
     s, b, h, out = 13, 3, 8, 24  # ragged on purpose
-    got, want = _run_against_float64(lambda w, x: linear_from_sequence_major(w, x)[0], "oh,sbh->bos", (out, h), (s, b, h),
-                                     (b, out, s), device, dtype, seed=0)
+    got, want = _run_against_float64(
+        lambda w, x: linear_from_sequence_major(w, x)[0],
+        "oh,sbh->bos",
+        (out, h),
+        (s, b, h),
+        (b, out, s),
+        device,
+        dtype,
+        seed=0,
+    )
     assert got[0].shape == (b, out, s) and got[0].is_contiguous()
     assert got[2].shape == (s, b, h) and got[2].is_contiguous()  # written [s, b, h], no copy needed
     for tensor, ref in zip(got, want):
@@ -68,12 +84,19 @@ def test_from_sequence_major_in_parts_matches_float64(device, dtype, tol):
     grads = [torch.randn(b, out // 2, s, generator=gen, dtype=torch.float64) for _ in range(2)]
     parts = linear_from_sequence_major(w, x, parts=2)
     torch.autograd.backward(parts, [g.to(device, dtype) for g in grads])
-    w64, x64 = w.detach().double().cpu().requires_grad_(), x.detach().double().cpu().requires_grad_()
+    w64, x64 = (
+        w.detach().double().cpu().requires_grad_(),
+        x.detach().double().cpu().requires_grad_(),
+    )
     ref = torch.einsum("oh,sbh->bos", w64, x64)
     ref.backward(torch.cat(grads, dim=1))
     assert all(p.shape == (b, out // 2, s) and p.is_contiguous() for p in parts)
     assert x.grad.shape == (s, b, h) and x.grad.is_contiguous()
-    for tensor, want in ((torch.cat(parts, dim=1), ref.detach()), (w.grad, w64.grad), (x.grad, x64.grad)):
+    for tensor, want in (
+        (torch.cat(parts, dim=1), ref.detach()),
+        (w.grad, w64.grad),
+        (x.grad, x64.grad),
+    ):
         assert _rel(tensor.detach().cpu(), want) < tol
 
 
@@ -85,8 +108,9 @@ def test_from_sequence_major_rejects_unequal_parts():
 @pytest.mark.parametrize("device,dtype,tol", list(_cases()))
 def test_to_sequence_major_matches_float64(device, dtype, tol):
     s, b, h, d = 11, 2, 8, 20
-    got, want = _run_against_float64(linear_to_sequence_major, "hd,bds->sbh", (h, d), (b, d, s),
-                                     (s, b, h), device, dtype, seed=1)
+    got, want = _run_against_float64(
+        linear_to_sequence_major, "hd,bds->sbh", (h, d), (b, d, s), (s, b, h), device, dtype, seed=1
+    )
     assert got[0].shape == (s, b, h) and got[0].is_contiguous()
     assert got[2].is_contiguous()  # the scan's backward reads dy channels-major
     for tensor, ref in zip(got, want):

@@ -14,14 +14,23 @@ MICRO_BATCHES = 3
 
 
 def _main_grads(fused: bool, weights: dict | None) -> tuple[dict, dict]:
-    job = load_config(None, TINY + ["training.precision=bf16", "model.moe_grouped_gemm=true",
-                                    f"training.fused_wgrad_accumulation={str(fused).lower()}"])
+    job = load_config(
+        None,
+        TINY
+        + [
+            "training.precision=bf16",
+            "model.moe_grouped_gemm=true",
+            f"training.fused_wgrad_accumulation={str(fused).lower()}",
+        ],
+    )
     (model,) = build_ddp_model(job)
     if weights is not None:
         model.module.load_state_dict(weights)
     model.zero_grad_buffer()
     t = job.training
-    batches = make_microbatches(MICRO_BATCHES, t.micro_batch_size, t.seq_length, job.model.vocab_size)
+    batches = make_microbatches(
+        MICRO_BATCHES, t.micro_batch_size, t.seq_length, job.model.vocab_size
+    )
     forward_backward([model], iter(batches), MICRO_BATCHES, t.seq_length, t.micro_batch_size)
     grads = {name: p.main_grad.detach().clone() for name, p in model.module.named_parameters()}
     return model.module.state_dict(), grads

@@ -18,8 +18,16 @@ E, H, FFN = 4, 32, 48
 
 
 def _config(activation: str):
-    job = load_config(None, [f"model.hidden_size={H}", f"model.ffn_hidden_size={FFN}", f"model.num_experts={E}",
-                             f"model.activation={activation}", "training.precision=bf16"])
+    job = load_config(
+        None,
+        [
+            f"model.hidden_size={H}",
+            f"model.ffn_hidden_size={FFN}",
+            f"model.num_experts={E}",
+            f"model.activation={activation}",
+            "training.precision=bf16",
+        ],
+    )
     return transformer_config(job)
 
 
@@ -28,7 +36,10 @@ def test_fused_matches_grouped_mlp_and_float64(single_rank, activation: str):
     patches.apply()
     config = _config(activation)
     pgs = ProcessGroupCollection.use_mpu_process_groups()
-    plain, fused = GroupedMLP(E, config, pg_collection=pgs), FusedGLUGroupedMLP(E, config, pg_collection=pgs)
+    plain, fused = (
+        GroupedMLP(E, config, pg_collection=pgs),
+        FusedGLUGroupedMLP(E, config, pg_collection=pgs),
+    )
     fused.load_state_dict(plain.state_dict())
     device = plain.weight1.device  # the GPU when there is one: then the Triton kernels run
     g = torch.Generator().manual_seed(5)
@@ -50,7 +61,9 @@ def test_fused_matches_grouped_mlp_and_float64(single_rank, activation: str):
     w1 = plain.weight1.detach().double().view(E, H, 2 * FFN).requires_grad_()
     w2 = plain.weight2.detach().double().view(E, FFN, H).requires_grad_()
     parts = []
-    for e, (rows, p) in enumerate(zip(torch.split(x64, sizes.tolist()), torch.split(p64, sizes.tolist()))):
+    for e, (rows, p) in enumerate(
+        zip(torch.split(x64, sizes.tolist()), torch.split(p64, sizes.tolist()))
+    ):
         gate, value = (rows @ w1[e]).chunk(2, dim=-1)
         parts.append((act(gate) * value * p[:, None]) @ w2[e])
     want = torch.cat(parts)
@@ -65,6 +78,8 @@ def test_fused_matches_grouped_mlp_and_float64(single_rank, activation: str):
 
 @pytest.mark.parametrize("fused_glu,expected", [(True, FusedGLUGroupedMLP), (False, GroupedMLP)])
 def test_spec_picks_the_experts_module(fused_glu: bool, expected: type):
-    job = load_config(None, ["model.moe_grouped_gemm=true", f"model.fused_glu={str(fused_glu).lower()}"])
+    job = load_config(
+        None, ["model.moe_grouped_gemm=true", f"model.fused_glu={str(fused_glu).lower()}"]
+    )
     spec = blackmamba_stack_spec(job.model, use_te=False)
     assert spec.submodules.moe_layer.submodules.mlp.submodules.experts.module is expected

@@ -16,7 +16,9 @@ TINY = ["model.hidden_size=32", "model.num_layers=2", "model.vocab_size=97", "mo
 
 def test_loss_and_gradient_equal_megatrons(single_rank):
     g = torch.Generator().manual_seed(11)
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # megatron all-reduces over its TP group
+    device = (
+        "cuda" if torch.cuda.is_available() else "cpu"
+    )  # megatron all-reduces over its TP group
     logits = (3 * torch.randn(7, 2, 97, generator=g)).to(device)
     labels = torch.randint(0, 97, (7, 2), generator=g)
     labels[0, 0] = 97  # outside the vocabulary: megatron's convention applies

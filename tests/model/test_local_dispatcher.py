@@ -17,14 +17,20 @@ from megatron.core.transformer.spec_utils import build_module
 
 from megatron_blackmamba import patches
 from megatron_blackmamba.config import load_config
-from megatron_blackmamba.model.builder import moe_dispatcher, resolve_moe_dispatcher, transformer_config
+from megatron_blackmamba.model.builder import (
+    moe_dispatcher,
+    resolve_moe_dispatcher,
+    transformer_config,
+)
 from megatron_blackmamba.model.local_dispatcher import LocalDispatchMoELayer, LocalTokenDispatcher
 from megatron_blackmamba.model.norm import RMSNorm
 from megatron_blackmamba.model.spec import moe_layer_spec
 
 
 def build_moe(job, local: bool) -> MoELayer:
-    spec = moe_layer_spec(job.model, LocalSpecProvider(), RMSNorm, local_dispatch=local).submodules.mlp
+    spec = moe_layer_spec(
+        job.model, LocalSpecProvider(), RMSNorm, local_dispatch=local
+    ).submodules.mlp
     pgs = ProcessGroupCollection.use_mpu_process_groups()
     layer = build_module(spec, config=transformer_config(job), layer_number=1, pg_collection=pgs)
     return layer.to("cuda" if torch.cuda.is_available() else "cpu")
@@ -32,18 +38,31 @@ def build_moe(job, local: bool) -> MoELayer:
 
 @pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("topk", [1, 2])  # 1: the invertible-permutation path; 2: megatron's unpermute
-def test_local_dispatcher_matches_megatron_allgather(single_rank, grouped: bool, training: bool, topk: int):
+@pytest.mark.parametrize(
+    "topk", [1, 2]
+)  # 1: the invertible-permutation path; 2: megatron's unpermute
+def test_local_dispatcher_matches_megatron_allgather(
+    single_rank, grouped: bool, training: bool, topk: int
+):
     patches.apply()
-    job = load_config(None, ["model.hidden_size=32", "model.ffn_hidden_size=48", "model.num_experts=4",
-                             f"model.moe_topk={topk}",
-                             f"model.moe_grouped_gemm={str(grouped).lower()}",
-                             # megatron's GroupedMLP runs only in bf16
-                             f"training.precision={'bf16' if grouped else 'fp32'}",
-                             "parallel.moe_dispatcher=allgather"])
+    job = load_config(
+        None,
+        [
+            "model.hidden_size=32",
+            "model.ffn_hidden_size=48",
+            "model.num_experts=4",
+            f"model.moe_topk={topk}",
+            f"model.moe_grouped_gemm={str(grouped).lower()}",
+            # megatron's GroupedMLP runs only in bf16
+            f"training.precision={'bf16' if grouped else 'fp32'}",
+            "parallel.moe_dispatcher=allgather",
+        ],
+    )
     reference = build_moe(job, local=False)
     local = build_moe(job, local=True)
-    assert type(local) is LocalDispatchMoELayer and isinstance(local.token_dispatcher, LocalTokenDispatcher)
+    assert type(local) is LocalDispatchMoELayer and isinstance(
+        local.token_dispatcher, LocalTokenDispatcher
+    )
     local.load_state_dict(reference.state_dict())
     reference.train(training)
     local.train(training)

@@ -21,21 +21,39 @@ def _mixer(hidden: int, d_state: int):
 
     from megatron_blackmamba.model.norm import RMSNorm
 
-    job = load_config(None, [f"model.hidden_size={hidden}", f"model.d_state={d_state}", "training.precision=fp32"])
+    job = load_config(
+        None, [f"model.hidden_size={hidden}", f"model.d_state={d_state}", "training.precision=fp32"]
+    )
     spec = mamba_layer_spec(job.model, LocalSpecProvider(), RMSNorm).submodules.mixer
-    mixer = build_module(spec, transformer_config(job), d_model=hidden, layer_number=1,
-                         pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+    mixer = build_module(
+        spec,
+        transformer_config(job),
+        d_model=hidden,
+        layer_number=1,
+        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+    )
     with torch.no_grad():  # non-trivial values everywhere, so every term of the recurrence matters
         for p in mixer.parameters():
             if p is not mixer.A_log:
                 p.add_(torch.randn_like(p) * 0.1)
-    return mixer.cpu()  # megatron builds on the GPU where there is one; these tests run the CPU path
+    return (
+        mixer.cpu()
+    )  # megatron builds on the GPU where there is one; these tests run the CPU path
 
 
 def reference_mamba1(x: torch.Tensor, m) -> torch.Tensor:
     """Mamba-1 block, float64, one time step at a time. x: [s, b, h] -> [s, b, h]."""
-    d = lambda t: t.detach().double()
-    w_in, w_x, w_dt, b_dt, w_out = d(m.in_proj.weight), d(m.x_proj.weight), d(m.dt_proj.weight), d(m.dt_proj.bias), d(m.out_proj.weight)
+
+    def d(t):
+        return t.detach().double()
+
+    w_in, w_x, w_dt, b_dt, w_out = (
+        d(m.in_proj.weight),
+        d(m.x_proj.weight),
+        d(m.dt_proj.weight),
+        d(m.dt_proj.bias),
+        d(m.out_proj.weight),
+    )
     conv_w, conv_b = d(m.conv1d.weight).squeeze(1), d(m.conv1d.bias)
     A, D = -torch.exp(d(m.A_log)), d(m.D)
     seq, batch, _ = x.shape
@@ -46,19 +64,26 @@ def reference_mamba1(x: torch.Tensor, m) -> torch.Tensor:
     for bi in range(batch):
         h = torch.zeros(di, n, dtype=torch.float64)
         for t in range(seq):
-            window = torch.stack([u_in[t - k, bi] if t - k >= 0 else torch.zeros(di, dtype=torch.float64)
-                                  for k in range(width - 1, -1, -1)], dim=-1)  # [di, width], oldest first
+            window = torch.stack(
+                [
+                    u_in[t - k, bi] if t - k >= 0 else torch.zeros(di, dtype=torch.float64)
+                    for k in range(width - 1, -1, -1)
+                ],
+                dim=-1,
+            )  # [di, width], oldest first
             u = F.silu((window * conv_w).sum(-1) + conv_b)
             proj = w_x @ u
             dt = F.softplus(w_dt @ proj[:r] + b_dt)
-            B, C = proj[r:r + n], proj[r + n:]
+            B, C = proj[r : r + n], proj[r + n :]
             h = torch.exp(dt[:, None] * A) * h + (dt * u)[:, None] * B[None, :]
             y = (h @ C + D * u) * F.silu(z[t, bi])
             out[t, bi] = w_out @ y
     return out
 
 
-@pytest.mark.parametrize("seq, batch, hidden, d_state", [(1, 1, 16, 4), (7, 2, 16, 4), (37, 2, 32, 16)])
+@pytest.mark.parametrize(
+    "seq, batch, hidden, d_state", [(1, 1, 16, 4), (7, 2, 16, 4), (37, 2, 32, 16)]
+)
 def test_forward_matches_float64_reference(single_rank, seq, batch, hidden, d_state):
     torch.manual_seed(seq)
     mixer = _mixer(hidden, d_state)
@@ -81,7 +106,7 @@ def test_prefill_then_decode_matches_full_forward(single_rank):
         steps = [prefix]
         for t in range(5, 12):
             state.sequence_len_offset = t
-            step, _ = mixer(x[t:t + 1], inference_context=state)
+            step, _ = mixer(x[t : t + 1], inference_context=state)
             steps.append(step)
     torch.testing.assert_close(torch.cat(steps), full, rtol=1e-5, atol=1e-6)
     conv_shape, ssm_shape = mixer.state_shapes(2)

@@ -25,7 +25,9 @@ def test_paper_sizes_within_5_percent(single_rank, overrides, total, active):
 
 
 def test_active_counts_one_expert_of_eight(single_rank):
-    counts = count_parameters(load_config(None, ["model.hidden_size=64", "model.num_layers=4", "model.vocab_size=256"]))
+    counts = count_parameters(
+        load_config(None, ["model.hidden_size=64", "model.num_layers=4", "model.vocab_size=256"])
+    )
     assert counts.total - counts.active == counts.expert * 7 // 8
     # Each of the 2 MoE layers holds 8 GeLU experts of 2*h*4h weights (no biases by default).
     assert counts.expert == 2 * 8 * (2 * 64 * 256)

@@ -13,8 +13,16 @@ from tests.model.test_local_dispatcher import build_moe
 
 def test_blackmamba_router_uses_it_and_agrees_with_megatrons_gating(single_rank):
     patches.apply()
-    job = load_config(None, ["model.hidden_size=32", "model.ffn_hidden_size=48", "model.num_experts=4",
-                             "model.router_bias=true", "training.precision=bf16"])
+    job = load_config(
+        None,
+        [
+            "model.hidden_size=32",
+            "model.ffn_hidden_size=48",
+            "model.num_experts=4",
+            "model.router_bias=true",
+            "training.precision=bf16",
+        ],
+    )
     router = build_moe(job, local=True).router
     with torch.no_grad():
         router.bias.normal_()

@@ -30,20 +30,26 @@ from megatron_blackmamba.model.sinkhorn import (
 )
 
 
-def _imbalanced_logits(seed: int, tokens: int = 4096, experts: int = 8, std: float = 1.0) -> torch.Tensor:
+def _imbalanced_logits(
+    seed: int, tokens: int = 4096, experts: int = 8, std: float = 1.0
+) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     per_expert_bias = torch.randn(experts, generator=g, dtype=torch.float64) * std
     return torch.randn(tokens, experts, generator=g, dtype=torch.float64) * std + per_expert_bias
 
 
-def _iterations_to_released_rule(logits: torch.Tensor, init: str, tol: float = 1e-4, cap: int = 200) -> int:
+def _iterations_to_released_rule(
+    logits: torch.Tensor, init: str, tol: float = 1e-4, cap: int = 200
+) -> int:
     cost = stable_cost(logits, temperature=2.0)
     previous = None
     for k, (_, d1) in enumerate(sinkhorn_steps(cost, init), start=1):
         start_d1 = d1 if previous is None else previous
         if previous is None:
             # the released code compares against its initial d1
-            start_d1 = 1.0 / (cost.shape[1] * cost.sum(0)) if init == "paper" else torch.ones_like(d1)
+            start_d1 = (
+                1.0 / (cost.shape[1] * cost.sum(0)) if init == "paper" else torch.ones_like(d1)
+            )
         if (start_d1 - d1).abs().mean() < tol:
             return k
         previous = d1
@@ -64,7 +70,10 @@ def test_released_stopping_rule_iterations():
             assert _iterations_to_released_rule(logits, "paper") == 1
             assert _iterations_to_released_rule(logits, "uniform") >= 3
         logits = _imbalanced_logits(seed, std=1.0)
-        paper, uniform = _iterations_to_released_rule(logits, "paper"), _iterations_to_released_rule(logits, "uniform")
+        paper, uniform = (
+            _iterations_to_released_rule(logits, "paper"),
+            _iterations_to_released_rule(logits, "uniform"),
+        )
         assert uniform >= 10 and paper <= 5 and 2 * paper <= uniform
 
 
@@ -93,7 +102,9 @@ def test_tolerance_and_cap():
     assert float(tight.row_error) < 1e-6
     assert int(capped.iterations) == 3
     columns = capped.plan.sum(0) * capped.plan.shape[1]
-    torch.testing.assert_close(columns, torch.ones_like(columns))  # expert marginals exact after a d1 update
+    torch.testing.assert_close(
+        columns, torch.ones_like(columns)
+    )  # expert marginals exact after a d1 update
 
 
 def test_degenerate_logits_give_no_nan():
@@ -128,7 +139,9 @@ def test_reported_row_error_is_the_returned_plans(init: str):
         assert abs(float(result.row_error) - row_marginal_error(result.plan)) <= 1e-9
 
 
-def _early_stopping_reference(logits: torch.Tensor, temperature: float, init: str, tol: float, max_iters: int):
+def _early_stopping_reference(
+    logits: torch.Tensor, temperature: float, init: str, tol: float, max_iters: int
+):
     """The plain loop: Sinkhorn iterations with a host-side ``if err < tol: break``.
 
     Written out here rather than taken from the module; the comparison is bitwise, so the
@@ -151,7 +164,9 @@ def _early_stopping_reference(logits: torch.Tensor, temperature: float, init: st
     return d0[:, None] * cost * d1, k, err
 
 
-def _assert_matches_reference(logits: torch.Tensor, init: str, tol: float, max_iters: int, temperature: float = 2.0) -> int:
+def _assert_matches_reference(
+    logits: torch.Tensor, init: str, tol: float, max_iters: int, temperature: float = 2.0
+) -> int:
     plan, iterations, err = _early_stopping_reference(logits, temperature, init, tol, max_iters)
     result = sinkhorn(logits, temperature=temperature, init=init, tol=tol, max_iters=max_iters)
     case = f"init={init} tol={tol!r} max_iters={max_iters}"
@@ -201,7 +216,9 @@ def test_float32_stopping_test_is_exact_at_tol():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(300, 8, generator=g)
     for init in ("paper", "uniform"):
-        errors = [float(sinkhorn(logits, init=init, tol=0.0, max_iters=k).row_error) for k in (1, 2, 3)]
+        errors = [
+            float(sinkhorn(logits, init=init, tol=0.0, max_iters=k).row_error) for k in (1, 2, 3)
+        ]
         stops = set()
         for err in errors:
             for tol in (err, math.nextafter(err, math.inf), math.nextafter(err, -math.inf)):
@@ -216,7 +233,17 @@ def test_empty_input_is_rejected():
 
 
 class _RecordOps(TorchDispatchMode):
-    _VIEWS = {"unsqueeze", "squeeze", "squeeze_", "view", "t", "transpose", "expand", "_unsafe_view", "alias"}
+    _VIEWS = {
+        "unsqueeze",
+        "squeeze",
+        "squeeze_",
+        "view",
+        "t",
+        "transpose",
+        "expand",
+        "_unsafe_view",
+        "alias",
+    }
 
     def __init__(self):
         super().__init__()
@@ -278,13 +305,19 @@ def test_fused_loop_matches_float64_early_stopping_reference():
             logits = (torch.randn(tokens, 8, generator=g, dtype=torch.float64) * std).float()
             for init in ("paper", "uniform"):
                 for tol, max_iters in ((1e-2, 20), (1e-4, 20), (0.0, 6), (0.5, 1)):
-                    plan, iterations, err = _early_stopping_reference(logits.double(), 2.0, init, tol, max_iters)
-                    got = sinkhorn_fused(logits.cuda(), temperature=2.0, init=init, tol=tol, max_iters=max_iters)
+                    plan, iterations, err = _early_stopping_reference(
+                        logits.double(), 2.0, init, tol, max_iters
+                    )
+                    got = sinkhorn_fused(
+                        logits.cuda(), temperature=2.0, init=init, tol=tol, max_iters=max_iters
+                    )
                     if abs(err - tol) <= 1e-3 * tol + 1e-6:
                         continue
                     case = f"T={tokens} std={std} init={init} tol={tol} max_iters={max_iters}"
                     assert int(got.iterations) == iterations, case
-                    torch.testing.assert_close(got.plan.double().cpu(), plan, rtol=1e-4, atol=1e-9, msg=case)
+                    torch.testing.assert_close(
+                        got.plan.double().cpu(), plan, rtol=1e-4, atol=1e-9, msg=case
+                    )
                     assert abs(float(got.row_error) - err) <= 1e-5 + 1e-3 * err, case
                     checked += 1
     assert checked >= 70

@@ -20,9 +20,16 @@ from megatron_blackmamba.training.setup import build_ddp_model
 from megatron_blackmamba.training.step import forward_backward, global_loss
 
 TINY = [
-    "model.hidden_size=32", "model.num_layers=4", "model.vocab_size=128", "model.d_state=4",
-    "model.max_seq_length=16", "model.num_experts=8", "training.precision=fp32",
-    "training.seq_length=16", "training.micro_batch_size=2", "parallel.distributed_optimizer=false",
+    "model.hidden_size=32",
+    "model.num_layers=4",
+    "model.vocab_size=128",
+    "model.d_state=4",
+    "model.max_seq_length=16",
+    "model.num_experts=8",
+    "training.precision=fp32",
+    "training.seq_length=16",
+    "training.micro_batch_size=2",
+    "parallel.distributed_optimizer=false",
 ]
 NUM_MICROBATCHES_TOTAL = 4
 
@@ -32,7 +39,9 @@ def make_microbatches(count: int, mbs: int, seq: int, vocab: int, seed: int = 7)
     out = []
     for _ in range(count):
         tokens = torch.randint(0, vocab, (mbs, seq + 1), generator=g)
-        out.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(mbs, seq)})
+        out.append(
+            {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(mbs, seq)}
+        )
     return out
 
 
@@ -68,12 +77,18 @@ def run_layout(workdir: str, layout: list[str], tag: str, save_weights: bool) ->
     dp = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     per_rank = NUM_MICROBATCHES_TOTAL // dp
-    batches = make_microbatches(NUM_MICROBATCHES_TOTAL, job.training.micro_batch_size,
-                                job.training.seq_length, job.model.vocab_size)
-    mine = batches[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+    batches = make_microbatches(
+        NUM_MICROBATCHES_TOTAL,
+        job.training.micro_batch_size,
+        job.training.seq_length,
+        job.model.vocab_size,
+    )
+    mine = batches[dp_rank * per_rank : (dp_rank + 1) * per_rank]
     model.zero_grad_buffer()
     loss = global_loss(
-        forward_backward([model], iter(mine), per_rank, job.training.seq_length, job.training.micro_batch_size)
+        forward_backward(
+            [model], iter(mine), per_rank, job.training.seq_length, job.training.micro_batch_size
+        )
     )
     if torch.distributed.get_rank() == 0:
         (work / f"loss_{tag}.json").write_text(json.dumps({"loss": loss}))
@@ -100,6 +115,10 @@ def compare_grads(workdir: str, tag_a: str, tag_b: str) -> None:
     for key, ta in a.items():
         tb = b[key]
         ref = ta.double().norm().item()
-        errors[key] = {"abs": (ta.double() - tb.double()).norm().item(), "ref": ref, "other": tb.double().norm().item()}
+        errors[key] = {
+            "abs": (ta.double() - tb.double()).norm().item(),
+            "ref": ref,
+            "other": tb.double().norm().item(),
+        }
     (work / f"compare_{tag_a}_{tag_b}.json").write_text(json.dumps(errors))
     destroy()

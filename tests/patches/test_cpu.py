@@ -1,4 +1,5 @@
-"""The CPU shims are scoped: megatron's modules see the CPU as their CUDA device, nothing else does."""
+"""The CPU shims are scoped: megatron's modules see the CPU as their CUDA device, nothing else
+does."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import torch
 from megatron_blackmamba import patches
 from megatron_blackmamba.patches import cpu
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU shims apply without CUDA only")
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the CPU shims apply without CUDA only"
+)
 
 
 def test_cuda_device_is_cpu_only_inside_megatron():

@@ -1,4 +1,5 @@
-"""The GPU performance patches (megatron_blackmamba/patches/performance.py) against what they replace."""
+"""The GPU performance patches (megatron_blackmamba/patches/performance.py) against what they
+replace."""
 
 from __future__ import annotations
 
@@ -34,14 +35,17 @@ def test_foreach_scale_matches_reference(in_place: bool):
 @pytest.mark.parametrize("topk", [1, 2])
 @pytest.mark.parametrize("with_probs", [True, False])
 def test_sync_free_permute_matches_megatron(topk: int, with_probs: bool):
-    """Same permuted tokens, probs and indices as megatron's masked_select version, on fresh maps."""
+    """Same permuted tokens, probs and indices as megatron's masked_select version, on fresh
+    maps."""
     patches.apply()
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
     num_tokens, num_experts, hidden = 37, 8, 5
     tokens = torch.randn(num_tokens, hidden, generator=g)
     scores = torch.rand(num_tokens, num_experts, generator=g)
     scores[:, 3] = -1.0  # an expert nobody chooses
-    routing_map = torch.zeros(num_tokens, num_experts, dtype=torch.bool).scatter(1, scores.topk(topk, dim=1).indices, True)
+    routing_map = torch.zeros(num_tokens, num_experts, dtype=torch.bool).scatter(
+        1, scores.topk(topk, dim=1).indices, True
+    )
     probs = torch.rand(num_tokens, num_experts, generator=g) * routing_map if with_probs else None
     size = num_tokens * topk
     got = token_order.permute_known_size(tokens, routing_map, probs, num_out_tokens=size)
@@ -57,7 +61,10 @@ def test_permute_without_a_known_size_is_megatrons():
     patches.apply()
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
-    assert moe_utils.permute is token_order.permute_known_size and token_dispatcher.permute is token_order.permute_known_size
+    assert (
+        moe_utils.permute is token_order.permute_known_size
+        and token_dispatcher.permute is token_order.permute_known_size
+    )
     routing_map = torch.eye(4, dtype=torch.bool)
     tokens = torch.arange(8.0).view(4, 2)
     for size in (None, torch.tensor(4)):  # megatron's path: masked_select

@@ -1,4 +1,5 @@
-"""The patch registry: every entry documented and tested, targets checked, other versions flagged."""
+"""The patch registry: every entry documented and tested, targets checked, other versions
+flagged."""
 
 from __future__ import annotations
 
@@ -37,8 +38,14 @@ def test_apply_is_idempotent_and_logs_one_line(caplog):
 
 def _probe(installed: list[str], targets: tuple[Target, ...]) -> Patch:
     return Patch(
-        name="probe", kind="correctness", targets=targets, when="always", why="test",
-        applies=lambda: True, install=lambda: installed.append("probe"), test="tests/x.py::t",
+        name="probe",
+        kind="correctness",
+        targets=targets,
+        when="always",
+        why="test",
+        applies=lambda: True,
+        install=lambda: installed.append("probe"),
+        test="tests/x.py::t",
     )
 
 
@@ -47,7 +54,9 @@ def test_a_target_that_became_a_reexport_is_refused():
     changes only that module's binding, which is what ``own=True`` guards against."""
     installed: list[str] = []
     moved = _probe(installed, (Target("megatron.core.ssm.mamba_block", "TENorm", own=True),))
-    with pytest.raises(RuntimeError, match="probe.*TENorm is now defined in megatron.core.extensions"):
+    with pytest.raises(
+        RuntimeError, match="probe.*TENorm is now defined in megatron.core.extensions"
+    ):
         install_patches([moved])
     missing = _probe(installed, (Target("megatron.core.ssm.mamba_block", "NoSuchThing"),))
     with pytest.raises(RuntimeError, match="NoSuchThing does not exist"):
@@ -59,6 +68,8 @@ def test_another_megatron_version_warns_and_still_applies(monkeypatch, caplog):
     installed: list[str] = []
     monkeypatch.setattr(registry, "megatron_version", lambda: "0.99.0")
     with caplog.at_level(logging.WARNING, logger="megatron_blackmamba.patches"):
-        names = install_patches([_probe(installed, (Target("megatron.core.ssm.mamba_block", "MambaStack", own=True),))])
+        names = install_patches(
+            [_probe(installed, (Target("megatron.core.ssm.mamba_block", "MambaStack", own=True),))]
+        )
     assert names == ["probe"] and installed == ["probe"]
     assert "megatron-core 0.99.0" in caplog.text and registry.WRITTEN_FOR in caplog.text

@@ -1,4 +1,5 @@
-"""A checkpoint that never committed, or whose files were damaged, is refused; the previous one is used."""
+"""A checkpoint that never committed, or whose files were damaged, is refused; the previous one is
+used."""
 
 from __future__ import annotations
 
@@ -17,8 +18,13 @@ from tests.training.conftest import run_train, tiny_overrides
 def saved_run(sample_cache, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("saved")
     overrides = tiny_overrides(
-        sample_cache, run, "training.train_iters=4", f"logging.tensorboard_dir={run / 'tb'}",
-        "logging.wandb_project=blackmamba-test", "logging.wandb_mode=offline", f"logging.wandb_dir={run / 'wandb'}",
+        sample_cache,
+        run,
+        "training.train_iters=4",
+        f"logging.tensorboard_dir={run / 'tb'}",
+        "logging.wandb_project=blackmamba-test",
+        "logging.wandb_mode=offline",
+        f"logging.wandb_dir={run / 'wandb'}",
     )
     run_train(overrides)
     return run / "ckpt"

@@ -5,12 +5,20 @@ from megatron_blackmamba.training.flops import forward_flops_per_token, train_fl
 
 
 def test_flops_match_hand_count():
-    m = load_config(None, ["model.hidden_size=16", "model.num_layers=2", "model.vocab_size=100",
-                           "model.d_state=4", "model.num_experts=4"]).model
+    m = load_config(
+        None,
+        [
+            "model.hidden_size=16",
+            "model.num_layers=2",
+            "model.vocab_size=100",
+            "model.d_state=4",
+            "model.num_experts=4",
+        ],
+    ).model
     # h=16, di=32, N=4, R=ceil(16/16)=1, W=4, F=64, E=4, V=100
-    in_proj = 2 * 16 * 64          # h -> 2*di
+    in_proj = 2 * 16 * 64  # h -> 2*di
     conv = 2 * 32 * 4
-    x_proj = 2 * 32 * (1 + 8)      # di -> R + 2N
+    x_proj = 2 * 32 * (1 + 8)  # di -> R + 2N
     dt_proj = 2 * 1 * 32
     out_proj = 2 * 32 * 16
     scan = 7 * 32 * 4 + 5 * 32
@@ -22,13 +30,21 @@ def test_flops_match_hand_count():
 
 
 def test_topk_and_swiglu_counts():
-    base = ["model.hidden_size=16", "model.num_layers=2", "model.vocab_size=100", "model.num_experts=4"]
+    base = [
+        "model.hidden_size=16",
+        "model.num_layers=2",
+        "model.vocab_size=100",
+        "model.num_experts=4",
+    ]
     gelu = load_config(None, base).model
     swiglu = load_config(None, base + ["model.activation=swiglu"]).model
     top2 = load_config(None, base + ["model.moe_topk=2"]).model
     expert_gelu = 2 * 16 * 64 * 2
     expert_swiglu = 2 * 16 * 128 + 2 * 64 * 16
-    assert forward_flops_per_token(swiglu) - forward_flops_per_token(gelu) == expert_swiglu - expert_gelu
+    assert (
+        forward_flops_per_token(swiglu) - forward_flops_per_token(gelu)
+        == expert_swiglu - expert_gelu
+    )
     assert forward_flops_per_token(top2) - forward_flops_per_token(gelu) == expert_gelu
 
 

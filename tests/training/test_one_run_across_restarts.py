@@ -16,16 +16,30 @@ STEPS, TOKENS_PER_STEP = 40, 4 * 32  # global batch 4 x seq 32 (conftest's TINY_
 
 
 def test_kill_and_resume_is_one_run(sample_cache, tmp_path):
-    overrides = tiny_overrides(sample_cache, tmp_path, f"training.train_iters={STEPS}", "logging.wandb_project=bm",
-                               "logging.wandb_mode=offline", f"logging.tensorboard_dir={tmp_path / 'tb'}")
+    overrides = tiny_overrides(
+        sample_cache,
+        tmp_path,
+        f"training.train_iters={STEPS}",
+        "logging.wandb_project=bm",
+        "logging.wandb_mode=offline",
+        f"logging.tensorboard_dir={tmp_path / 'tb'}",
+    )
     env = {**os.environ, "WANDB_SILENT": "true"}
-    victim = subprocess.Popen(train_cli(overrides), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    victim = subprocess.Popen(
+        train_cli(overrides),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     latest = tmp_path / "ckpt" / "latest"
     deadline = time.monotonic() + 240
     while not latest.exists() and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    os.killpg(victim.pid, signal.SIGKILL)  # the trainer and its checkpoint-writer helpers: a hard crash
+    os.killpg(
+        victim.pid, signal.SIGKILL
+    )  # the trainer and its checkpoint-writer helpers: a hard crash
     assert victim.wait() == -signal.SIGKILL, "the first run ended before it could be killed"
     killed_at = int(latest.read_text().strip().removeprefix("iter_"))
     assert killed_at < STEPS
@@ -43,7 +57,9 @@ def test_kill_and_resume_is_one_run(sample_cache, tmp_path):
     assert resumed[0]["step"] == killed_at + 1 and resumed[-1]["step"] == STEPS
     assert all(r["consumed_tokens"] == r["step"] * TOKENS_PER_STEP for r in rows)
     assert all(r["consumed_samples"] == r["step"] * 4 for r in rows)
-    assert len(list(Path(tmp_path / "tb").glob("events.out.tfevents.*"))) == 2  # one folder, both processes
+    assert (
+        len(list(Path(tmp_path / "tb").glob("events.out.tfevents.*"))) == 2
+    )  # one folder, both processes
     assert (tmp_path / "ckpt" / "config.yaml").is_file()
     assert (tmp_path / "ckpt" / f"iter_{STEPS:07d}" / "config.yaml").is_file()
     assert (tmp_path / "ckpt" / f"iter_{STEPS:07d}" / "tokenizer.json").is_file()

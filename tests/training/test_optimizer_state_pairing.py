@@ -26,14 +26,24 @@ from tests.multiproc import run_ranks
 from tests.parallel.workers import make_microbatches
 
 pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="megatron's distributed optimizer takes bf16 parameters only on CUDA"
+    not torch.cuda.is_available(),
+    reason="megatron's distributed optimizer takes bf16 parameters only on CUDA",
 )
 
 MODEL = [
-    "model.hidden_size=64", "model.num_layers=4", "model.vocab_size=256", "model.d_state=16",
-    "model.max_seq_length=64", "model.num_experts=4", "model.moe_grouped_gemm=true",
-    "training.precision=bf16", "training.seq_length=64", "training.micro_batch_size=2",
-    "training.global_batch_size=4", "training.train_iters=4", "training.warmup_iters=1",
+    "model.hidden_size=64",
+    "model.num_layers=4",
+    "model.vocab_size=256",
+    "model.d_state=16",
+    "model.max_seq_length=64",
+    "model.num_experts=4",
+    "model.moe_grouped_gemm=true",
+    "training.precision=bf16",
+    "training.seq_length=64",
+    "training.micro_batch_size=2",
+    "training.global_batch_size=4",
+    "training.train_iters=4",
+    "training.warmup_iters=1",
     "parallel.distributed_optimizer=true",
 ]
 STEPS, MICRO_BATCHES = 2, 2
@@ -54,9 +64,13 @@ def _params_by_name(model, optimizer):
 
 
 def _optimizer_state(model, optimizer) -> dict[str, dict[str, torch.Tensor]]:
-    """name -> the main copy and Adam state that megatron's checkpoint code reads for that parameter."""
+    """name -> the main copy and Adam state that megatron's checkpoint code reads for that
+    parameter."""
     return {
-        name: {k: v.detach().cpu().clone() for k, v in inner._get_main_param_and_optimizer_states(param).items()}
+        name: {
+            k: v.detach().cpu().clone()
+            for k, v in inner._get_main_param_and_optimizer_states(param).items()
+        }
         for name, param, inner in _params_by_name(model, optimizer)
     }
 
@@ -68,7 +82,7 @@ def _not_own_main_copy(model, optimizer) -> list[str]:
     for name, param, inner in _params_by_name(model, optimizer):
         main = inner._get_main_param_and_optimizer_states(param)["param"]
         rows = inner._get_model_param_range_map(param)["param"]
-        shard = param.detach().view(-1)[rows.start:rows.end]
+        shard = param.detach().view(-1)[rows.start : rows.end]
         if main.shape != shard.shape or not torch.equal(main.to(param.dtype), shard):
             wrong.append(name)
     return wrong
@@ -76,8 +90,10 @@ def _not_own_main_copy(model, optimizer) -> list[str]:
 
 def _mixed_dtype_groups(optimizer) -> int:
     return sum(
-        1 for inner in inner_optimizers(optimizer)
-        for fp32, float16 in zip(inner.model_fp32_groups, inner.model_float16_groups) if fp32 and float16
+        1
+        for inner in inner_optimizers(optimizer)
+        for fp32, float16 in zip(inner.model_fp32_groups, inner.model_float16_groups)
+        if fp32 and float16
     )
 
 
@@ -87,20 +103,26 @@ def _save_then_load(ckpt: Path, out: Path) -> None:
     model, optimizer, scheduler = _build(job)
     t = job.training
     for step in range(STEPS):
-        batches = make_microbatches(MICRO_BATCHES, t.micro_batch_size, t.seq_length, job.model.vocab_size, seed=step)
+        batches = make_microbatches(
+            MICRO_BATCHES, t.micro_batch_size, t.seq_length, job.model.vocab_size, seed=step
+        )
         train_step(model, optimizer, iter(batches), MICRO_BATCHES, t.seq_length, t.micro_batch_size)
     result = {
         "mixed_groups": _mixed_dtype_groups(optimizer),
         "not_own": _not_own_main_copy(model, optimizer),
         "saved": _optimizer_state(model, optimizer),
-        "saved_weights": {n: p.detach().cpu().clone() for n, p in model[0].module.named_parameters()},
+        "saved_weights": {
+            n: p.detach().cpu().clone() for n, p in model[0].module.named_parameters()
+        },
     }
     save_checkpoint(ckpt, STEPS, model, optimizer, scheduler, job, STEPS * t.global_batch_size)
     seed_everything(1)  # the fresh model starts from other weights
     fresh, fresh_optimizer, fresh_scheduler = _build(job)
     load_checkpoint(ckpt, fresh, fresh_optimizer, fresh_scheduler)
     result["loaded"] = _optimizer_state(fresh, fresh_optimizer)
-    result["loaded_weights"] = {n: p.detach().cpu().clone() for n, p in fresh[0].module.named_parameters()}
+    result["loaded_weights"] = {
+        n: p.detach().cpu().clone() for n, p in fresh[0].module.named_parameters()
+    }
     torch.save(result, out)
     destroy()
 
@@ -113,7 +135,9 @@ def round_trip(tmp_path_factory) -> dict:
 
 
 def test_each_parameter_is_paired_with_its_own_main_copy(round_trip):
-    assert round_trip["mixed_groups"] > 0, "no optimizer group mixes fp32 and bf16 parameters: nothing tested"
+    assert round_trip["mixed_groups"] > 0, (
+        "no optimizer group mixes fp32 and bf16 parameters: nothing tested"
+    )
     assert round_trip["not_own"] == []
 
 

@@ -18,15 +18,30 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _preflight(*overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "megatron_blackmamba.train", "--preflight", "--config",
-                           "configs/tiny.yaml", *overrides], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_blackmamba.train",
+            "--preflight",
+            "--config",
+            "configs/tiny.yaml",
+            *overrides,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "SLURM_PROCID": "0", "SLURM_NTASKS": "1"},
+    )
 
 
 def test_tiny_config_passes(tmp_path):
     result = _preflight(f"checkpoint.save={tmp_path / 'ckpt'}")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "active /" in result.stdout and "total" in result.stdout  # the model's size, from the meta device
+    assert (
+        "active /" in result.stdout and "total" in result.stdout
+    )  # the model's size, from the meta device
     assert "preflight: ok" in result.stdout
 
 
@@ -36,9 +51,12 @@ def test_every_problem_is_listed(sample_cache, tmp_path):
     shutil.copyfile(bin_path(prefix), bin_path(str(broken)))  # its .idx is missing
     blend = tmp_path / "blend.txt"
     blend.write_text(f"0.5 {prefix}\n0.5 {broken}\n")
-    result = _preflight(f"data.blend={blend}", f"data.tokenizer={sample_tokenizer_path()}",
-                        "model.vocab_size=1024",  # the tokenizer has 8192 tokens
-                        "checkpoint.save=/proc/blackmamba-preflight/ckpt")  # nobody can write there
+    result = _preflight(
+        f"data.blend={blend}",
+        f"data.tokenizer={sample_tokenizer_path()}",
+        "model.vocab_size=1024",  # the tokenizer has 8192 tokens
+        "checkpoint.save=/proc/blackmamba-preflight/ckpt",
+    )  # nobody can write there
     assert result.returncode == 1, result.stdout + result.stderr
     problems = [line for line in result.stdout.splitlines() if line.startswith("PROBLEM")]
     text = "\n".join(problems)

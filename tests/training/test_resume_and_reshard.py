@@ -41,7 +41,9 @@ def reference(reference_run) -> dict[int, float]:
 def test_kill_minus_9_then_resume_is_exact(sample_cache, reference, tmp_path):
     cmd = train_cli(tiny_overrides(sample_cache, tmp_path))
     # Its own process group, killed whole like a scheduler kills a job (checkpoint writer included).
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     committed = tmp_path / "ckpt" / "iter_0000004" / "blackmamba_checkpoint.json"
     deadline = time.time() + 300
     while not committed.exists() and proc.poll() is None and time.time() < deadline:
@@ -53,20 +55,26 @@ def test_kill_minus_9_then_resume_is_exact(sample_cache, reference, tmp_path):
     resumed = losses(tmp_path)
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     for step in (5, 6):
-        assert resumed[step] == reference[step], f"step {step}: {resumed[step]} != {reference[step]}"
+        assert resumed[step] == reference[step], (
+            f"step {step}: {resumed[step]} != {reference[step]}"
+        )
 
 
 @pytest.mark.parametrize(
     "name, layout",
     [("tp2", ["parallel.tp=2"]), ("pp2", ["parallel.pp=2"]), ("ep2", ["parallel.ep=2"])],
 )
-def test_reshard_single_to_parallel_and_back(sample_cache, reference_run, reference, tmp_path, name, layout):
+def test_reshard_single_to_parallel_and_back(
+    sample_cache, reference_run, reference, tmp_path, name, layout
+):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     shutil.copytree(reference_run / "ckpt" / "iter_0000002", ckpt / "iter_0000002")
     (ckpt / "latest").write_text("iter_0000002")
     # steps 3-4 at the parallel layout, from the single-process step-2 checkpoint
-    run_ranks(2, train_job, tiny_overrides(sample_cache, tmp_path, "training.stop_after=2", *layout))
+    run_ranks(
+        2, train_job, tiny_overrides(sample_cache, tmp_path, "training.stop_after=2", *layout)
+    )
     assert (ckpt / "iter_0000004" / "blackmamba_checkpoint.json").is_file()
     # steps 5-6 back in one process, from the parallel step-4 checkpoint
     run_ranks(1, train_job, tiny_overrides(sample_cache, tmp_path))

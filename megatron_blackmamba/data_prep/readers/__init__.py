@@ -14,8 +14,15 @@ from .starcoder import StarcoderReader
 
 READERS: Dict[str, Type[Reader]] = {
     cls.name: cls
-    for cls in (PileReader, SlimPajamaReader, StarcoderReader, PeS2oReader, ProofPileReader,
-                PG19Reader, JsonlReader)
+    for cls in (
+        PileReader,
+        SlimPajamaReader,
+        StarcoderReader,
+        PeS2oReader,
+        ProofPileReader,
+        PG19Reader,
+        JsonlReader,
+    )
 }
 
 

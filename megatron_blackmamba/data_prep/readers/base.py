@@ -7,7 +7,8 @@ A reader has two halves because of where they run:
   file's content, which is what makes shard boundaries - and so the output bytes - identical
   on every run, whatever the worker count and however often the run is interrupted.
 * :meth:`Reader.read` runs in a worker and yields the documents of one shard. Bad records are
-  reported to an :class:`~megatron_blackmamba.data_prep.issues.IssueLog` with their file and line/row.
+  reported to an :class:`~megatron_blackmamba.data_prep.issues.IssueLog` with their file and
+  line/row.
 """
 
 from __future__ import annotations
@@ -65,16 +66,23 @@ class Reader(ABC):
 
     def _inputs_at(self, path: str) -> List[str]:
         if os.path.isdir(path):
-            inputs = [os.path.join(root, name)
-                      for root, _, names in os.walk(path) for name in names
-                      if name.endswith(self.suffixes)]
+            inputs = [
+                os.path.join(root, name)
+                for root, _, names in os.walk(path)
+                for name in names
+                if name.endswith(self.suffixes)
+            ]
             if not inputs:
-                raise InputError(f"{path}: folder holds no {'/'.join(self.suffixes)} files "
-                                 f"for the {self.name} reader")
+                raise InputError(
+                    f"{path}: folder holds no {'/'.join(self.suffixes)} files "
+                    f"for the {self.name} reader"
+                )
             return inputs
         if not path.endswith(self.suffixes):
-            raise InputError(f"{path}: the {self.name} reader reads {'/'.join(self.suffixes)} "
-                             "files; pick another --reader or fix the input pattern")
+            raise InputError(
+                f"{path}: the {self.name} reader reads {'/'.join(self.suffixes)} "
+                "files; pick another --reader or fix the input pattern"
+            )
         return [path]
 
     @abstractmethod
@@ -86,14 +94,23 @@ class Reader(ABC):
         """Yield the documents of one shard, reporting bad records to ``issues``."""
 
 
-def decode_utf8(data: bytes, path: str, where: str, issues: IssueLog, column: bool = False) -> Optional[str]:
+def decode_utf8(
+    data: bytes, path: str, where: str, issues: IssueLog, column: bool = False
+) -> Optional[str]:
     """``data`` as text, or None with a ``non_utf8`` record reported that names the first bad
     byte (its offset, or for a line its 1-based column)."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:
         position = f"column {error.start + 1}" if column else f"offset {error.start}"
-        issues.report(Issue(Reason.NON_UTF8, path, where, f"byte 0x{data[error.start]:02x} at {position} is not UTF-8"))
+        issues.report(
+            Issue(
+                Reason.NON_UTF8,
+                path,
+                where,
+                f"byte 0x{data[error.start]:02x} at {position} is not UTF-8",
+            )
+        )
         return None
 
 

@@ -78,7 +78,9 @@ class JsonlReader(Reader):
     """
 
     name = "jsonl"
-    description = "any JSON-lines corpus, plain/.gz/.zst (text under --text-key, default 'text'; no subset)"
+    description = (
+        "any JSON-lines corpus, plain/.gz/.zst (text under --text-key, default 'text'; no subset)"
+    )
 
     suffixes = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst")
     subset_keys: ClassVar[Tuple[str, ...]] = ()
@@ -115,9 +117,14 @@ class JsonlReader(Reader):
             raise InputError(f"{path}: cannot read ({error})") from None
         except _stream_errors() as error:
             lines = first_line - 1 + buffer.count(b"\n")
-            issues.report(Issue(Reason.CORRUPT_STREAM, path,
-                                f"after line {lines} (decompressed byte {start + len(buffer)})",
-                                f"{type(error).__name__}: {error}"))
+            issues.report(
+                Issue(
+                    Reason.CORRUPT_STREAM,
+                    path,
+                    f"after line {lines} (decompressed byte {start + len(buffer)})",
+                    f"{type(error).__name__}: {error}",
+                )
+            )
         if buffer:
             yield take(len(buffer))
 

@@ -31,12 +31,18 @@ class PG19Reader(Reader):
 
     def _inputs_at(self, path: str) -> List[str]:
         if not os.path.isdir(path):
-            raise InputError(f"{path}: the pg19 reader takes split folders of <book_id>.txt "
-                             "files (e.g. pg19/train) or the root folder holding them, not single files")
+            raise InputError(
+                f"{path}: the pg19 reader takes split folders of <book_id>.txt "
+                "files (e.g. pg19/train) or the root folder holding them, not single files"
+            )
         if not _books(path) and os.path.isdir(os.path.join(path, self.split_name)):
-            path = os.path.join(path, self.split_name)  # the published root: train/ validation/ test/
+            path = os.path.join(
+                path, self.split_name
+            )  # the published root: train/ validation/ test/
         if not _books(path):
-            raise InputError(f"{path}: folder holds no .txt books (nor a {self.split_name}/ split folder)")
+            raise InputError(
+                f"{path}: folder holds no .txt books (nor a {self.split_name}/ split folder)"
+            )
         return [path]
 
     def split(self, path: str, shard_bytes: int, issues: IssueLog) -> Iterator[Split]:
@@ -76,8 +82,10 @@ def _books(folder: str) -> List[str]:
 @functools.lru_cache(maxsize=8)
 def _titles(folder: str) -> Dict[str, str]:
     """book_id -> title from metadata.csv in the split folder or its parent (optional)."""
-    for candidate in (os.path.join(folder, "metadata.csv"),
-                      os.path.join(os.path.dirname(folder), "metadata.csv")):
+    for candidate in (
+        os.path.join(folder, "metadata.csv"),
+        os.path.join(os.path.dirname(folder), "metadata.csv"),
+    ):
         if os.path.isfile(candidate):
             with open(candidate, newline="", encoding="utf-8", errors="replace") as f:
                 return {row[0]: row[1] for row in csv.reader(f) if len(row) >= 2}

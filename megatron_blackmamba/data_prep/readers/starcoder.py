@@ -28,22 +28,30 @@ class StarcoderReader(Reader):
         try:
             metadata = pq.ParquetFile(path).metadata
         except (pa.ArrowException, OSError) as error:
-            issues.report(Issue(Reason.UNREADABLE_FILE, path, "",
-                                f"cannot open as parquet ({error})"))
+            issues.report(
+                Issue(Reason.UNREADABLE_FILE, path, "", f"cannot open as parquet ({error})")
+            )
             return
         columns = metadata.schema.names
         if self.column not in columns:
-            issues.report(Issue(Reason.MISSING_TEXT, path, f"all {metadata.num_rows} rows",
-                                f"no {self.column!r} column (columns: {', '.join(columns)})",
-                                count=metadata.num_rows))
+            issues.report(
+                Issue(
+                    Reason.MISSING_TEXT,
+                    path,
+                    f"all {metadata.num_rows} rows",
+                    f"no {self.column!r} column (columns: {', '.join(columns)})",
+                    count=metadata.num_rows,
+                )
+            )
             return
         first_group = first_row = rows = size = 0
         for group in range(metadata.num_row_groups):
             size += metadata.row_group(group).total_byte_size
             rows += metadata.row_group(group).num_rows
             if size >= shard_bytes or group == metadata.num_row_groups - 1:
-                yield Split({"row_groups": [first_group, group + 1], "first_row": first_row,
-                             "rows": rows})
+                yield Split(
+                    {"row_groups": [first_group, group + 1], "first_row": first_row, "rows": rows}
+                )
                 first_group, first_row, rows, size = group + 1, first_row + rows, 0, 0
 
     def read(self, path: str, split: Split, issues: IssueLog) -> Iterator[Document]:
@@ -56,28 +64,44 @@ class StarcoderReader(Reader):
         end = row + split.locator["rows"]
         try:
             batches = pq.ParquetFile(path).iter_batches(
-                batch_size=_BATCH_ROWS, row_groups=range(start, stop), columns=[self.column])
+                batch_size=_BATCH_ROWS, row_groups=range(start, stop), columns=[self.column]
+            )
             for batch in batches:
                 column = batch.column(0)
                 if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
                     # raw bytes, so that invalid UTF-8 is reported per row, not per batch
-                    column = column.view(pa.large_binary() if pa.types.is_large_string(column.type)
-                                         else pa.binary())
+                    column = column.view(
+                        pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary()
+                    )
                 for value in column.to_pylist():
                     document = self._parse(value, path, row, subset, issues)
                     row += 1
                     if document is not None:
                         yield document
         except (pa.ArrowException, OSError) as error:
-            issues.report(Issue(Reason.UNREADABLE_FILE, path, f"rows {row}-{end - 1} (0-based)",
-                                f"cannot read ({error})", count=end - row))
+            issues.report(
+                Issue(
+                    Reason.UNREADABLE_FILE,
+                    path,
+                    f"rows {row}-{end - 1} (0-based)",
+                    f"cannot read ({error})",
+                    count=end - row,
+                )
+            )
 
-    def _parse(self, value: object, path: str, row: int, subset: str,
-               issues: IssueLog) -> "Document | None":
+    def _parse(
+        self, value: object, path: str, row: int, subset: str, issues: IssueLog
+    ) -> "Document | None":
         where = f"row {row} (0-based)"
         if not isinstance(value, bytes):
-            issues.report(Issue(Reason.MISSING_TEXT, path, where,
-                                f"{self.column!r} is {type(value).__name__}, not text"))
+            issues.report(
+                Issue(
+                    Reason.MISSING_TEXT,
+                    path,
+                    where,
+                    f"{self.column!r} is {type(value).__name__}, not text",
+                )
+            )
             return None
         text = decode_utf8(value, path, where, issues)
         if text is None:
