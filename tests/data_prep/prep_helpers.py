@@ -126,3 +126,22 @@ def run_cli(*args: str, env: Optional[Dict[str, str]] = None, **kwargs):
         text=True,
         **kwargs,
     )
+
+
+def build_args(corpus: str, tokenizer: str, output, *extra: str) -> list[str]:
+    """``blackmamba-prep build`` arguments for a pile-format test corpus, in tiny shards."""
+    return [
+        "build",
+        "--reader",
+        "pile",
+        "--input",
+        corpus,
+        "--tokenizer",
+        tokenizer,
+        "--output",
+        str(output),
+        "--shard-size-mb",
+        "0.002",
+        "--no-progress",
+        *extra,
+    ]

@@ -18,7 +18,15 @@ import pytest
 
 from megatron_blackmamba.data_prep.build import BuildSpec, build
 
-from .prep_helpers import REPO, jsonl_bytes, make_texts, pile_records, run_cli, write_compressed
+from .prep_helpers import (
+    REPO,
+    build_args,
+    jsonl_bytes,
+    make_texts,
+    pile_records,
+    run_cli,
+    write_compressed,
+)
 
 
 @pytest.fixture()
@@ -31,24 +39,6 @@ def corpus(tmp_path) -> str:
             jsonl_bytes(pile_records(texts, [names[i % 3] for i in range(60)])),
         )
     return str(tmp_path / "raw" / "*.jsonl.zst")
-
-
-def _args(corpus: str, tokenizer: str, output: Path, *extra: str):
-    return [
-        "build",
-        "--reader",
-        "pile",
-        "--input",
-        corpus,
-        "--tokenizer",
-        tokenizer,
-        "--output",
-        str(output),
-        "--shard-size-mb",
-        "0.002",
-        "--no-progress",
-        *extra,
-    ]
 
 
 def _files(prefix: Path):
@@ -64,7 +54,7 @@ def _done_shards(manifest: Path) -> int:
 
 
 def test_kill_and_resume_is_byte_identical(tmp_path, corpus, tokenizer_path):
-    reference = run_cli(*_args(corpus, tokenizer_path, tmp_path / "ref" / "out"))
+    reference = run_cli(*build_args(corpus, tokenizer_path, tmp_path / "ref" / "out"))
     assert reference.returncode == 0, reference.stderr
     total = int(re.search(r"(\d+) shards", reference.stdout).group(1))
     assert total >= 20
@@ -74,7 +64,7 @@ def test_kill_and_resume_is_byte_identical(tmp_path, corpus, tokenizer_path):
     rng.seed(seed)
     threshold = rng.randint(2, total // 3)
     output = tmp_path / "run" / "out"
-    args = _args(corpus, tokenizer_path, output, "--workers", "2")
+    args = build_args(corpus, tokenizer_path, output, "--workers", "2")
     env = dict(os.environ, PYTHONPATH=str(REPO), DATA_PREP_TEST_SHARD_DELAY="0.3")
     victim = subprocess.Popen(
         [sys.executable, "-m", "megatron_blackmamba.data_prep", *args],
@@ -125,7 +115,7 @@ def test_output_independent_of_workers_and_shard_size(tmp_path, corpus, tokenize
 
 
 def test_rerun_is_a_no_op_and_settings_changes_are_refused(tmp_path, corpus, tokenizer_path):
-    args = _args(corpus, tokenizer_path, tmp_path / "out")
+    args = build_args(corpus, tokenizer_path, tmp_path / "out")
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr
     again = run_cli(*args)

@@ -17,7 +17,15 @@ import pytest
 
 from megatron_blackmamba.data_prep.tasks import assign_files
 
-from .prep_helpers import REPO, jsonl_bytes, make_texts, pile_records, run_cli, write_compressed
+from .prep_helpers import (
+    REPO,
+    build_args,
+    jsonl_bytes,
+    make_texts,
+    pile_records,
+    run_cli,
+    write_compressed,
+)
 
 
 @pytest.fixture()
@@ -30,24 +38,6 @@ def corpus(tmp_path) -> str:
             jsonl_bytes(pile_records(texts, ["ArXiv", "Github"] * count)),
         )
     return str(tmp_path / "raw" / "*.jsonl.zst")
-
-
-def _args(corpus: str, tokenizer: str, output: Path, *extra: str) -> list[str]:
-    return [
-        "build",
-        "--reader",
-        "pile",
-        "--input",
-        corpus,
-        "--tokenizer",
-        tokenizer,
-        "--output",
-        str(output),
-        "--shard-size-mb",
-        "0.002",
-        "--no-progress",
-        *extra,
-    ]
 
 
 def _array_env(count: int, index: int, **extra: str) -> dict:
@@ -90,15 +80,17 @@ def test_assignment_is_contiguous_balanced_and_covers_every_file():
 def test_tasks_started_at_once_then_finalized_equal_one_build(
     tmp_path, corpus, tokenizer_path, count
 ):
-    reference = run_cli(*_args(corpus, tokenizer_path, tmp_path / "one" / "out"))
+    reference = run_cli(*build_args(corpus, tokenizer_path, tmp_path / "one" / "out"))
     assert reference.returncode == 0, reference.stderr
     output = tmp_path / "tasks" / "out"
 
-    early = run_cli(*_args(corpus, tokenizer_path, output, "--finalize"))
+    early = run_cli(*build_args(corpus, tokenizer_path, output, "--finalize"))
     assert early.returncode == 1 and "no task of this build has started" in early.stderr
-    first = [_start(_args(corpus, tokenizer_path, output), _array_env(count, i)) for i in (0, 2)]
+    first = [
+        _start(build_args(corpus, tokenizer_path, output), _array_env(count, i)) for i in (0, 2)
+    ]
     assert [p.wait(120) for p in first] == [0, 0], [p.stderr.read() for p in first]
-    refused = run_cli(*_args(corpus, tokenizer_path, output, "--finalize"))
+    refused = run_cli(*build_args(corpus, tokenizer_path, output, "--finalize"))
     assert refused.returncode == 1
     assert f"1 of {count} tasks are not complete" in refused.stderr
     assert "task-00001-of-00003: never started" in refused.stderr and ".jsonl.zst" in refused.stderr
@@ -109,9 +101,9 @@ def test_tasks_started_at_once_then_finalized_equal_one_build(
         and "not started" in status.stdout
     )
 
-    last = _start(_args(corpus, tokenizer_path, output), _array_env(count, 1))
+    last = _start(build_args(corpus, tokenizer_path, output), _array_env(count, 1))
     assert last.wait(120) == 0, last.stderr.read()
-    done = run_cli(*_args(corpus, tokenizer_path, output, "--finalize"))
+    done = run_cli(*build_args(corpus, tokenizer_path, output, "--finalize"))
     assert done.returncode == 0, done.stderr
     assert _files(output) == _files(tmp_path / "one" / "out")
     # counts and the per-subset table are the one-task build's
@@ -131,53 +123,55 @@ def _done_shards(manifest: Path) -> int:
 def test_a_killed_task_reruns_and_a_second_process_is_refused(tmp_path, corpus, tokenizer_path):
     output = tmp_path / "run" / "out"
     env = _array_env(2, 0, DATA_PREP_TEST_SHARD_DELAY="0.3")
-    victim = _start(_args(corpus, tokenizer_path, output), env)
+    victim = _start(build_args(corpus, tokenizer_path, output), env)
     manifest = Path(f"{output}.shards") / "task-00000-of-00002" / "manifest.json"
     deadline = time.monotonic() + 60
     while _done_shards(manifest) < 2 and victim.poll() is None:
         assert time.monotonic() < deadline, "the task never recorded a finished shard"
         time.sleep(0.05)
-    twin = run_cli(*_args(corpus, tokenizer_path, output), env=_array_env(2, 0))
+    twin = run_cli(*build_args(corpus, tokenizer_path, output), env=_array_env(2, 0))
     assert twin.returncode == 1 and "being built by another process" in twin.stderr
     os.killpg(victim.pid, signal.SIGKILL)
     assert victim.wait() == -signal.SIGKILL
 
     for index in (0, 1):
-        rerun = run_cli(*_args(corpus, tokenizer_path, output), env=_array_env(2, index))
+        rerun = run_cli(*build_args(corpus, tokenizer_path, output), env=_array_env(2, index))
         assert rerun.returncode == 0, rerun.stderr
         if index == 0:  # the killed task keeps the shards it had finished
             assert int(re.search(r"\((\d+) reused\)", rerun.stdout).group(1)) >= 2
-    assert run_cli(*_args(corpus, tokenizer_path, output, "--finalize")).returncode == 0
-    reference = run_cli(*_args(corpus, tokenizer_path, tmp_path / "one" / "out"))
+    assert run_cli(*build_args(corpus, tokenizer_path, output, "--finalize")).returncode == 0
+    reference = run_cli(*build_args(corpus, tokenizer_path, tmp_path / "one" / "out"))
     assert reference.returncode == 0
     assert _files(output) == _files(tmp_path / "one" / "out")
 
 
 def test_tasks_refuse_another_tasks_state_seen_under_another_path(tmp_path, corpus, tokenizer_path):
     output = tmp_path / "shared" / "out"
-    assert run_cli(*_args(corpus, tokenizer_path, output), env=_array_env(2, 0)).returncode == 0
+    assert (
+        run_cli(*build_args(corpus, tokenizer_path, output), env=_array_env(2, 0)).returncode == 0
+    )
     plan = Path(f"{output}.shards") / "plan.json"
     data = json.loads(plan.read_text())
     data["output"] = (
         "/node-local/scratch/out"  # as a task on a node with another mount would see it
     )
     plan.write_text(json.dumps(data))
-    result = run_cli(*_args(corpus, tokenizer_path, output), env=_array_env(2, 1))
+    result = run_cli(*build_args(corpus, tokenizer_path, output), env=_array_env(2, 1))
     assert (
         result.returncode == 1 and "every task must see one shared output folder" in result.stderr
     )
     other_count = run_cli(
-        *_args(corpus, tokenizer_path, tmp_path / "x" / "out", "--num-tasks", "2")
+        *build_args(corpus, tokenizer_path, tmp_path / "x" / "out", "--num-tasks", "2")
     )
     assert other_count.returncode == 0
     changed = run_cli(
-        *_args(
+        *build_args(
             corpus, tokenizer_path, tmp_path / "x" / "out", "--num-tasks", "3", "--task-index", "0"
         )
     )
     assert changed.returncode == 1 and "started with --num-tasks 2, not 3" in changed.stderr
     bad_index = run_cli(
-        *_args(
+        *build_args(
             corpus, tokenizer_path, tmp_path / "y" / "out", "--num-tasks", "3", "--task-index", "3"
         )
     )
