@@ -166,13 +166,18 @@ def _check_model(job: JobConfig, result: CheckResult) -> None:
         )
     if result.info["pattern"] and p.pp > 1 and len(result.info["pattern"]) % p.pp:
         result.warnings.append(f"{m.num_layers} layers do not split evenly over pp={p.pp} stages")
-    if t.seq_length > m.max_seq_length:
-        errors.append(
-            f"training.seq_length={t.seq_length} > model.max_seq_length={m.max_seq_length}"
-        )
     if m.routing == "sinkhorn" and m.aux_loss_coeff:
         errors.append(
             "model.aux_loss_coeff must be 0 with model.routing=sinkhorn (Sinkhorn balances instead)"
+        )
+    if p.moe_capacity_factor is not None and p.moe_capacity_factor <= 0:
+        errors.append(
+            f"parallel.moe_capacity_factor={p.moe_capacity_factor} must be > 0 (null = dropless)"
+        )
+    if p.moe_capacity_factor is not None and p.moe_dispatcher == "local":
+        errors.append(
+            "parallel.moe_dispatcher=local is dropless: with parallel.moe_capacity_factor use"
+            " auto, allgather or alltoall"
         )
     if p.moe_dispatcher == "local" and (p.ep > 1 or etp > 1):
         errors.append(

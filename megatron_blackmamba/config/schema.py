@@ -88,7 +88,11 @@ class ModelConfig:
     )
     tie_embeddings: bool = opt(True, "share input embedding and output layer weights")
     init_method_std: float = opt(0.02, "std of the normal init for linear weights")
-    max_seq_length: int = opt(2048, "longest training sequence")
+    max_seq_length: int = opt(
+        2048,
+        "sequence length the model is described with (Zyphra's max_sequence_length); not a limit:"
+        " a Mamba stack has no positional embedding, so training.seq_length may exceed it",
+    )
 
     def resolved_dt_rank(self) -> int:
         return self.dt_rank or math.ceil(self.hidden_size / 16)
@@ -121,6 +125,13 @@ class ParallelConfig:
         "auto",
         "token dispatcher: auto | local | allgather | alltoall (auto: local, sync-free, when"
         " ep=tp=1; else alltoall on CUDA, allgather on CPU)",
+    )
+    moe_capacity_factor: Optional[float] = opt(
+        None,
+        "expert capacity factor: null = dropless; else each expert takes at most"
+        " ceil(factor x tokens / experts) of a rank's tokens per MoE layer, the rest skip the"
+        " experts (kept by the residual; the dropped fraction is logged), and the alltoall"
+        " dispatcher pads every expert to that capacity (static shapes, no host sync)",
     )
     distributed_optimizer: bool = opt(True, "shard optimizer state across data-parallel ranks")
     backend: Literal["auto", "nccl", "gloo"] = opt(

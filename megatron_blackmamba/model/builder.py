@@ -56,6 +56,11 @@ def moe_graph_blocker(job: JobConfig) -> str | None:
 
     m, t = job.model, job.training
     dispatcher = moe_dispatcher(job)
+    if dispatcher == "alltoall" and job.parallel.moe_capacity_factor is not None:
+        return (
+            "the alltoall dispatcher padded to capacity has static shapes, but its replay from"
+            " CUDA graphs is not verified yet (it needs a multi-GPU machine)"
+        )
     if dispatcher != "local":
         return f"the {dispatcher} token dispatcher moves expert token counts through the host"
     if m.routing != "sinkhorn":
@@ -113,15 +118,22 @@ def transformer_config(job: JobConfig, cuda_graphs: bool = False) -> Transformer
         moe_ffn_hidden_size=m.resolved_ffn_hidden_size(),
         num_moe_experts=m.num_experts,
         moe_router_topk=m.moe_topk,
-        moe_router_load_balancing_type=m.routing,
+        # The router owns Sinkhorn (model/router.py): megatron is told "none", which also lets it
+        # accept an expert capacity factor (0.16.1 refuses one with its own Sinkhorn).
+        moe_router_load_balancing_type="none" if m.routing == "sinkhorn" else m.routing,
         moe_aux_loss_coeff=m.aux_loss_coeff,
         # Post-softmax top-1 would gate every token with weight 1.0; megatron needs pre-softmax.
-        moe_router_pre_softmax=m.moe_topk == 1 and m.routing != "sinkhorn",
+        # (The Sinkhorn router gates with its own sigmoid and never reads this.)
+        moe_router_pre_softmax=m.moe_topk == 1,
         moe_router_dtype="fp32",
         # The local dispatcher replaces megatron's inside LocalDispatchMoELayer; allgather is the
         # cheap, device-agnostic one megatron builds first.
         moe_token_dispatcher_type="allgather" if dispatcher == "local" else dispatcher,
         moe_grouped_gemm=m.moe_grouped_gemm,
+        moe_expert_capacity_factor=p.moe_capacity_factor,
+        # Padding to capacity is the alltoall dispatcher's (allgather drops without padding).
+        moe_pad_expert_input_to_capacity=p.moe_capacity_factor is not None
+        and dispatcher == "alltoall",
         add_bias_linear=m.add_bias_linear,
         gated_linear_unit=m.activation != "gelu",
         activation_func=_ACTIVATIONS[m.activation],
@@ -154,17 +166,19 @@ def moe_dispatcher(job: JobConfig) -> str:
     """'local', 'allgather' or 'alltoall' for this job's parallel layout
     (resolve_moe_dispatcher)."""
     p = job.parallel
-    return resolve_moe_dispatcher(
-        p.moe_dispatcher, experts_local=p.ep == 1 and p.resolved_etp() == 1
-    )
+    # The local dispatcher is dropless: with a capacity factor, experts on the rank or not, the
+    # tokens go through megatron's dispatchers, which honour the router's drops.
+    local = p.ep == 1 and p.resolved_etp() == 1 and p.moe_capacity_factor is None
+    return resolve_moe_dispatcher(p.moe_dispatcher, experts_local=local)
 
 
 def resolve_moe_dispatcher(requested: str, experts_local: bool) -> str:
     """The token dispatcher to build: 'local', 'allgather' or 'alltoall'.
 
     'auto' -> 'local' (model/local_dispatcher.py: no communication, no host syncs) when every
-    expert is on this rank (``experts_local``: EP = expert-TP = 1), else megatron's alltoall on
-    CUDA and allgather on CPU (alltoall needs CUDA streams).
+    expert is on this rank and no token is dropped (``experts_local``: EP = expert-TP = 1, no
+    capacity factor), else megatron's alltoall on CUDA and allgather on CPU (alltoall needs CUDA
+    streams).
     """
     if requested == "auto":
         if experts_local:
@@ -173,7 +187,8 @@ def resolve_moe_dispatcher(requested: str, experts_local: bool) -> str:
     if requested == "local" and not experts_local:
         raise ValueError(
             "parallel.moe_dispatcher=local needs every expert on this rank (parallel.ep=1 and"
-            " tp=1); use parallel.moe_dispatcher=auto"
+            " tp=1) and dropless routing (no parallel.moe_capacity_factor); use"
+            " parallel.moe_dispatcher=auto"
         )
     if requested == "alltoall" and not torch.cuda.is_available():
         raise ValueError(

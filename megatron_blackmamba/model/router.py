@@ -5,9 +5,11 @@ expert-load statistics are always available.
 
 Training: the top-k experts of the Sinkhorn-balanced plan; the gate is sigmoid(logit) for top-1
 (softmax for k > 1), as in megatron and the released BlackMamba code. Inference: plain top-k of
-the gate, no balancing. Every forward also accumulates tokens-per-expert, so the training loop
-can log per-layer expert load and routing entropy (the paper's open question is imbalance in
-late layers). The gating GEMM of bf16 models runs on tensor cores at fp32-router precision.
+the gate, no balancing. Every forward also accumulates tokens-per-expert, and the tokens an
+expert capacity factor dropped (parallel.moe_capacity_factor; megatron drops them after routing),
+so the training loop can log per-layer expert load, routing entropy and the dropped fraction
+(the paper's open question is imbalance in late layers). The gating GEMM of bf16 models runs on
+tensor cores at fp32-router precision.
 """
 
 from __future__ import annotations
@@ -26,15 +28,18 @@ class BlackMambaRouter(TopKRouter):
         config,
         pg_collection=None,
         *,
+        routing: str,
         temperature: float,
         init: str,
         tol: float,
         max_iters: int,
         bias: bool,
     ) -> None:
-        """Sinkhorn parameters and ``bias`` as the spec passes them from ModelConfig (their one
-        source of defaults)."""
+        """``routing`` (model.routing), Sinkhorn parameters and ``bias`` as the spec passes them
+        from ModelConfig (their one source of defaults). megatron's config says "none" for
+        Sinkhorn (model.builder), so the balancing mode is this router's own."""
         super().__init__(config=config, pg_collection=pg_collection)
+        self.routing_type = routing
         if bias and self.bias is None:
             # megatron adds a router bias only with add_bias_linear; Zyphra's released routers are
             # biased nn.Linear layers in models without linear biases. Zero-init = no bias.
@@ -50,6 +55,9 @@ class BlackMambaRouter(TopKRouter):
             "load_counts",
             torch.zeros(config.num_moe_experts, dtype=torch.float64),
             persistent=False,
+        )
+        self.register_buffer(
+            "dropped_count", torch.zeros((), dtype=torch.float64), persistent=False
         )
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
@@ -105,15 +113,20 @@ class BlackMambaRouter(TopKRouter):
         # (the patch "cuda_graphs._set_warmup_end->lowers the flag" makes it fall again afterwards).
         if not is_graph_warmup():
             with torch.no_grad():
-                self.load_counts += routing_map.sum(dim=0).to(self.load_counts.dtype)
+                routed = routing_map.sum(dim=0).to(self.load_counts.dtype)
+                self.load_counts += routed
+                # Before dropping, every token had exactly topk experts.
+                self.dropped_count += routing_map.shape[0] * self.topk - routed.sum()
         return probs, routing_map
 
-    def take_load_counts(self) -> torch.Tensor:
-        """Tokens this rank routed to each expert since the last call; resets the counter.
+    def take_load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens routed to each expert [E], (token, expert) pairs dropped for capacity [])
+        on this rank since the last call, float64; resets both counters.
 
         Ranks of the TP x DP group see disjoint tokens (TP > 1 implies sequence parallelism), so
         the sum over ``self.tp_dp_cp_group`` is the global load.
         """
-        counts = self.load_counts.clone()
+        counts, dropped = self.load_counts.clone(), self.dropped_count.clone()
         self.load_counts.zero_()
-        return counts
+        self.dropped_count.zero_()
+        return counts, dropped

@@ -92,6 +92,7 @@ def moe_layer_spec(
         moe.submodules.experts.module = FusedGLUGroupedMLP
     moe.submodules.router = partial(
         BlackMambaRouter,
+        routing=model.routing,
         temperature=model.sinkhorn_temperature,
         init=model.sinkhorn_init,
         tol=model.sinkhorn_tol,

@@ -197,10 +197,12 @@ def train(job: JobConfig) -> dict:
             metrics_log.scalars(iteration, per_layer, prefix="")
             if iteration % t.log_interval == 0 and load:
                 worst = max(load, key=lambda layer: load_summary(load[layer])["max_over_mean"])
+                summary = load_summary(load[worst])
+                dropped = max(load_summary(c)["dropped_fraction"] for c in load.values())
                 logger.info(
-                    f"  expert load: worst layer {worst} max/mean"
-                    f" {load_summary(load[worst])['max_over_mean']:.2f} counts"
-                    f" {[int(c) for c in load[worst]]}"
+                    f"  expert load: worst layer {worst} max/mean {summary['max_over_mean']:.2f}"
+                    f" counts {[int(c) for c in load[worst]['routed']]}"
+                    + (f" | dropped for capacity: up to {dropped:.2%} per layer" if dropped else "")
                 )
         if t.eval_interval and iteration % t.eval_interval == 0 and data.valid is not None:
             val = evaluate(job, model, data.valid, iteration // t.eval_interval - 1)

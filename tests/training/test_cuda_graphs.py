@@ -141,7 +141,7 @@ def test_graphed_layers_train_like_eager_ones(tmp_path):
         (STEPS + 1) * MICRO_BATCHES * 2 * 128
     )  # training and validation micro-batches of 2 x 128
     assert graphed["load"] == eager["load"] and all(
-        sum(c) == tokens for c in graphed["load"].values()
+        sum(c["routed"]) == tokens and c["dropped"] == 0 for c in graphed["load"].values()
     )
 
 
