@@ -1,13 +1,14 @@
 """This project's Mamba-1 selective-scan CUDA kernel (``csrc/selective_scan.cu``): build, load,
 autograd.
 
-The CUDA scan for d_state 16 wherever it builds; mamba-ssm's kernel otherwise.
-``BLACKMAMBA_SCAN_KERNEL`` picks: ``auto`` (default) this kernel where it can run, else
-mamba-ssm's; ``blackmamba`` this kernel or an error saying why it cannot run; ``mamba_ssm``
-mamba-ssm's. It walks each channel's states sequentially in time and sums dB/dC over a block's
-channels on chip; on an H100 its forward+backward is 1.49x mamba-ssm's at the 340M layer and 1.34x
-at the 630M one (training +17% and +11%), and it saves fp32 state checkpoints (4 bytes per element
-of u) instead of mamba-ssm's output copy (bf16: 2 bytes), see bench/PERF_NOTES.md.
+The CUDA scan for d_state 16 wherever it builds and its grid fills the GPU; mamba-ssm's kernel
+otherwise. ``BLACKMAMBA_SCAN_KERNEL`` picks: ``auto`` (default) this kernel where it can run and
+is the faster one (``grid_underfills``), else mamba-ssm's; ``blackmamba`` this kernel or an error
+saying why it cannot run; ``mamba_ssm`` mamba-ssm's. It walks each channel's states
+sequentially in time and sums dB/dC over a block's channels on chip; at the paper configs'
+micro-batches its forward+backward is 1.3-1.5x mamba-ssm's, and it saves fp32 state checkpoints
+(4 bytes per element of u) instead of mamba-ssm's output copy (bf16: 2 bytes), see
+bench/PERF_NOTES.md.
 
 It has a C ABI, so it is compiled with nvcc alone on first use, for the GPU at hand, into a cache
 directory shared by every rank and process (``BLACKMAMBA_KERNEL_CACHE``, default
@@ -115,10 +116,41 @@ def choose(
         return False, f"{KERNEL_ENV_VAR}=mamba_ssm"
     why = unsupported(u, delta, A, B, C, D, z, delta_bias) or load_error(device_arch(u.device))
     if why is None:
+        slower = grid_underfills(u) if choice == "auto" else None
+        if slower is not None:
+            return False, f"{KERNEL_ENV_VAR}=auto and mamba-ssm's kernel is faster here: {slower}"
         return True, f"{KERNEL_ENV_VAR}={choice}, {library_path(device_arch(u.device))}"
     if choice == "blackmamba":
         raise RuntimeError(f"selective_scan: {KERNEL_ENV_VAR}=blackmamba was requested but {why}")
     return False, f"{KERNEL_ENV_VAR}=auto and this project's kernel cannot run: {why}"
+
+
+# Channels of one forward block (csrc/selective_scan.cu: kFwdThreads / kFwdSplit).
+CHANNELS_PER_BLOCK = 64
+
+
+def sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def grid_underfills(u: Tensor) -> str | None:
+    """Why u (batch, dim, seqlen) is too few sequences for this kernel, or None.
+
+    Each block walks its channels through the whole sequence, so a small grid leaves SMs idle
+    from start to end, however long the sequence; mamba-ssm's kernel also splits the time axis
+    within a block and is the faster one there. Long sequences at a fixed token budget are that
+    case. Measured on an H200 (132 SMs), forward+backward against mamba-ssm's at d_inner 2304
+    (36 blocks per sequence): 0.34x at batch 1, 0.57x at 2, 0.94x at 4, 1.45x at 16
+    (bench/PERF_NOTES.md), so it runs from two blocks per SM up.
+    """
+    batch, dim, _ = u.shape
+    blocks, sms = batch * -(-dim // CHANNELS_PER_BLOCK), sm_count(u.device)
+    if blocks >= 2 * sms:
+        return None
+    return (
+        f"{batch} x {dim} channels make {blocks} blocks of {CHANNELS_PER_BLOCK}, under two per SM"
+        f" of the GPU's {sms}"
+    )
 
 
 def cache_dir() -> Path:

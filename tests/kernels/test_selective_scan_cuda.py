@@ -69,6 +69,7 @@ def _choose(x: dict):
 def test_auto_falls_back_to_mamba_ssm_only_where_this_kernel_cannot_run(build_error, monkeypatch):
     monkeypatch.setattr(own, "device_arch", lambda device=None: "sm_90")
     monkeypatch.setattr(own, "load_error", lambda arch: build_error)
+    monkeypatch.setattr(own, "sm_count", lambda device: 0)  # the grid size never decides here
     x, x8 = _args(), _args(d_state=8)
 
     monkeypatch.delenv(own.KERNEL_ENV_VAR, raising=False)
@@ -89,6 +90,19 @@ def test_auto_falls_back_to_mamba_ssm_only_where_this_kernel_cannot_run(build_er
             _choose(x)
     with pytest.raises(RuntimeError, match="d_state 8"):
         _choose(x8)
+
+
+def test_auto_leaves_a_grid_that_underfills_the_gpu_to_mamba_ssm(monkeypatch):
+    monkeypatch.setattr(own, "device_arch", lambda device=None: "sm_90")
+    monkeypatch.setattr(own, "load_error", lambda arch: None)
+    monkeypatch.setattr(own, "sm_count", lambda device: 132)
+    monkeypatch.delenv(own.KERNEL_ENV_VAR, raising=False)
+    few_long, many_short = _args(batch=4, dim=2304, seqlen=8), _args(batch=8, dim=2304, seqlen=2)
+    use, why = _choose(few_long)  # 4 x 36 blocks of 64 channels on 132 SMs
+    assert not use and "144 blocks of 64, under two per SM of the GPU's 132" in why
+    assert _choose(many_short)[0]  # 8 x 36 = 288 blocks
+    monkeypatch.setenv(own.KERNEL_ENV_VAR, "blackmamba")  # asked for by name: it runs
+    assert _choose(few_long)[0]
 
 
 def _refused_layouts(device: str = "cpu") -> dict[str, tuple[dict, str]]:
