@@ -86,6 +86,11 @@ class ModelConfig:
         "norm before the output layer: rmsnorm | layernorm (with bias, as in Zyphra's released"
         " models)",
     )
+    residual_in_fp32: bool = opt(
+        False,
+        "keep the residual stream between layers in fp32 (Zyphra's released models do); every"
+        " norm still reads it in the model's dtype, so only the additions gain precision",
+    )
     tie_embeddings: bool = opt(True, "share input embedding and output layer weights")
     init_method_std: float = opt(0.02, "std of the normal init for linear weights")
     max_seq_length: int = opt(

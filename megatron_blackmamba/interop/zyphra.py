@@ -174,6 +174,8 @@ def model_fields(zcfg: dict, glu_activation: str = "gelu", source: str = CONFIG_
         "norm_epsilon": ZYPHRA_NORM_EPS,
         "final_norm": "layernorm",
         "tie_embeddings": True,
+        # MambaConfig's default, which the released config.json files leave unset
+        "residual_in_fp32": bool(zcfg.get("residual_in_fp32", True)),
         "max_seq_length": zcfg["max_sequence_length"],
     }
 
@@ -214,7 +216,7 @@ def zyphra_config(m: ModelConfig, glu_activation: str = "gelu") -> dict:
         raise ConversionError(
             "cannot express this model in Zyphra's format: " + "; ".join(problems)
         )
-    return {
+    config = {
         "num_layers": m.num_layers,
         "hidden_size": m.hidden_size,
         "state_size": m.d_state,
@@ -227,6 +229,9 @@ def zyphra_config(m: ModelConfig, glu_activation: str = "gelu") -> dict:
         "swiglu": m.activation != "gelu",
         "max_sequence_length": m.max_seq_length,
     }
+    if not m.residual_in_fp32:  # MambaConfig defaults to True; the released files leave it unset
+        config["residual_in_fp32"] = False
+    return config
 
 
 # ---------------------------------------------------------------------------------------- files

@@ -150,7 +150,8 @@ def transformer_config(job: JobConfig, cuda_graphs: bool = False) -> Transformer
         expert_tensor_parallel_size=p.resolved_etp(),
         # megatron's MoE layer refuses TP > 1 without sequence parallelism in training.
         sequence_parallel=p.sequence_parallel or p.tp > 1,
-        pipeline_dtype=dtype,
+        # A stage hands on the residual stream, which model.residual_in_fp32 keeps in fp32.
+        pipeline_dtype=torch.float32 if m.residual_in_fp32 else dtype,
         use_cpu_initialization=not cuda,
         bias_dropout_fusion=cuda,
         gradient_accumulation_fusion=False,

@@ -13,6 +13,7 @@ norm is TE's or this project's sequence-parallel-aware torch RMSNorm.
 from __future__ import annotations
 
 from functools import partial
+from typing import Callable
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
@@ -33,6 +34,7 @@ from megatron_blackmamba.model.graphed_layers import (
 from megatron_blackmamba.model.local_dispatcher import LocalDispatchMoELayer
 from megatron_blackmamba.model.mamba1_mixer import Mamba1Mixer, Mamba1MixerSubmodules
 from megatron_blackmamba.model.norm import LayerNorm, RMSNorm
+from megatron_blackmamba.model.residual import fp32_bias_dropout_add
 from megatron_blackmamba.model.router import BlackMambaRouter
 from megatron_blackmamba.model.stack import BlackMambaStack, BlackMambaStackSubmodules
 
@@ -52,6 +54,12 @@ def norm_module(use_te: bool) -> type:
 
         return TENorm
     return RMSNorm
+
+
+def residual_add(model: ModelConfig) -> Callable:
+    """Each layer's bias-dropout-add: megatron's, which adds in the layer output's dtype, or
+    the fp32 one of model.residual_in_fp32."""
+    return fp32_bias_dropout_add if model.residual_in_fp32 else get_bias_dropout_add
 
 
 def mamba_layer_spec(model: ModelConfig, backend: BackendSpecProvider, norm: type) -> ModuleSpec:
@@ -76,7 +84,7 @@ def mamba_layer_spec(model: ModelConfig, backend: BackendSpecProvider, norm: typ
     )
     return ModuleSpec(
         module=TrainingGraphedMambaLayer,
-        submodules=MambaLayerSubmodules(norm=norm, mixer=mixer, mamba_bda=get_bias_dropout_add),
+        submodules=MambaLayerSubmodules(norm=norm, mixer=mixer, mamba_bda=residual_add(model)),
     )
 
 
@@ -102,7 +110,7 @@ def moe_layer_spec(
     return ModuleSpec(
         module=TrainingGraphedMoETransformerLayer,
         submodules=TransformerLayerSubmodules(
-            pre_mlp_layernorm=norm, mlp=moe, mlp_bda=get_bias_dropout_add
+            pre_mlp_layernorm=norm, mlp=moe, mlp_bda=residual_add(model)
         ),
     )
 
@@ -117,6 +125,8 @@ def blackmamba_stack_spec(
     backend, norm = backend_provider(use_te), norm_module(use_te)
     return ModuleSpec(
         module=BlackMambaStack,
+        # For the final norm's input (model/stack.py); megatron hands it on to its Mamba layers.
+        params={"residual_in_fp32": model.residual_in_fp32},
         submodules=BlackMambaStackSubmodules(
             mamba_layer=mamba_layer_spec(model, backend, norm),
             moe_layer=moe_layer_spec(model, backend, norm, local_dispatch),

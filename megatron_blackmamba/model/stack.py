@@ -5,7 +5,8 @@ Engine's ``TENorm`` whatever the spec says, so without TE it cannot be built and
 type cannot be chosen (Zyphra's released models end with a biased LayerNorm). ``BlackMambaStack``
 asks megatron for no final norm and builds ``submodules.final_norm`` itself; megatron's forward
 applies ``self.final_norm`` whenever ``post_layer_norm`` is set, so nothing else changes, the
-checkpoint keys included (``decoder.final_norm.*``).
+checkpoint keys included (``decoder.final_norm.*``). With ``residual_in_fp32`` the final norm, like
+every layer's, reads the fp32 residual stream in the model's dtype.
 """
 
 from __future__ import annotations
@@ -45,3 +46,10 @@ class BlackMambaStack(MambaStack):
                 hidden_size=self.config.hidden_size,
                 eps=self.config.layernorm_epsilon,
             )
+            if self.residual_in_fp32:
+                self.final_norm.register_forward_pre_hook(self._stream_in_params_dtype)
+
+    def _stream_in_params_dtype(self, norm, args: tuple) -> tuple:
+        """Forward pre-hook of the final norm: the fp32 residual stream [s, b, h] in the model's
+        dtype, as megatron's MambaLayer casts it for its own norm."""
+        return (args[0].to(self.config.params_dtype), *args[1:])

@@ -83,22 +83,6 @@ def _assert_same_run(
     assert not bad, f"gradients differ from the single-process run: {bad}"
 
 
-def _assert_same_run(
-    reference_dir, ref: str, name: str, rel_tolerance: dict[str, float] | None = None
-) -> None:
-    """Same loss and gradients; ``rel_tolerance``: a looser relative bound for named tensors."""
-    run_ranks(1, workers.compare_grads, str(reference_dir), ref, name)
-    assert _loss(reference_dir, name) == pytest.approx(_loss(reference_dir, ref), rel=1e-6)
-
-    errors = json.loads((reference_dir / f"compare_{ref}_{name}.json").read_text())
-    assert len(errors) > 20, "expected every parameter of the tiny model to be compared"
-    rel_tolerance = rel_tolerance or {}
-    bad = {
-        k: v for k, v in errors.items() if v["abs"] > rel_tolerance.get(k, 1e-4) * v["ref"] + 1e-10
-    }
-    assert not bad, f"gradients differ from the single-process run: {bad}"
-
-
 def test_fp32_residual_stream_crosses_pipeline_stages(tmp_path):
     """model.residual_in_fp32 in a bf16 model: stages hand on the fp32 stream (pipeline_dtype),
     so PP=2 reproduces one process's bf16 run."""
