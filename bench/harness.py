@@ -15,13 +15,18 @@ A variant is a name, a scan backend and config overrides on top of the benchmark
   blackmamba-compiled-glu  blackmamba-grouped with megatron's torch.compile'd gated activation
   blackmamba-megatron-ce  blackmamba-grouped with megatron's cross-entropy (fp32 logits copy)
   blackmamba-unfused-wgrad  blackmamba-grouped with DDP adding bf16 expert weight gradients
+  blackmamba-fp32-residual  blackmamba-grouped with the residual stream in fp32
+                    (model.residual_in_fp32, as Zyphra's released models)
   blackmamba-torch  the same model with the PyTorch scan and conv (BLACKMAMBA_KERNEL_BACKEND=torch)
   dense-mamba       an all-Mamba stack with about the same active parameters (no MoE)
   gpt-dense         megatron-core's GPTModel with about the same active parameters
   (bench/gpt_baseline.py)
+  mamba-ssm-lm      mamba-ssm's own MambaLMHeadModel of dense-mamba's size in a plain PyTorch loop
+                    (bench/mamba_ssm_peer.py): what a user would otherwise train
 
-Every variant trains through the project's own path (megatron DDP, optimizer, pipeline schedule),
-so the numbers compare models, not training loops.
+Every variant but mamba-ssm-lm trains through the project's own path (megatron DDP, optimizer,
+pipeline schedule), so those numbers compare models, not training loops; mamba-ssm-lm compares
+the whole system with its peer.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Literal, Optional
 
 import torch
 
@@ -48,7 +53,7 @@ class Variant:
     kernels: str  # BLACKMAMBA_KERNEL_BACKEND
     overrides: tuple[str, ...] = ()
     scan: str = "auto"  # BLACKMAMBA_SCAN_KERNEL
-    gpt: bool = False  # build megatron's GPTModel instead of BlackMamba
+    model: Literal["blackmamba", "gpt", "mamba-ssm"] = "blackmamba"  # what build_trainer builds
 
 
 VARIANTS = {
@@ -81,10 +86,14 @@ VARIANTS = {
     "blackmamba-unfused-wgrad": Variant(
         "cuda", ("model.moe_grouped_gemm=true", "training.fused_wgrad_accumulation=false")
     ),
+    "blackmamba-fp32-residual": Variant(
+        "cuda", ("model.moe_grouped_gemm=true", "model.residual_in_fp32=true")
+    ),
     "blackmamba-torch": Variant("torch"),
     # 34 Mamba layers at hidden 1152 ~ the 344M active of BlackMamba-340M/1.5B.
     "dense-mamba": Variant("cuda", ("model.layer_pattern=" + "M" * 34, "model.num_layers=34")),
-    "gpt-dense": Variant("cuda", gpt=True),
+    "gpt-dense": Variant("cuda", model="gpt"),
+    "mamba-ssm-lm": Variant("cuda", model="mamba-ssm"),
 }
 
 
@@ -155,8 +164,14 @@ def build_trainer(name: str, config: Optional[str], overrides: list[str]) -> Tra
     os.environ["BLACKMAMBA_KERNEL_BACKEND"] = variant.kernels
     os.environ["BLACKMAMBA_SCAN_KERNEL"] = variant.scan
     job = load_config(config, list(overrides) + list(variant.overrides))
+    t = job.training
+    batches = synthetic_batches(job.model.vocab_size, t.micro_batch_size, t.seq_length)
+    if variant.model == "mamba-ssm":
+        import mamba_ssm_peer
+
+        return mamba_ssm_peer.build_peer_trainer(name, job, batches)
     init_distributed(job.parallel, job.training.seed, cuda_graphs=job.training.cuda_graphs)
-    if variant.gpt:
+    if variant.model == "gpt":
         import gpt_baseline
 
         model = build_ddp_model(job, build=gpt_baseline.build_gpt)
@@ -165,17 +180,8 @@ def build_trainer(name: str, config: Optional[str], overrides: list[str]) -> Tra
         model = build_ddp_model(job)
         flops = train_flops_per_token(job.model)
     optimizer = build_optimizer(job, model)
-    t = job.training
     n_micro = num_microbatches(job, parallel_state.get_data_parallel_world_size())
-    return Trainer(
-        name,
-        job,
-        model,
-        optimizer,
-        n_micro,
-        synthetic_batches(job.model.vocab_size, t.micro_batch_size, t.seq_length),
-        flops,
-    )
+    return Trainer(name, job, model, optimizer, n_micro, batches, flops)
 
 
 def classified_modules(

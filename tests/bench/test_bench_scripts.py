@@ -11,7 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 DRY_RUNS = {
-    "train_throughput.py": "gpt-dense: kernels=cuda scan=auto gpt=True",
+    "train_throughput.py": "gpt-dense: kernels=cuda scan=auto model=gpt",
     "profile_step.py": "kernel classes: selective scan",
     "host_lead.py": "blackmamba-grouped: marks at each of ['mamba', 'moe']",
     "generation_latency.py": "contexts [1024, 4096, 16384, 65536]",
@@ -57,3 +57,42 @@ def test_unknown_variant_is_refused():
 @pytest.mark.parametrize("script", ["gpu_env.sh", "pack_gpu_deps.sh"])
 def test_shell_scripts_parse(script: str):
     assert subprocess.run(["bash", "-n", str(REPO / "bench" / script)]).returncode == 0
+
+
+def _dry_run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "bench" / "train_throughput.py"), *args, "--dry-run"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_sequence_sweep_keeps_the_tokens_per_micro_batch_and_step():
+    result = _dry_run(
+        "--variants",
+        "blackmamba-grouped,gpt-dense",
+        "--seq-lengths",
+        "2048,32768",
+        "training.micro_batch_size=16",
+        "training.global_batch_size=64",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "blackmamba-grouped seq 2048",
+        "gpt-dense seq 2048",
+        "blackmamba-grouped seq 32768",
+        "gpt-dense seq 32768",
+    ]
+    for line in lines[2:]:  # the last override wins: 16 x 2048 = 1 x 32768 tokens
+        assert (
+            "'training.seq_length=32768', 'training.micro_batch_size=1',"
+            " 'training.global_batch_size=4'" in line
+        )
+
+
+def test_a_length_that_does_not_divide_the_micro_batch_is_refused():
+    result = _dry_run("--seq-lengths", "3000", "training.micro_batch_size=16")
+    assert result.returncode != 0 and "3000 does not divide the 32768 tokens" in result.stderr
