@@ -9,15 +9,19 @@ global count.
 from __future__ import annotations
 
 import math
+from typing import TypedDict
 
 import torch
 import torch.distributed as dist
 
 from megatron_blackmamba.model.router import BlackMambaRouter
 
-# One MoE layer's load: {"routed": tokens per expert, "dropped": (token, expert) pairs dropped
-# for capacity}, plain floats so it pickles and gathers as is.
-LayerLoad = dict
+
+class LayerLoad(TypedDict):
+    """One MoE layer's load, plain floats so it pickles and gathers as is."""
+
+    routed: list[float]  # tokens per expert
+    dropped: float  # (token, expert) pairs dropped for capacity
 
 
 def take_local_counts(model: list[torch.nn.Module]) -> dict[int, LayerLoad]:
