@@ -189,18 +189,19 @@ def train(job: JobConfig) -> dict:
 
         if iteration % load_every == 0:
             load = gather_expert_load(model)
+            summaries = {layer: load_summary(c) for layer, c in load.items()}
             per_layer = {
                 f"expert_load/layer{layer}_{k}": v
-                for layer, c in load.items()
-                for k, v in load_summary(c).items()
+                for layer, summary in summaries.items()
+                for k, v in summary.items()
             }
             metrics_log.scalars(iteration, per_layer, prefix="")
             if iteration % t.log_interval == 0 and load:
-                worst = max(load, key=lambda layer: load_summary(load[layer])["max_over_mean"])
-                summary = load_summary(load[worst])
-                dropped = max(load_summary(c)["dropped_fraction"] for c in load.values())
+                worst = max(summaries, key=lambda layer: summaries[layer]["max_over_mean"])
+                dropped = max(summary["dropped_fraction"] for summary in summaries.values())
                 logger.info(
-                    f"  expert load: worst layer {worst} max/mean {summary['max_over_mean']:.2f}"
+                    f"  expert load: worst layer {worst} max/mean"
+                    f" {summaries[worst]['max_over_mean']:.2f}"
                     f" counts {[int(c) for c in load[worst]['routed']]}"
                     + (f" | dropped for capacity: up to {dropped:.2%} per layer" if dropped else "")
                 )
