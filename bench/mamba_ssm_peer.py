@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from harness import Trainer
 
 from megatron_blackmamba.config import JobConfig
 from megatron_blackmamba.training.flops import train_flops_per_token
@@ -47,18 +47,9 @@ def peer_model_config(job: JobConfig):
     )
 
 
-@dataclass
-class PeerTrainer:
-    """harness.Trainer's interface (``step``, ``tokens_per_step``, ``job``, ``model``,
-    ``flops_per_token``) over a plain PyTorch loop."""
-
-    name: str
-    job: JobConfig
-    model: list
-    optimizer: torch.optim.Optimizer
-    num_microbatches: int
-    batches: Iterator[dict]
-    flops_per_token: int
+class PeerTrainer(Trainer):
+    """harness.Trainer whose step is a plain PyTorch loop over ``model`` ([MambaLMHeadModel])
+    and a torch optimizer."""
 
     def step(self) -> float:
         (model,) = self.model
@@ -76,10 +67,6 @@ class PeerTrainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(total / self.num_microbatches)
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.job.training.global_batch_size * self.job.training.seq_length
 
 
 def build_peer_trainer(name: str, job: JobConfig, batches: Iterator[dict]) -> PeerTrainer:
