@@ -87,7 +87,9 @@ def build_datasets(job: JobConfig, train_samples: int, valid_samples: int) -> Da
     else:
         config = GPTDatasetConfig(blend=_blend(d.blend, d.cache_dir), split=d.split, **common)
     cls = MockGPTDataset if mock else GPTDataset
-    sizes = [train_samples, valid_samples if valid_samples else None, None]
+    # Sizes, never None: megatron refuses a weighted blend's split of no size (the test split is
+    # unused; validation is 0 samples with training.eval_interval=0).
+    sizes = [train_samples, valid_samples, 0]
     train, valid, _ = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
     return Datasets(train=train, valid=valid, tokenizer=tokenizer)
 
