@@ -95,6 +95,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         final = train(job)
+    except ConfigError as exc:  # what only the machine it runs on can refuse (training.fp8)
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     finally:
         destroy()
     if final["steps"] == 0:  # resumed at the last step

@@ -189,6 +189,26 @@ def _check_model(job: JobConfig, result: CheckResult) -> None:
             f"training.global_batch_size={t.global_batch_size} must be a multiple of "
             f"training.micro_batch_size={t.micro_batch_size}"
         )
+    if t.fp8 != "none":
+        _check_fp8(job, errors)
+
+
+def _check_fp8(job: JobConfig, errors: list[str]) -> None:
+    """What training.fp8 needs of the model; the GPU itself is checked where training starts."""
+    m, t = job.model, job.training
+    needs = {
+        "model.moe_grouped_gemm=true (the fp8 GEMMs are the grouped ones)": m.moe_grouped_gemm,
+        "training.fused_wgrad_accumulation=true (weight gradients go into fp32 main grads)": (
+            t.fused_wgrad_accumulation
+        ),
+        "training.precision bf16 or auto (fp8 replaces bf16 GEMMs)": t.precision != "fp32",
+        "model.hidden_size and the expert ffn width multiples of 16 (fp8 GEMM alignment)": (
+            m.hidden_size % 16 == 0 and m.resolved_ffn_hidden_size() % 16 == 0
+        ),
+    }
+    for need, met in needs.items():
+        if not met:
+            errors.append(f"training.fp8={t.fp8} needs {need}")
 
 
 def _check_schedule(job: JobConfig, errors: list[str]) -> None:

@@ -196,6 +196,11 @@ class TrainingConfig:
     precision: Literal["auto", "bf16", "fp32"] = opt(
         "auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32"
     )
+    fp8: Literal["none", "tensorwise", "rowwise"] = opt(
+        "none",
+        "experts' GEMMs and input gradients on fp8 operands with dynamic scales per tensor or per"
+        " row (Hopper only; weights, main grads and optimizer unchanged) | none",
+    )
     seed: int = opt(1234, "random seed for init, data order and dropout")
     eval_interval: int = opt(1000, "steps between validation runs; 0 disables")
     eval_iters: int = opt(10, "micro-batches per validation run")

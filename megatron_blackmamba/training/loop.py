@@ -148,7 +148,7 @@ def train(job: JobConfig) -> dict:
     logger.info(
         f"BlackMamba {job.model.resolved_layer_pattern()} | world {dist.get_world_size()} (tp"
         f" {job.parallel.tp}, pp {job.parallel.pp}, ep {job.parallel.ep}, dp {dp}) | kernels:"
-        f" {kernels.kernel_backend(device())} | cuda graphs: {graphs_line} |"
+        f" {kernels.kernel_backend(device())} | fp8 experts: {t.fp8} | cuda graphs: {graphs_line} |"
         f" {flops_per_token / 3 / 2 / 1e6:.1f}M active params/token | peak {peak_tflops:.2f}"
         f" TFLOP/s/device ({peak_source}) | start step {iteration}/{total_steps}"
     )

@@ -15,7 +15,8 @@ from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.moe.experts import GroupedMLP
 
-from megatron_blackmamba.config import JobConfig
+from megatron_blackmamba.config import ConfigError, JobConfig
+from megatron_blackmamba.kernels.fp8 import fp8_blocker
 from megatron_blackmamba.model.builder import build_model, params_dtype, use_distributed_optimizer
 from megatron_blackmamba.training.optimizer_state import inner_optimizers, make_checkpointable
 from megatron_blackmamba.training.step import device
@@ -41,6 +42,26 @@ def _expert_wgrad_into_main_grad(model: torch.nn.Module) -> None:
             module.weight1.wgrad_into_main_grad = module.weight2.wgrad_into_main_grad = True
 
 
+def _require_fp8_device(recipe: str) -> None:
+    """Refuse training.fp8 where its kernels do not run, before the model or any data is built."""
+    blocker = fp8_blocker()
+    if blocker:
+        raise ConfigError([f"training.fp8={recipe}: {blocker}; use training.fp8=none"])
+
+
+def _experts_in_fp8(model: torch.nn.Module, recipe: str) -> None:
+    """Mark the grouped experts' weights for fp8 GEMMs (kernels/grouped_gemm.py)."""
+    for module in model.modules():
+        if isinstance(module, GroupedMLP):
+            experts, hidden = module.num_local_experts, module.config.hidden_size
+            module.weight1.fp8_recipe = module.weight2.fp8_recipe = recipe
+            # The [E, k, n] views GroupedMLP.forward multiplies by.
+            module.weight1.fp8_view, module.weight2.fp8_view = (
+                (experts, hidden, -1),
+                (experts, -1, hidden),
+            )
+
+
 def build_training_model(job: JobConfig) -> torch.nn.Module:
     """The model as training builds it: with training.cuda_graphs honoured (generation and
     checkpoint conversion build without graphs)."""
@@ -53,6 +74,8 @@ def build_ddp_model(
     """This rank's model chunk on its device, wrapped in megatron DDP (grad buffers, DP/EP reduce).
 
     ``build`` makes the bare model (benchmarks pass baselines built from the same config)."""
+    if job.training.fp8 != "none":
+        _require_fp8_device(job.training.fp8)
     model = build(job).to(device())
     _expert_weights_always_expert_parallel(model)
     config = model.config
@@ -71,6 +94,8 @@ def build_ddp_model(
     )
     if job.training.fused_wgrad_accumulation:
         _expert_wgrad_into_main_grad(model)
+    if job.training.fp8 != "none":
+        _experts_in_fp8(model, job.training.fp8)
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp.no_sync
     return [ddp]

@@ -17,6 +17,8 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
+from megatron_blackmamba.kernels.grouped_gemm import refresh_fp8_weights
+
 Batch = dict[str, torch.Tensor]
 
 
@@ -56,6 +58,9 @@ def forward_backward(
     forward_only: bool = False,
 ) -> Optional[float]:
     """Runs the schedule; returns the mean LM loss on the last pipeline stage (None elsewhere)."""
+    if not forward_only:  # training.fp8: this step's weights in e4m3, before any forward reads them
+        for chunk in model:
+            refresh_fp8_weights(chunk.parameters())
     schedule = get_forward_backward_func()
     losses = schedule(
         forward_step_func=forward_step,

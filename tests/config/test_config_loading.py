@@ -49,7 +49,8 @@ def test_the_schema_declares_the_choice_fields_the_issue_lists():
 def test_every_choice_field_refuses_a_near_miss_and_names_the_fix(name, allowed):
     good = allowed[-1]
     typo = good[:-1] if len(good) > 3 else good + "x"
-    extra = ["training.lr_wsd_decay_iters=10"]  # what lr_decay_style=WSD needs besides its name
+    # What lr_decay_style=WSD and training.fp8 need besides their names.
+    extra = ["training.lr_wsd_decay_iters=10", "model.moe_grouped_gemm=true"]
     with pytest.raises(ConfigError) as err:
         load_config(None, [f"{name}={typo}", *extra])
     message = str(err.value)
