@@ -148,6 +148,41 @@ def measure(
     return 1e3 * seconds, carried, torch.cuda.max_memory_allocated() / 2**30
 
 
+def decode_kernels(run, context: int, vocab: int, batch: int, top: int = 12) -> str:
+    """One eager BlackMamba decode step under the profiler: how many kernels it launches and how
+    long they run on the device (the graph replays the same kernels, so its time over this sum is
+    the launch and idle time between them), with the kernels that take the most."""
+    from collections import defaultdict
+
+    prompt = torch.randint(0, vocab, (batch, context), device="cuda")
+    with torch.no_grad():
+        step, _ = run(prompt, 8, False)
+        step()
+        sync()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            step()
+            sync()
+    kernels = [
+        e
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("Memcpy")
+    ]
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for e in kernels:
+        by_name[e.name[:80]][0] += 1
+        by_name[e.name[:80]][1] += e.time_range.elapsed_us()
+    total = sum(us for _, us in by_name.values())
+    lines = [
+        f"decode step, batch {batch}, context {context:,}: {len(kernels)} kernels,"
+        f" {total / 1e3:.3f} ms of device time",
+        "| kernel | calls | device us |",
+        "|---|---|---|",
+    ]
+    for name, (calls, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"| {name} | {calls} | {us:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = bench_parser(__doc__)
     p.add_argument(
@@ -155,6 +190,11 @@ def main() -> int:
     )
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per point (median)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    p.add_argument(
+        "--kernel-profile",
+        action="store_true",
+        help="also count and time the kernels of one BlackMamba decode step (first context)",
+    )
     args = p.parse_args()
     contexts = [int(c) for c in args.contexts.split(",")]
     if args.dry_run:
@@ -203,6 +243,12 @@ def main() -> int:
         ]
     )
     publish_table(args.out, "generation_latency.md", text)
+    if args.kernel_profile:
+        publish_table(
+            args.out,
+            "generation_latency.md",
+            decode_kernels(bm, contexts[0], vocab, args.batch),
+        )
     return 0
 
 

@@ -8,7 +8,8 @@ gradients summed into fp32 main grads: the Triton kernel training uses (group en
 kernels/grouped_wgrad_triton.py) vs one cuBLAS ``addmm(out_dtype=fp32)`` per expert (sizes on the
 host), with the kernel's error against float64, and against CUTLASS's grouped GEMM of the same
 weight gradients (``torch._grouped_mm`` with offsets along the token dimension) writing bf16 and
-adding nothing: how far the fp32 accumulation and the kernel stand from that GEMM alone.
+adding nothing: how far the fp32 accumulation and the kernel stand from that GEMM alone. On
+Hopper a third table puts the fp8 forward GEMM of training.fp8 beside the bf16 one.
 
     python bench/grouped_gemm_check.py [--tokens 16384] [--dry-run]
 """
@@ -21,6 +22,7 @@ import sys
 import torch
 from harness import device_line  # also puts the repo on sys.path
 
+from megatron_blackmamba.kernels import fp8
 from megatron_blackmamba.kernels.grouped_gemm import accumulate_wgrad, gmm
 
 SHAPES = {"fc1 (geglu)": (1152, 2 * 3072), "fc2": (3072, 1152)}
@@ -92,6 +94,47 @@ def wgrad_table(sizes, experts: int, tokens: int, g) -> None:
         )
 
 
+def fp8_table(sizes, experts: int, tokens: int, g) -> None:
+    """The forward grouped GEMM in bf16 (torch._grouped_mm) vs fp8 (torch._scaled_grouped_mm) at
+    each recipe: the fp8 GEMM alone on operands already in e4m3, and with the quantisation of
+    the activations that training.fp8 pays per GEMM (kernels/fp8.py). The weights' quantisation
+    is paid once per optimizer step (grouped_gemm.refresh_fp8_weights), not per GEMM."""
+    import triton.testing
+
+    print(
+        "| forward GEMM | recipe | rel err vs f64 | bf16 ms | fp8 GEMM ms | quantise a ms |"
+        " quantise b ms (per step) | bf16 / fp8 GEMM | bf16 / (fp8 + quantise a) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    ends = torch.cumsum(sizes.cuda(), 0, dtype=torch.int32)
+
+    def bench(fn) -> float:
+        return triton.testing.do_bench(fn, warmup=20, rep=200, return_mode="median")
+
+    for name, (k, n) in SHAPES.items():
+        a = torch.randn(tokens, k, device="cuda", generator=g, dtype=torch.bfloat16)
+        b = torch.randn(experts, k, n, device="cuda", generator=g, dtype=torch.bfloat16) * k**-0.5
+        ref = loop_gmm(a.double(), b.double(), sizes)
+        t_bf16 = bench(lambda: torch._grouped_mm(a, b, offs=ends))
+        for recipe in fp8.RECIPES:
+            a8, scale_a = fp8.quantize_rows(a, recipe)
+            b8, scale_b = fp8.quantize_k_major(b, recipe)
+
+            def gemm():
+                return torch._scaled_grouped_mm(
+                    a8, b8, scale_a, scale_b, offs=ends, out_dtype=torch.bfloat16
+                )
+
+            t_gemm = bench(gemm)
+            t_qa = bench(lambda: fp8.quantize_rows(a, recipe))
+            t_qb = bench(lambda: fp8.quantize_k_major(b, recipe))
+            print(
+                f"| {name} {tokens}x{k}x{n} | {recipe} | {rel(gemm(), ref):.1e} | {t_bf16:.3f} |"
+                f" {t_gemm:.3f} | {t_qa:.3f} | {t_qb:.3f} | {t_bf16 / t_gemm:.2f}x |"
+                f" {t_bf16 / (t_gemm + t_qa):.2f}x |"
+            )
+
+
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -147,6 +190,9 @@ def main() -> int:
         )
     print()
     wgrad_table(sizes, args.experts, args.tokens, g)
+    if fp8.fp8_blocker() is None:
+        print()
+        fp8_table(sizes, args.experts, args.tokens, g)
     return 0
 
 

@@ -17,6 +17,8 @@ A variant is a name, a scan backend and config overrides on top of the benchmark
   blackmamba-unfused-wgrad  blackmamba-grouped with DDP adding bf16 expert weight gradients
   blackmamba-fp32-residual  blackmamba-grouped with the residual stream in fp32
                     (model.residual_in_fp32, as Zyphra's released models)
+  blackmamba-fp8-rowwise, blackmamba-fp8-tensorwise  blackmamba-grouped with the experts' GEMMs
+                    on fp8 operands (training.fp8, kernels/fp8.py)
   blackmamba-torch  the same model with the PyTorch scan and conv (BLACKMAMBA_KERNEL_BACKEND=torch)
   dense-mamba       an all-Mamba stack with about the same active parameters (no MoE)
   gpt-dense         megatron-core's GPTModel with about the same active parameters
@@ -88,6 +90,12 @@ VARIANTS = {
     ),
     "blackmamba-fp32-residual": Variant(
         "cuda", ("model.moe_grouped_gemm=true", "model.residual_in_fp32=true")
+    ),
+    "blackmamba-fp8-rowwise": Variant(
+        "cuda", ("model.moe_grouped_gemm=true", "training.fp8=rowwise")
+    ),
+    "blackmamba-fp8-tensorwise": Variant(
+        "cuda", ("model.moe_grouped_gemm=true", "training.fp8=tensorwise")
     ),
     "blackmamba-torch": Variant("torch"),
     # 34 Mamba layers at hidden 1152 ~ the 344M active of BlackMamba-340M/1.5B.

@@ -21,6 +21,7 @@ DRY_RUNS = {
     "triton_kernels.py": "cross-entropy [32768, 50304] bf16",
     "scan_kernels.py": "mamba-ssm, blackmamba at [16, 2304, 2048] bfloat16",
     "eval_throughput.py": "200 documents each",
+    "precision_ab.py": "training.fp8=rowwise",
 }
 
 
