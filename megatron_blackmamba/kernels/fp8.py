@@ -1,8 +1,9 @@
 """fp8 (e4m3) operands for PyTorch's scaled matmuls, with scales computed on the device.
 
-``training.fp8`` runs GEMMs through ``torch._scaled_mm`` / ``torch._scaled_grouped_mm`` instead of
-Transformer Engine (which does not install on the GPU image). Each operand is quantised just
-before its GEMM from its own absolute maximum (dynamic scaling, no history, no host sync):
+``training.fp8`` runs the experts' GEMMs through ``torch._scaled_grouped_mm`` instead of
+Transformer Engine (which does not install on the GPU image). Each operand is quantised from its
+own absolute maximum (dynamic scaling, no history, no host sync): an activation just before its
+GEMM, a weight once per optimizer step (kernels/grouped_gemm.refresh_fp8_weights). Scales are:
 
 * ``tensorwise``: one scale for the whole operand;
 * ``rowwise``: one scale per row of the reduction (per token of an activation, per output
