@@ -48,6 +48,12 @@ def read_curve(metrics: Path) -> dict[int, dict]:
     return curve
 
 
+def mean_logged_speed(curve: dict[int, dict]) -> float:
+    """Mean tokens/s over the steps that logged one (nan if none did)."""
+    logged = [r["tokens_per_s"] for r in curve.values() if "tokens_per_s" in r]
+    return statistics.fmean(logged) if logged else float("nan")
+
+
 def table(settings: list[str], curves: list[dict[int, dict]], every: int, tail: int) -> str:
     header = "| step | " + " | ".join(f"loss, fp8 {s}" for s in settings) + " |"
     lines = [header, "|---|" + "---|" * len(settings)]
@@ -58,12 +64,7 @@ def table(settings: list[str], curves: list[dict[int, dict]], every: int, tail: 
     tails = [
         statistics.fmean(c[s]["loss"] for s in range(last - tail + 1, last + 1)) for c in curves
     ]
-    speeds = [
-        statistics.fmean(r["tokens_per_s"] for r in c.values() if "tokens_per_s" in r)
-        if any("tokens_per_s" in r for r in c.values())
-        else float("nan")
-        for c in curves
-    ]
+    speeds = [mean_logged_speed(c) for c in curves]
     lines.append(f"| mean of the last {tail} | " + " | ".join(f"{t:.4f}" for t in tails) + " |")
     lines.append(
         "| vs the first | " + " | ".join(f"{100 * (t / tails[0] - 1):+.2f}%" for t in tails) + " |"

@@ -1,4 +1,4 @@
-"""fp8 (e4m3) operands for PyTorch's scaled matmuls, with scales computed on the device.
+"""fp8 (e4m3) operands for PyTorch's scaled grouped matmul, with scales computed on the device.
 
 ``training.fp8`` runs the experts' GEMMs through ``torch._scaled_grouped_mm`` instead of
 Transformer Engine (which does not install on the GPU image). Each operand is quantised from its
@@ -38,8 +38,8 @@ def fp8_blocker(device: Optional[torch.device] = None) -> Optional[str]:
     (compute capability 9.x) CUTLASS kernel of torch."""
     if not torch.cuda.is_available():
         return "it needs a CUDA GPU of compute capability 9.0 (Hopper) and this machine has none"
-    if not (hasattr(torch, "_scaled_mm") and hasattr(torch, "_scaled_grouped_mm")):
-        return f"torch {torch.__version__} has no torch._scaled_mm / torch._scaled_grouped_mm"
+    if not hasattr(torch, "_scaled_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._scaled_grouped_mm"
     capability = torch.cuda.get_device_capability(device)
     if capability[0] != 9:
         return (

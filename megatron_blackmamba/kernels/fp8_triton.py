@@ -1,13 +1,12 @@
 """Quantising a GEMM operand to fp8 (e4m3) in one pass: kernels/fp8.quantize_rows on CUDA.
 
 The PyTorch expression reads the operand three times and writes fp32 intermediates; before a
-GEMM that fp8 makes ~1.7x faster, that would cost more than it saves. Here each program loads
-whole rows once, reduces their absolute maximum in registers and stores the e4m3 values and the
-fp32 scale (rowwise). Tensorwise first reduces the whole tensor's maximum on the device
-(``vector_norm(x, inf)``, one read) and the kernel reads it from memory: nothing goes to the
-host.
-The arithmetic is the PyTorch path's (fp32, round to nearest even, saturate at +-448), so the
-results are bit-identical (tests/kernels/test_fp8.py).
+GEMM that fp8 makes only 1.3-1.45x faster (bench/results/h200_fp8_experts.md), that would cost
+more than it saves. Here each program loads whole rows once, reduces their absolute maximum in
+registers and stores the e4m3 values and the fp32 scale (rowwise). Tensorwise first reduces the
+whole tensor's maximum on the device (``vector_norm(x, inf)``, one read) and the kernel reads it
+from memory: nothing goes to the host. The arithmetic is the PyTorch path's (fp32, round to
+nearest even, saturate at +-448), so the results are bit-identical (tests/kernels/test_fp8.py).
 """
 
 from __future__ import annotations

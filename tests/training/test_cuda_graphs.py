@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 import torch
@@ -98,7 +99,7 @@ def _train(graphs: bool, weights: Path | None, out: Path, overrides: list[str]) 
     destroy()
 
 
-def _run(graphs: bool, weights: Path | None, out: Path, overrides: list[str] = ()) -> dict:
+def _run(graphs: bool, weights: Path | None, out: Path, overrides: Sequence[str] = ()) -> dict:
     run_ranks(1, _train, graphs, weights, out, list(overrides))
     return torch.load(out)
 
