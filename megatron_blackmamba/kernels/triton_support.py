@@ -1,8 +1,8 @@
 """Optional Triton kernels: which module to run, or None where Triton is not installed.
 
-The Triton kernels (Sinkhorn loop, gated activation, cross-entropy, RMSNorm) are a CUDA extra;
-each has a PyTorch path that runs everywhere. Their wrappers ask here once whether the kernel
-module imports.
+The Triton kernels (Sinkhorn loop, gated activation, cross-entropy, RMSNorm, fp8 quantiser,
+decode experts) are a CUDA extra; each has a PyTorch path that runs everywhere. Their wrappers
+ask here once whether the kernel module imports.
 """
 
 from __future__ import annotations

@@ -19,10 +19,13 @@ general path backs the gather with an atomic index_add and unpermutes by scatter
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from megatron.core.transformer.moe.experts import GroupedMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection, unpermute
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
+from megatron_blackmamba.kernels import top1_experts
 from megatron_blackmamba.model.token_order import dropless_order, permute_known_size
 
 
@@ -119,6 +122,11 @@ class LocalDispatchMoELayer(MoELayer):
 
     megatron picks its dispatcher from ``config.moe_token_dispatcher_type``; the builder sets that
     to ``allgather`` (cheap to construct, device-agnostic) and this layer replaces it.
+
+    Inference calls of at most ``top1_experts.MAX_TOKENS`` tokens (decode steps) skip the
+    dispatcher: the router names each token's expert and ``kernels/top1_experts`` runs that
+    expert's MLP per token, with no sorting, counting or grouped-GEMM offsets (where routing and
+    experts allow it: ``_direct_activation``).
     """
 
     def __init__(self, config, submodules=None, layer_number=None, pg_collection=None) -> None:
@@ -126,3 +134,56 @@ class LocalDispatchMoELayer(MoELayer):
             pg_collection = get_default_pg_collection()
         super().__init__(config, submodules, layer_number=layer_number, pg_collection=pg_collection)
         self.token_dispatcher = LocalTokenDispatcher(self.num_local_experts, config, pg_collection)
+        self._direct_activation = self._direct_path_activation()
+        self.per_token_max_tokens = top1_experts.MAX_TOKENS  # 0 turns the per-token path off
+
+    def _direct_path_activation(self) -> str | None:
+        """The experts' activation name if the per-token path computes this layer exactly as the
+        dispatcher path does, else None."""
+        config = self.config
+        activation = {F.silu: "silu", F.gelu: "gelu"}.get(config.activation_func)
+        direct = (
+            getattr(self.router, "routes_top1_directly", False)
+            and isinstance(self.experts, GroupedMLP)
+            and getattr(self, "shared_experts", None) is None
+            and not config.moe_apply_probs_on_input
+            and not config.moe_latent_size
+        )
+        return activation if direct else None
+
+    def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None, padding_mask=None):
+        tokens = hidden_states.numel() // hidden_states.shape[-1]
+        if (
+            self._direct_activation is not None
+            and intermediate_tensors is None
+            and padding_mask is None
+            and not self.training
+            and not torch.is_grad_enabled()
+            and tokens <= self.per_token_max_tokens
+        ):
+            return self._forward_top1(hidden_states), None
+        return super().forward(hidden_states, intermediate_tensors, padding_mask)
+
+    def _forward_top1(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[s, b, h] -> [s, b, h]: each token through the expert the router picks for it."""
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        expert, gate = self.router.route_top1(x)
+        experts = self.experts
+        y = top1_experts.top1_expert_mlp(
+            x.contiguous(),
+            expert,
+            gate,
+            experts.weight1.view(experts.num_local_experts, x.shape[-1], -1),
+            experts.weight2.view(experts.num_local_experts, -1, x.shape[-1]),
+            activation=self._direct_activation,
+            gated=self.config.gated_linear_unit,
+        )
+        return y.view(hidden_states.shape)
+
+
+def set_per_token_inference(model: torch.nn.Module, enabled: bool) -> None:
+    """Turn the MoE layers' per-token inference path on (the default) or off, so that decode
+    through the dispatcher can be measured beside it (bench/generation_latency.py)."""
+    for module in model.modules():
+        if isinstance(module, LocalDispatchMoELayer):
+            module.per_token_max_tokens = top1_experts.MAX_TOKENS if enabled else 0

@@ -119,6 +119,33 @@ class BlackMambaRouter(TopKRouter):
                 self.dropped_count += routing_map.shape[0] * self.topk - routed.sum()
         return probs, routing_map
 
+    @property
+    def routes_top1_directly(self) -> bool:
+        """Whether ``route_top1`` gives what ``forward`` would at inference: Sinkhorn top-1 (whose
+        inference choice is the top gate), no input jitter, capacity, expert bias or forced
+        balancing."""
+        config = self.config
+        return (
+            self.routing_type == "sinkhorn"
+            and self.topk == 1
+            and config.moe_input_jitter_eps is None
+            and config.moe_expert_capacity_factor is None
+            and not config.moe_router_enable_expert_bias
+            and not config.moe_router_force_load_balancing
+        )
+
+    @torch.no_grad()
+    def route_top1(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference routing without the [T, E] map: hidden_states [T, H] -> (expert [T] int64,
+        gate [T] fp32), counted into the load statistics as ``routing`` counts them. For the MoE
+        layer's decode path (model/local_dispatcher.py); needs ``routes_top1_directly``."""
+        gate, expert = torch.sigmoid(self.gating(hidden_states)).max(dim=1)
+        if not is_graph_warmup():
+            self.load_counts.index_add_(
+                0, expert, torch.ones_like(gate, dtype=self.load_counts.dtype)
+            )
+        return expert, gate
+
     def take_load(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens routed to each expert [E], (token, expert) pairs dropped for capacity [])
         on this rank since the last call, float64; resets both counters.

@@ -14,6 +14,7 @@ from megatron_blackmamba.generation import DecodeStep, generate, prefill, stack_
 from megatron_blackmamba.generation.decode_graph import graph_blocker
 from megatron_blackmamba.generation.generate import EOS_CHECK_INTERVAL, advance
 from megatron_blackmamba.model.builder import build_model
+from megatron_blackmamba.model.local_dispatcher import set_per_token_inference
 from megatron_blackmamba.parallel.setup import init_distributed
 from tests.generation.conftest import GREEDY, TINY, VOCAB
 
@@ -105,3 +106,32 @@ def test_graph_replay_is_bit_identical_to_eager_steps():
         assert generate(model, prompts, 10, GREEDY, cuda_graph=True) == generate(
             model, prompts, 10, GREEDY, cuda_graph=False
         )
+
+
+def test_decode_steps_through_the_per_token_experts_equal_the_dispatcher_path():
+    """The grouped-GEMM model (the paper configs' experts), its weights cast to fp32 after the
+    build (megatron's GroupedMLP is built for bf16 only): decode steps whose MoE layers run
+    kernels/top1_experts give the logits and states of steps through the dispatcher to 1e-5, on
+    fresh random prompts and tokens (CPU: the PyTorch path; GPU: the Triton kernels)."""
+    job = load_config(
+        None,
+        [o for o in TINY if "precision" not in o]
+        + ["model.moe_grouped_gemm=true", "training.precision=bf16"],
+    )
+    init_distributed(job.parallel, seed=3)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(job).to(device, torch.float32).eval()
+    model.config.params_dtype = torch.float32  # the dtype the layers cast the stream to
+    seed = torch.seed() % 2**31
+    with torch.no_grad():
+        direct, through_dispatcher, _ = two_prefilled_states(model, batch=4, seed=seed)
+        tokens = torch.randint(
+            0, VOCAB, (6, 4, 1), device=device, generator=torch.Generator(device).manual_seed(seed)
+        )
+        direct_logits = [advance(model, token, direct) for token in tokens]
+        set_per_token_inference(model, enabled=False)
+        dispatcher_logits = [advance(model, token, through_dispatcher) for token in tokens]
+    for got, want in zip(direct_logits, dispatcher_logits):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for layer, s in through_dispatcher.layers.items():
+        torch.testing.assert_close(direct.layers[layer].ssm, s.ssm, rtol=1e-5, atol=1e-5)

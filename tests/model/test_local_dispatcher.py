@@ -101,3 +101,45 @@ def test_dispatcher_resolution():
         resolve_moe_dispatcher("scatter", experts_local=True)
     assert moe_dispatcher(load_config(None, ["parallel.ep=1"])) == "local"
     assert moe_dispatcher(load_config(None, ["parallel.ep=2"])) != "local"
+
+
+@pytest.mark.parametrize("tokens", [(1, 5), (1, 64), (3, 40)])
+def test_inference_calls_of_few_tokens_skip_the_dispatcher(single_rank, monkeypatch, tokens):
+    """At most MAX_TOKENS tokens under no_grad in eval (decode steps): each token goes straight to
+    its expert (kernels/top1_experts), equal to the dispatcher path and counted the same; more
+    tokens, training or autograd take the dispatcher."""
+    patches.apply()
+    job = load_config(
+        None,
+        [
+            "model.hidden_size=32",
+            "model.ffn_hidden_size=48",
+            "model.num_experts=4",
+            "model.moe_grouped_gemm=true",
+            "training.precision=bf16",
+        ],
+    )
+    layer = build_moe(job, local=True).eval()
+    assert layer._direct_activation == "gelu"
+    device = next(layer.parameters()).device
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    x = torch.randn(*tokens, 32, generator=g).to(device, torch.bfloat16)
+    dispatch = layer.token_dispatcher.dispatch_preprocess
+    calls = []
+    monkeypatch.setattr(
+        layer.token_dispatcher,
+        "dispatch_preprocess",
+        lambda *args: calls.append(1) or dispatch(*args),
+    )
+    with torch.no_grad():
+        direct, bias = layer(x)
+        direct_load, _ = layer.router.take_load()
+        via_dispatcher, _ = MoELayer.forward(layer, x)
+        dispatcher_load, _ = layer.router.take_load()
+    direct_taken = tokens[0] * tokens[1] <= 64
+    assert bias is None and len(calls) == (1 if direct_taken else 2)
+    torch.testing.assert_close(direct, via_dispatcher)  # torch's bf16 tolerances
+    torch.testing.assert_close(direct_load, dispatcher_load, rtol=0, atol=0)
+    assert float(direct_load.sum()) == tokens[0] * tokens[1]
+    layer(x.requires_grad_(True))  # autograd on: the dispatcher again
+    assert len(calls) == (2 if direct_taken else 3)

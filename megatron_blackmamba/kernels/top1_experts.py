@@ -1,0 +1,91 @@
+"""Each token through the one expert it was routed to, the expert read on the device: MoE decode.
+
+Why: a decode step hands each MoE layer a few tokens (one per sequence). The dropless path sorts
+them by expert, counts them, runs two CUTLASS grouped GEMMs over every expert's offsets and
+unsorts them again: about 25 kernels per layer, and at batch 1 the grouped GEMM alone takes
+14.5 us to read one 14 MB expert (bench/results/h200_decode_kernels.md). With top-1 routing each
+token's output is simply
+
+    y[t] = act(x[t] @ w1[e]) * p[t] @ w2[e],   e = expert[t]
+
+(``act`` gated or not, as megatron's GroupedMLP computes it: the fc1 product rounded to x's dtype,
+the activation times p, rounded again, then fc2). ``top1_expert_mlp`` runs that as two Triton
+kernels (kernels/top1_experts_triton.py) on CUDA tensors of at most ``MAX_TOKENS`` tokens: each
+program owns one expert and a slice of the outputs, skips the experts no token chose, and reads
+its slice of the weights once. Elsewhere it runs the PyTorch expression below, which gathers each
+token's expert weights (the reference the kernels are tested against).
+
+Shapes: x [T, H]; expert [T] int64 in [0, E); p [T] (fp32); w1 [E, H, F1] with F1 = 2F for a
+gated unit ([gate | value] halves, megatron's layout) else F; w2 [E, F, H]; result [T, H] in x's
+dtype.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron_blackmamba.kernels.glu import ACTIVATIONS, glu_with_probs_torch
+from megatron_blackmamba.kernels.triton_support import takes, triton_kernels
+
+MAX_TOKENS = 64  # the kernels hold every token of the call in one block of registers
+
+_MODULE = "top1_experts_triton"
+_kernels = partial(triton_kernels, _MODULE)
+
+
+def _activation_with_probs(fc1: Tensor, p: Tensor, activation: str, gated: bool) -> Tensor:
+    """megatron's ``activation_func_with_probs``: fp32 math rounded once for the gated unit
+    (kernels/glu.py); ``act(fc1) * p`` in PyTorch's type promotion otherwise."""
+    if gated:
+        return glu_with_probs_torch(fc1, p, activation)
+    act = F.silu(fc1) if activation == "silu" else F.gelu(fc1)
+    return (act * p).to(fc1.dtype)
+
+
+def top1_expert_mlp_torch(
+    x: Tensor, expert: Tensor, p: Tensor, w1: Tensor, w2: Tensor, activation: str, gated: bool
+) -> Tensor:
+    """The reference: each token's expert weights gathered, one batched product per GEMM."""
+    fc1 = torch.bmm(x.unsqueeze(1), w1.index_select(0, expert)).squeeze(1)
+    h = _activation_with_probs(fc1, p.unsqueeze(-1), activation, gated)
+    return torch.bmm(h.unsqueeze(1), w2.index_select(0, expert)).squeeze(1)
+
+
+def fused_applies(x: Tensor, w1: Tensor, w2: Tensor) -> bool:
+    """Whether the Triton kernels take these: at most MAX_TOKENS CUDA tokens of a kernel dtype,
+    contiguous operands of one dtype, Triton importable."""
+    return (
+        0 < x.shape[0] <= MAX_TOKENS
+        and x.dtype == w1.dtype == w2.dtype
+        and all(t.is_contiguous() for t in (x, w1, w2))
+        and takes(_MODULE, x)
+    )
+
+
+def top1_expert_mlp(
+    x: Tensor,
+    expert: Tensor,
+    p: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    activation: str = "gelu",
+    gated: bool = True,
+) -> Tensor:
+    """x [T, H] -> [T, H]: each token through expert[t]'s MLP, weighted by p[t] (see module)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"expert activation {activation!r} unknown; choose one of {ACTIVATIONS}")
+    width = w2.shape[1]
+    if w1.shape != (w2.shape[0], x.shape[1], 2 * width if gated else width):
+        raise ValueError(
+            f"top1_expert_mlp: w1 {tuple(w1.shape)} does not match x {tuple(x.shape)} and"
+            f" w2 {tuple(w2.shape)} (gated={gated})"
+        )
+    if fused_applies(x, w1, w2):
+        return _kernels().top1_expert_mlp(
+            x, expert.contiguous(), p.float().contiguous(), w1, w2, activation == "silu", gated
+        )
+    return top1_expert_mlp_torch(x, expert, p, w1, w2, activation, gated)
