@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import (
@@ -245,15 +246,16 @@ class Mamba1Mixer(MegatronModule):
         )
         x = x[..., history:]
         dt, B, C = self._project_dt_B_C(x)
+        A, D, dt_bias = self._scan_constants()
         y = kernels.selective_scan(
             x,
             dt,
-            -torch.exp(self.A_log.float()),
+            A,
             B,
             C,
-            self.D.float(),
+            D,
             z=z,
-            delta_bias=self.dt_proj.bias.float(),
+            delta_bias=dt_bias,
             delta_softplus=True,
             return_last_state=state is not None,
             **({"initial_state": initial_state} if initial_state is not None else {}),
@@ -270,15 +272,28 @@ class Mamba1Mixer(MegatronModule):
         Two GEMMs on in_proj's [x_r; z_r] row blocks rather than one split afterwards: the backward
         then sums their input gradients in the GEMMs instead of concatenating grad x and grad z."""
         proj = self.in_proj
-        if getattr(proj, "sequence_parallel", self.config.sequence_parallel):
-            hidden_states = gather_from_sequence_parallel_region(hidden_states, group=self.tp_group)
-        elif self.tp_group.size() > 1:
-            hidden_states = copy_to_tensor_model_parallel_region(hidden_states, group=self.tp_group)
-        x, z = linear_from_sequence_major(proj.weight, hidden_states, parts=2)
+        x, z = linear_from_sequence_major(proj.weight, self._in_proj_input(hidden_states), parts=2)
         if getattr(proj, "bias", None) is not None and not getattr(proj, "skip_bias_add", False):
             bias_x, bias_z = proj.bias.chunk(2)
             x, z = x + bias_x[:, None], z + bias_z[:, None]
         return x, z
+
+    def _in_proj_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """in_proj's input across TP: gathered over the sequence under SP, else copied into the
+        TP region (identity forward, all-reduced gradient)."""
+        if getattr(self.in_proj, "sequence_parallel", self.config.sequence_parallel):
+            return gather_from_sequence_parallel_region(hidden_states, group=self.tp_group)
+        if self.tp_group.size() > 1:
+            return copy_to_tensor_model_parallel_region(hidden_states, group=self.tp_group)
+        return hidden_states
+
+    def _out_proj_reduce(self, out: torch.Tensor) -> torch.Tensor:
+        """out_proj's partial sums [s, b, h] summed over TP (reduce-scattered under SP)."""
+        if getattr(self.out_proj, "sequence_parallel", self.config.sequence_parallel):
+            return reduce_scatter_to_sequence_parallel_region(out, group=self.tp_group)
+        if self.tp_group.size() > 1:
+            return reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
+        return out
 
     def _out_proj(self, y: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """y [b, d_local, s] -> ([s, b, h] summed over TP (reduce-scattered under SP), bias or
@@ -287,11 +302,7 @@ class Mamba1Mixer(MegatronModule):
         # The GEMM writes [s, b, h] itself and its backward hands the scan a contiguous dy: no
         # transposing copy either way (model/channels_major.py; bench/PERF_NOTES.md).
         out = linear_to_sequence_major(proj.weight, y)
-        if getattr(proj, "sequence_parallel", self.config.sequence_parallel):
-            out = reduce_scatter_to_sequence_parallel_region(out, group=self.tp_group)
-        elif self.tp_group.size() > 1:
-            out = reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
-        return out, getattr(proj, "bias", None)
+        return self._out_proj_reduce(out), getattr(proj, "bias", None)
 
     def _project_dt_B_C(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [b, d_local, s] -> dt [b, d_local, s] (pre-bias), B and C [b, N, s], replicated over
@@ -311,27 +322,44 @@ class Mamba1Mixer(MegatronModule):
         return dt, B, C
 
     def _decode(self, hidden_states: torch.Tensor, ctx: RecurrentState):
-        """One token per sequence: O(1) work and memory in the context length."""
+        """One token per sequence: O(1) work and memory in the context length.
+
+        Token-major [b, .] GEMMs throughout: each weight is read once per step for the whole
+        batch (the sequence path's channels-major batched GEMMs would read it once per sequence,
+        and in_proj would take two of them). Decode runs without autograd, so dt, B and C skip
+        the TP region copies (identity forward, they only all-reduce gradients)."""
         assert hidden_states.shape[0] == 1, "decode steps take one token at a time"
-        x, z = (t[..., 0] for t in self._in_proj(hidden_states))  # [b, d_local] each
+        xz = F.linear(self._in_proj_input(hidden_states)[0], self.in_proj.weight)
+        if getattr(self.in_proj, "bias", None) is not None:
+            xz = xz + self.in_proj.bias
+        x, z = xz.chunk(2, dim=-1)  # [b, d_local] each (in_proj's rows are [x_r; z_r])
         state = ctx.layer_state(self, batch_size=x.shape[0], dtype=x.dtype)
+        A, D, dt_bias = ctx.derived(self, self._scan_constants)
         x = kernels.causal_conv1d_update(
             x, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu"
         )
-        dt, B, C = (t[..., 0] for t in self._project_dt_B_C(x.unsqueeze(-1)))
+        x_dbl = F.linear(x, self.x_proj.weight)
+        if self.tp_group.size() > 1:
+            x_dbl = reduce_from_tensor_model_parallel_region(x_dbl, group=self.tp_group)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         y = kernels.selective_state_update(
             state.ssm,
             x,
-            dt,
-            -torch.exp(self.A_log.float()),
+            F.linear(dt, self.dt_proj.weight),
+            A,
             B,
             C,
-            self.D.float(),
+            D,
             z=z,
-            dt_bias=self.dt_proj.bias.float(),
+            dt_bias=dt_bias,
             dt_softplus=True,
         )
-        return self._out_proj(y.unsqueeze(-1))
+        out = self._out_proj_reduce(F.linear(y, self.out_proj.weight).unsqueeze(0))
+        return out, getattr(self.out_proj, "bias", None)
+
+    def _scan_constants(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The scan's fp32 (A = -exp(A_log) [d_local, N], D [d_local], dt bias [d_local])."""
+        return -torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()
 
     def state_shapes(self, batch_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(conv_state, ssm_state) shapes for this rank: constant in the context length."""

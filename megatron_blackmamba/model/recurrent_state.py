@@ -10,6 +10,7 @@ megatron's ``StaticInferenceContext`` so ``MambaModel``/``MambaStack`` accept it
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
@@ -28,6 +29,7 @@ class RecurrentState(StaticInferenceContext):
         super().__init__(max_batch_size, max_sequence_length)
         self.materialize_only_last_token_logits = not all_logits
         self.layers: dict[int, LayerState] = {}
+        self._derived: dict[int, tuple[torch.Tensor, ...]] = {}
 
     @property
     def seqlen_offset(self) -> int:
@@ -54,6 +56,20 @@ class RecurrentState(StaticInferenceContext):
             self.layers[mixer.layer_number] = state
         return state
 
+    def derived(
+        self, mixer, compute: Callable[[], tuple[torch.Tensor, ...]]
+    ) -> tuple[torch.Tensor, ...]:
+        """``compute()`` for ``mixer``'s layer, evaluated on first use and kept with this state.
+
+        For values derived from the layer's weights alone (the scan's fp32 A = -exp(A_log), D and
+        dt bias): weights do not change while a state is decoded, so each decode step reads them
+        instead of launching the casts and exp again per token (and a captured decode graph reads
+        them at a fixed address)."""
+        values = self._derived.get(mixer.layer_number)
+        if values is None:
+            values = self._derived[mixer.layer_number] = compute()
+        return values
+
     def state_bytes(self) -> int:
         """Memory held by all recurrent states (independent of how many tokens were seen)."""
         return sum(
@@ -64,3 +80,4 @@ class RecurrentState(StaticInferenceContext):
     def reset(self) -> None:
         super().reset()
         self.layers.clear()
+        self._derived.clear()
