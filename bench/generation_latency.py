@@ -7,15 +7,18 @@ of ``--steps`` after warm-up). Reported: ms/token, what the model carries betwee
 conv state, or KV cache) and peak memory during decoding.
 
 * BlackMamba-340M/1.5B: this project's model and generation path (generation/generate.py):
-  prefill = one full-sequence scan, decode = mamba-ssm's selective_state_update + causal_conv1d
-  update per layer and top-1 routing of the one token.
+  prefill = full-sequence scans over chunks of the prompt, decode = mamba-ssm's
+  selective_state_update + causal_conv1d update per Mamba layer and each token through its one
+  expert per MoE layer.
 * Transformer: a Hugging Face ``LlamaForCausalLM`` of the same active size (hidden 1152, 18
   layers of 18 heads, SwiGLU 3072 = the parameters of a 4 x hidden GeLU MLP, vocab 50304), SDPA
   attention, its standard dynamic KV cache; prefilled in chunks so no 64k x 64k mask is built.
 
-Each model runs twice per context, ``--batch`` sequences at once (default 1): eager, where the
+Each model runs twice per context and batch size (``--batch``, default 1): eager, where the
 host's per-kernel launch overhead is part of the number, and with the decode step replayed from
-one CUDA graph, where the GPU's work is what remains. The trend with context is the point (the
+one CUDA graph, where the GPU's work is what remains. BlackMamba's graph runs a third time with
+its MoE layers through the dispatcher rather than per token (kernels/top1_experts), so that
+ratio comes from the same run. The trend with context is the point (the
 paper's claim: flat for BlackMamba); a mode that fails to run is reported as nan.
 
     python bench/generation_latency.py --config configs/blackmamba-340m-1.5b.yaml
@@ -34,9 +37,18 @@ PREFILL_CHUNK = 4096
 
 
 def blackmamba(config: str | None, overrides: list[str]):
+    """(job, run, set_per_token): ``run(prompt, steps, graph)`` prefills in chunks of
+    PREFILL_CHUNK (a 64 x 64k prompt in one forward would hold tens of GiB of activations) and
+    returns one decode step; ``set_per_token(False)`` routes decode steps' MoE layers through the
+    dispatcher instead of kernels/top1_experts."""
+    from functools import partial
+
     from megatron_blackmamba.config import load_config
-    from megatron_blackmamba.generation import DecodeStep, prefill
+    from megatron_blackmamba.generation import DecodeStep
+    from megatron_blackmamba.generation.generate import advance
     from megatron_blackmamba.model.builder import build_model
+    from megatron_blackmamba.model.local_dispatcher import set_per_token_inference
+    from megatron_blackmamba.model.recurrent_state import RecurrentState
     from megatron_blackmamba.parallel.setup import init_distributed
 
     job = load_config(config, overrides)
@@ -44,13 +56,15 @@ def blackmamba(config: str | None, overrides: list[str]):
     model = build_model(job).cuda().eval()
 
     def run(prompt: torch.Tensor, steps: int, graph: bool):
-        state, logits = prefill(model, prompt, prompt.shape[1] + steps + 8)
+        state = RecurrentState(prompt.shape[0], prompt.shape[1] + steps + 8)
+        for start in range(0, prompt.shape[1], PREFILL_CHUNK):
+            logits = advance(model, prompt[:, start : start + PREFILL_CHUNK], state)
         token = logits.argmax(-1, keepdim=True)
         step = DecodeStep(model, state, use_graph=graph)
         assert step.backend == ("cuda-graph" if graph else "eager"), step.backend
         return (lambda: step(token)), state.state_bytes()
 
-    return job, run
+    return job, run, partial(set_per_token_inference, model)
 
 
 def _static_cache(config, batch: int, max_len: int):
@@ -189,56 +203,63 @@ def main() -> int:
         "--contexts", default=",".join(map(str, CONTEXTS)), help="comma-separated context lengths"
     )
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per point (median)")
-    p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    p.add_argument(
+        "--batch", default="1", help="sequences decoded together; comma-separated for several"
+    )
     p.add_argument(
         "--kernel-profile",
         action="store_true",
-        help="also count and time the kernels of one BlackMamba decode step (first context)",
+        help="also count and time the kernels of one BlackMamba decode step (first context, batch)",
     )
     args = p.parse_args()
     contexts = [int(c) for c in args.contexts.split(",")]
+    batches = [int(b) for b in args.batch.split(",")]
     if args.dry_run:
         print(
-            f"contexts {contexts}, {args.steps} decode steps each; BlackMamba config {args.config} "
-            f"{args.overrides}; transformer: HF Llama 1152x18, SDPA, KV cache"
+            f"contexts {contexts}, batches {batches}, {args.steps} decode steps each; BlackMamba"
+            f" config {args.config} {args.overrides}; transformer: HF Llama 1152x18, SDPA, KV cache"
         )
         return 0
-    job, bm = blackmamba(args.config, args.overrides + ["parallel.ep=1"])
+    job, bm, set_per_token = blackmamba(args.config, args.overrides + ["parallel.ep=1"])
     vocab = job.model.vocab_size
     tf = transformer(vocab, max(contexts) + args.steps + 64)
     rows = []
-    for context in contexts:
-        bm_eager, bm_bytes, bm_peak = measure(
-            bm, context, vocab, args.steps, args.batch, graph=False
-        )
-        bm_graph, _, _ = measure(bm, context, vocab, args.steps, args.batch, graph=True)
-        tf_eager, tf_bytes, tf_peak = measure(
-            tf, context, vocab, args.steps, args.batch, graph=False
-        )
-        tf_graph, _, _ = measure(tf, context, vocab, args.steps, args.batch, graph=True)
-        rows.append(
-            f"| {context:,} | {bm_eager:.2f} | {bm_graph:.2f} | {bm_bytes / 2**20:.1f} |"
-            f" {bm_peak:.2f} | {tf_eager:.2f} | {tf_graph:.2f} | {tf_bytes / 2**20:,.0f} |"
-            f" {tf_peak:.2f} | {tf_eager / bm_eager:.2f}x | {tf_graph / bm_graph:.2f}x |"
-        )
-        print(rows[-1], flush=True)
+    for batch in batches:
+        for context in contexts:
+            point = (context, vocab, args.steps, batch)
+            bm_eager, bm_bytes, bm_peak = measure(bm, *point, graph=False)
+            bm_graph, _, _ = measure(bm, *point, graph=True)
+            set_per_token(False)
+            bm_dispatch, _, _ = measure(bm, *point, graph=True)
+            set_per_token(True)
+            tf_eager, tf_bytes, tf_peak = measure(tf, *point, graph=False)
+            tf_graph, _, _ = measure(tf, *point, graph=True)
+            rows.append(
+                f"| {batch} | {context:,} | {bm_eager:.2f} | {bm_graph:.2f} | {bm_dispatch:.2f} |"
+                f" {bm_bytes / 2**20:.1f} | {bm_peak:.2f} | {tf_eager:.2f} | {tf_graph:.2f} |"
+                f" {tf_bytes / 2**20:,.0f} | {tf_peak:.2f} | {tf_eager / bm_eager:.2f}x |"
+                f" {tf_graph / bm_graph:.2f}x |"
+            )
+            print(rows[-1], flush=True)
     import transformers
 
     text = "\n".join(
         [
             device_line(),
             (
-                f"transformers {transformers.__version__}; batch {args.batch}, bf16; ms = median"
-                " per decode step after prefill; graph = the step replayed from one CUDA graph"
-                " (BlackMamba: generation/decode_graph.py; transformer: StaticCache); peak = peak"
-                " memory of the eager run"
+                f"transformers {transformers.__version__}; bf16; ms = median per decode step after"
+                " prefill; graph = the step replayed from one CUDA graph (BlackMamba:"
+                " generation/decode_graph.py; transformer: StaticCache); BlackMamba's MoE layers"
+                " decode per token (kernels/top1_experts), 'via dispatcher' = the same graph with"
+                " them through the dispatcher and grouped GEMMs; peak = peak memory of the eager"
+                " run"
             ),
             (
-                "| context | BlackMamba eager ms | BlackMamba graph ms | state MiB | peak GiB |"
-                " transformer eager ms | transformer graph ms | KV cache MiB | peak GiB |"
-                " transformer/BlackMamba eager | graph |"
+                "| batch | context | BlackMamba eager ms | BlackMamba graph ms | graph via"
+                " dispatcher ms | state MiB | peak GiB | transformer eager ms | transformer graph"
+                " ms | KV cache MiB | peak GiB | transformer/BlackMamba eager | graph |"
             ),
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
             *rows,
         ]
     )
@@ -247,7 +268,7 @@ def main() -> int:
         publish_table(
             args.out,
             "generation_latency.md",
-            decode_kernels(bm, contexts[0], vocab, args.batch),
+            decode_kernels(bm, contexts[0], vocab, batches[0]),
         )
     return 0
 
