@@ -137,8 +137,9 @@ class BlackMambaRouter(TopKRouter):
     @torch.no_grad()
     def route_top1(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference routing without the [T, E] map: hidden_states [T, H] -> (expert [T] int64,
-        gate [T] fp32), counted into the load statistics as ``routing`` counts them. For the MoE
-        layer's decode path (model/local_dispatcher.py); needs ``routes_top1_directly``."""
+        gate [T] in the logits' dtype), counted into the load statistics as ``routing`` counts
+        them. For the MoE layer's decode path (model/local_dispatcher.py); needs
+        ``routes_top1_directly``."""
         gate, expert = torch.sigmoid(self.gating(hidden_states)).max(dim=1)
         if not is_graph_warmup():
             self.load_counts.index_add_(

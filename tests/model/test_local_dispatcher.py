@@ -26,6 +26,8 @@ from megatron_blackmamba.model.local_dispatcher import LocalDispatchMoELayer, Lo
 from megatron_blackmamba.model.norm import RMSNorm
 from megatron_blackmamba.model.spec import moe_layer_spec
 
+SMALL_MOE = ["model.hidden_size=32", "model.ffn_hidden_size=48", "model.num_experts=4"]
+
 
 def build_moe(job, local: bool) -> MoELayer:
     spec = moe_layer_spec(
@@ -47,10 +49,8 @@ def test_local_dispatcher_matches_megatron_allgather(
     patches.apply()
     job = load_config(
         None,
-        [
-            "model.hidden_size=32",
-            "model.ffn_hidden_size=48",
-            "model.num_experts=4",
+        SMALL_MOE
+        + [
             f"model.moe_topk={topk}",
             f"model.moe_grouped_gemm={str(grouped).lower()}",
             # megatron's GroupedMLP runs only in bf16
@@ -109,16 +109,7 @@ def test_inference_calls_of_few_tokens_skip_the_dispatcher(single_rank, monkeypa
     its expert (kernels/top1_experts), equal to the dispatcher path and counted the same; more
     tokens, training or autograd take the dispatcher."""
     patches.apply()
-    job = load_config(
-        None,
-        [
-            "model.hidden_size=32",
-            "model.ffn_hidden_size=48",
-            "model.num_experts=4",
-            "model.moe_grouped_gemm=true",
-            "training.precision=bf16",
-        ],
-    )
+    job = load_config(None, SMALL_MOE + ["model.moe_grouped_gemm=true", "training.precision=bf16"])
     layer = build_moe(job, local=True).eval()
     assert layer._direct_activation == "gelu"
     device = next(layer.parameters()).device
