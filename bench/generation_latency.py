@@ -38,17 +38,14 @@ PREFILL_CHUNK = 4096
 
 def blackmamba(config: str | None, overrides: list[str]):
     """(job, run, set_per_token): ``run(prompt, steps, graph)`` prefills in chunks of
-    PREFILL_CHUNK (a 64 x 64k prompt in one forward would hold tens of GiB of activations) and
-    returns one decode step; ``set_per_token(False)`` routes decode steps' MoE layers through the
-    dispatcher instead of kernels/top1_experts."""
+    PREFILL_CHUNK and returns one decode step; ``set_per_token(False)`` routes decode steps' MoE
+    layers through the dispatcher instead of kernels/top1_experts."""
     from functools import partial
 
     from megatron_blackmamba.config import load_config
-    from megatron_blackmamba.generation import DecodeStep
-    from megatron_blackmamba.generation.generate import advance
+    from megatron_blackmamba.generation import DecodeStep, prefill
     from megatron_blackmamba.model.builder import build_model
     from megatron_blackmamba.model.local_dispatcher import set_per_token_inference
-    from megatron_blackmamba.model.recurrent_state import RecurrentState
     from megatron_blackmamba.parallel.setup import init_distributed
 
     job = load_config(config, overrides)
@@ -56,9 +53,7 @@ def blackmamba(config: str | None, overrides: list[str]):
     model = build_model(job).cuda().eval()
 
     def run(prompt: torch.Tensor, steps: int, graph: bool):
-        state = RecurrentState(prompt.shape[0], prompt.shape[1] + steps + 8)
-        for start in range(0, prompt.shape[1], PREFILL_CHUNK):
-            logits = advance(model, prompt[:, start : start + PREFILL_CHUNK], state)
+        state, logits = prefill(model, prompt, prompt.shape[1] + steps + 8, PREFILL_CHUNK)
         token = logits.argmax(-1, keepdim=True)
         step = DecodeStep(model, state, use_graph=graph)
         assert step.backend == ("cuda-graph" if graph else "eager"), step.backend

@@ -21,6 +21,8 @@ import sys
 import torch
 from harness import device_line, device_ms, rel_err  # also puts the repo on sys.path
 
+from megatron_blackmamba.kernels.glu import glu_with_probs_torch
+from megatron_blackmamba.kernels.grouped_gemm import gmm
 from megatron_blackmamba.kernels.top1_experts import top1_expert_mlp_torch
 
 HIDDEN, WIDTH, EXPERTS = 1152, 3072, 8
@@ -40,13 +42,12 @@ def inputs(tokens: int, seed: int):
 
 
 def grouped_pair(x, expert, p, w1, w2):
-    """The dispatcher path's expert compute for the same tokens: sort, two grouped GEMMs."""
+    """The dispatcher path's expert compute for the same tokens: sort, two grouped GEMMs
+    (kernels/grouped_gemm.gmm, torch._grouped_mm here) around the gated activation."""
     order = torch.argsort(expert)
-    ends = torch.cumsum(torch.bincount(expert, minlength=EXPERTS), 0, dtype=torch.int32)
-    fc1 = torch._grouped_mm(x[order], w1, offs=ends)
-    gate, value = fc1.float().chunk(2, dim=-1)
-    h = (torch.nn.functional.gelu(gate) * value * p[order, None]).bfloat16()
-    return torch._grouped_mm(h, w2, offs=ends)
+    sizes = torch.bincount(expert, minlength=EXPERTS)
+    h = glu_with_probs_torch(gmm(x[order], w1, sizes), p[order, None], "gelu")
+    return gmm(h, w2, sizes)
 
 
 def main() -> int:

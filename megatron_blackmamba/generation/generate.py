@@ -37,12 +37,23 @@ def advance(model: MambaModel, tokens: torch.Tensor, state: RecurrentState) -> t
 
 
 def prefill(
-    model: MambaModel, tokens: torch.Tensor, max_sequence_length: int
+    model: MambaModel,
+    tokens: torch.Tensor,
+    max_sequence_length: int,
+    chunk_size: Optional[int] = None,
 ) -> tuple[RecurrentState, torch.Tensor]:
     """Full-sequence pass over equal-length prompts tokens [b, s]: (their state, last logits [b,
-    V])."""
+    V]).
+
+    With ``chunk_size`` the pass runs over chunks of that many tokens, each continuing from the
+    state the previous one left: the same result, with one chunk's activations in memory at a
+    time (a 64 x 64k prompt in one forward would hold tens of GiB)."""
     state = RecurrentState(tokens.shape[0], max_sequence_length)
-    return state, advance(model, tokens, state)
+    if chunk_size is None:
+        return state, advance(model, tokens, state)
+    for start in range(0, tokens.shape[1], chunk_size):
+        logits = advance(model, tokens[:, start : start + chunk_size], state)
+    return state, logits
 
 
 def stack_states(

@@ -80,7 +80,13 @@ class TPReducedLinear(nn.Module):
 
     def channels_major(self, x: torch.Tensor) -> torch.Tensor:
         """x [b, in_local, s] -> [b, out, s]."""
-        partial = channels_major_linear(self.weight, x)
+        return self._sum_over_tp(channels_major_linear(self.weight, x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_local] -> [..., out] (token-major: the decode step)."""
+        return self._sum_over_tp(F.linear(x, self.weight))
+
+    def _sum_over_tp(self, partial: torch.Tensor) -> torch.Tensor:
         if self.tp_group.size() == 1:
             return partial
         return reduce_from_tensor_model_parallel_region(partial, group=self.tp_group)
@@ -329,19 +335,17 @@ class Mamba1Mixer(MegatronModule):
         and in_proj would take two of them). Decode runs without autograd, so dt, B and C skip
         the TP region copies (identity forward, they only all-reduce gradients)."""
         assert hidden_states.shape[0] == 1, "decode steps take one token at a time"
-        xz = F.linear(self._in_proj_input(hidden_states)[0], self.in_proj.weight)
-        if getattr(self.in_proj, "bias", None) is not None:
-            xz = xz + self.in_proj.bias
+        proj = self.in_proj
+        xz = F.linear(
+            self._in_proj_input(hidden_states)[0], proj.weight, getattr(proj, "bias", None)
+        )
         x, z = xz.chunk(2, dim=-1)  # [b, d_local] each (in_proj's rows are [x_r; z_r])
         state = ctx.layer_state(self, batch_size=x.shape[0], dtype=x.dtype)
         A, D, dt_bias = ctx.derived(self, self._scan_constants)
         x = kernels.causal_conv1d_update(
             x, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu"
         )
-        x_dbl = F.linear(x, self.x_proj.weight)
-        if self.tp_group.size() > 1:
-            x_dbl = reduce_from_tensor_model_parallel_region(x_dbl, group=self.tp_group)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         y = kernels.selective_state_update(
             state.ssm,
             x,

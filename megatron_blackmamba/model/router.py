@@ -140,7 +140,7 @@ class BlackMambaRouter(TopKRouter):
         gate [T] in the logits' dtype), counted into the load statistics as ``routing`` counts
         them. For the MoE layer's decode path (model/local_dispatcher.py); needs
         ``routes_top1_directly``."""
-        gate, expert = torch.sigmoid(self.gating(hidden_states)).max(dim=1)
+        gate, expert = self._gate(self.gating(hidden_states)).max(dim=1)
         if not is_graph_warmup():
             self.load_counts.index_add_(
                 0, expert, torch.ones_like(gate, dtype=self.load_counts.dtype)

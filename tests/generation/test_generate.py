@@ -56,6 +56,21 @@ def test_decode_steps_match_full_forward(model, prefill_len):
     torch.testing.assert_close(torch.cat(steps, dim=1), reference, atol=1e-5, rtol=1e-5)
 
 
+def test_prefill_in_chunks_equals_one_pass(model):
+    """Chunks that continue from the carried state leave the one-pass state and logits (fp32,
+    1e-5), on a fresh random prompt whose length the chunks do not divide."""
+    tokens = torch.randint(0, VOCAB, (3, 23), generator=torch.Generator().manual_seed(torch.seed()))
+    with torch.no_grad():
+        whole, whole_logits = prefill(model, tokens, 32)
+        chunked, chunked_logits = prefill(model, tokens, 32, chunk_size=5)
+    assert chunked.sequence_len_offset == whole.sequence_len_offset == 23
+    torch.testing.assert_close(chunked_logits, whole_logits, atol=1e-5, rtol=1e-5)
+    assert chunked.layers.keys() == whole.layers.keys()
+    for layer, s in whole.layers.items():
+        torch.testing.assert_close(chunked.layers[layer].ssm, s.ssm, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(chunked.layers[layer].conv, s.conv, atol=1e-5, rtol=1e-5)
+
+
 def decode_step_footprint(model, context: int) -> tuple[int, int]:
     """(recurrent state bytes, bytes the torch allocator hands out during one decode step)."""
     tokens = torch.randint(0, VOCAB, (1, context), generator=torch.Generator().manual_seed(context))
