@@ -157,7 +157,7 @@ def measure(
     return 1e3 * seconds, carried, torch.cuda.max_memory_allocated() / 2**30
 
 
-def decode_kernels(run, context: int, vocab: int, batch: int, top: int = 12) -> str:
+def decode_kernels(run, context: int, vocab: int, batch: int, top: int = 24) -> str:
     """One eager BlackMamba decode step under the profiler: how many kernels it launches and how
     long they run on the device (the graph replays the same kernels, so its time over this sum is
     the launch and idle time between them), with the kernels that take the most."""

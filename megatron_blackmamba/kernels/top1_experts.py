@@ -1,4 +1,4 @@
-"""Each token through the one expert it was routed to, the expert read on the device: MoE decode.
+"""Each token routed to one expert and through it, the expert read on the device: MoE decode.
 
 Why: a decode step hands each MoE layer a few tokens (one per sequence). The dropless path sorts
 them by expert, counts them, runs two CUTLASS grouped GEMMs over every expert's offsets and
@@ -9,11 +9,15 @@ token's output is simply
     y[t] = act(x[t] @ w1[e]) * p[t] @ w2[e],   e = expert[t]
 
 (``act`` gated or not, as megatron's GroupedMLP computes it: the fc1 product rounded to x's dtype,
-the activation times p, rounded again, then fc2). ``top1_expert_mlp`` runs that as two Triton
-kernels (kernels/top1_experts_triton.py) on CUDA tensors of at most ``MAX_TOKENS`` tokens: each
-program owns one expert and a slice of the outputs, skips the experts no token chose, and reads
-its slice of the weights once. Elsewhere it runs the PyTorch expression below, which gathers each
-token's expert weights (the reference the kernels are tested against).
+the activation times p, rounded again, then fc2). ``top1_expert_mlp`` runs that as Triton kernels
+(kernels/top1_experts_triton.py) on CUDA tensors of at most ``MAX_TOKENS`` tokens: each program
+owns one expert and a slice of the outputs, skips the experts no token chose, and reads its slice
+of the weights once. Elsewhere it runs the PyTorch expression below, which gathers each token's
+expert weights (the reference the kernels are tested against).
+
+``top1_route`` picks (expert, p) as the Sinkhorn router does at inference: the top sigmoid gate
+of fp32 logits. On CUDA it is one kernel where PyTorch runs six (GEMM, bias, sigmoid, max, and
+two for the load counts), each a launch of its own in a decode step.
 
 Shapes: x [T, H]; expert [T] int64 in [0, E); p [T] (fp32); w1 [E, H, F1] with F1 = 2F for a
 gated unit ([gate | value] halves, megatron's layout) else F; w2 [E, F, H]; result [T, H] in x's
@@ -53,6 +57,34 @@ def top1_expert_mlp_torch(
     fc1 = torch.bmm(x.unsqueeze(1), w1.index_select(0, expert)).squeeze(1)
     h = _activation_with_probs(fc1, p.unsqueeze(-1), activation, gated)
     return torch.bmm(h.unsqueeze(1), w2.index_select(0, expert)).squeeze(1)
+
+
+def top1_route_torch(
+    x: Tensor, weight: Tensor, bias: Tensor | None, counts: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The reference: fp32 logits of the upcast operands, their top sigmoid gate."""
+    logits = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    gate, expert = torch.sigmoid(logits).max(dim=1)
+    if counts is not None:
+        counts.index_add_(0, expert, torch.ones_like(gate, dtype=counts.dtype))
+    return expert, gate
+
+
+def top1_route(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, counts: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """x [T, H], router weight [E, H] (bias [E]) -> (expert [T] int64, gate [T] fp32): each
+    token's largest sigmoid(x W^T + b), logits in fp32; ``counts`` [E] (when given) gains the
+    tokens each expert got."""
+    if (
+        0 < x.shape[0] <= MAX_TOKENS
+        and x.dtype == weight.dtype
+        and x.is_contiguous()
+        and weight.is_contiguous()
+        and takes(_MODULE, x)
+    ):
+        return _kernels().route(x, weight, bias, counts)
+    return top1_route_torch(x, weight, bias, counts)
 
 
 def fused_applies(x: Tensor, w1: Tensor, w2: Tensor) -> bool:

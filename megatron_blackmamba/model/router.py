@@ -18,7 +18,7 @@ import torch
 from megatron.core.transformer.cuda_graphs import is_graph_warmup
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megatron_blackmamba.kernels import router_gating
+from megatron_blackmamba.kernels import router_gating, top1_experts
 from megatron_blackmamba.model.sinkhorn import sinkhorn_replayed
 
 
@@ -140,11 +140,12 @@ class BlackMambaRouter(TopKRouter):
         gate [T] in the logits' dtype), counted into the load statistics as ``routing`` counts
         them. For the MoE layer's decode path (model/local_dispatcher.py); needs
         ``routes_top1_directly``."""
+        counts = None if is_graph_warmup() else self.load_counts
+        if self.config.moe_router_dtype == "fp32":
+            return top1_experts.top1_route(hidden_states, self.weight, self.bias, counts)
         gate, expert = self._gate(self.gating(hidden_states)).max(dim=1)
-        if not is_graph_warmup():
-            self.load_counts.index_add_(
-                0, expert, torch.ones_like(gate, dtype=self.load_counts.dtype)
-            )
+        if counts is not None:
+            counts.index_add_(0, expert, torch.ones_like(gate, dtype=counts.dtype))
         return expert, gate
 
     def take_load(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,6 @@
-"""kernels/top1_experts (each token through its one routed expert) against a float64 per-token
-loop, on fresh random inputs; the Triton kernels against the same reference on a GPU.
+"""kernels/top1_experts (each token routed to one expert and through it) against a float64
+per-token loop, on fresh random inputs; the Triton kernels against the same reference on a GPU,
+fc2's split reduction included.
 
 Tolerances: fp32 operands 1e-5 relative to the float64 loop (the reference rounds nothing);
 bf16 operands 1e-2 normwise (two bf16 roundings of the GEMM outputs and one of the activation, as
@@ -18,6 +19,8 @@ from megatron_blackmamba.kernels.top1_experts import (
     fused_applies,
     top1_expert_mlp,
     top1_expert_mlp_torch,
+    top1_route,
+    top1_route_torch,
 )
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels need a GPU")
@@ -93,6 +96,64 @@ def test_triton_kernels_match_float64_loop_and_torch_path(dtype, gated, activati
     _assert_near(got, want, dtype)
     plain = top1_expert_mlp_torch(x, expert, p, w1, w2, activation, gated)
     _assert_near(got, plain.double().cpu(), dtype)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("splits", [2, 3, 5])
+@pytest.mark.parametrize("tokens", [1, 8])
+def test_split_fc2_matches_float64_loop(dtype, splits, tokens):
+    """fc2 with its reduction split over programs (fp32 partial sums added in order); 5 splits
+    of 48 in steps of 16 leave two programs nothing to add."""
+    from megatron_blackmamba.kernels import top1_experts_triton as kernels
+
+    x, expert, p, w1, w2, _ = _inputs(tokens, True, dtype, "cuda", experts_used=3)
+    h = kernels.fc1(x, expert, p, w1, silu=False, gated=True)
+    got = kernels.fc2(h, expert, w2, kernels.Tiles(16, 16, splits=splits))
+    want = _reference64(x.cpu(), expert.cpu(), p.cpu(), w1.cpu(), w2.cpu(), "gelu", True)
+    _assert_near(got, want, dtype)
+
+
+def _router_inputs(tokens: int, dtype: torch.dtype, device: str):
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    x = torch.randn(tokens, HIDDEN, generator=g).to(device, dtype)
+    weight = (torch.randn(EXPERTS, HIDDEN, generator=g) / HIDDEN**0.5).to(device, dtype)
+    bias = torch.randn(EXPERTS, generator=g).to(device, dtype)
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_route_is_the_top_sigmoid_gate_of_float64_logits(with_bias):
+    x, weight, bias = _router_inputs(MAX_TOKENS, torch.float32, "cpu")
+    bias = bias if with_bias else None
+    counts = torch.full((EXPERTS,), 3.0, dtype=torch.float64)
+    expert, gate = top1_route(x, weight, bias, counts)
+    logits = x.double() @ weight.double().t() + (0 if bias is None else bias.double())
+    want_gate, want_expert = torch.sigmoid(logits).max(dim=1)
+    assert expert.dtype == torch.int64 and gate.dtype == torch.float32
+    assert torch.equal(expert, want_expert)
+    torch.testing.assert_close(gate.double(), want_gate, rtol=1e-6, atol=0)
+    assert torch.equal(counts, 3 + torch.bincount(want_expert, minlength=EXPERTS).double())
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("tokens", [1, 8, MAX_TOKENS])
+def test_route_kernel_matches_torch_path(dtype, with_bias, tokens):
+    """The Triton route against the PyTorch one on the same inputs: the same experts and exact
+    counts (fp32 logits of exact bf16 products differ in summation order only), gates to 1e-6."""
+    x, weight, bias = _router_inputs(tokens, dtype, "cuda")
+    bias = bias if with_bias else None
+    counts = torch.zeros(EXPERTS, dtype=torch.float64, device="cuda")
+    want_counts = counts.clone()
+    expert, gate = top1_route(x, weight, bias, counts)
+    want_expert, want_gate = top1_route_torch(x, weight, bias, want_counts)
+    assert torch.equal(expert, want_expert)
+    torch.testing.assert_close(gate, want_gate, rtol=1e-6, atol=0)
+    assert torch.equal(counts, want_counts)
+    expert_again, _ = top1_route(x, weight, bias, None)  # no counts: the same choice
+    assert torch.equal(expert_again, expert)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
