@@ -30,7 +30,7 @@ from __future__ import annotations
 import sys
 
 import torch
-from harness import bench_parser, device_line, median_seconds, publish_table, sync
+from harness import bench_parser, device_line, kernel_totals, median_seconds, publish_table, sync
 
 CONTEXTS = (1024, 4096, 16384, 65536)
 PREFILL_CHUNK = 4096
@@ -161,8 +161,6 @@ def decode_kernels(run, context: int, vocab: int, batch: int, top: int = 24) -> 
     """One eager BlackMamba decode step under the profiler: how many kernels it launches and how
     long they run on the device (the graph replays the same kernels, so its time over this sum is
     the launch and idle time between them), with the kernels that take the most."""
-    from collections import defaultdict
-
     prompt = torch.randint(0, vocab, (batch, context), device="cuda")
     with torch.no_grad():
         step, _ = run(prompt, 8, False)
@@ -176,19 +174,14 @@ def decode_kernels(run, context: int, vocab: int, batch: int, top: int = 24) -> 
         for e in prof.events()
         if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("Memcpy")
     ]
-    by_name: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
-    for e in kernels:
-        by_name[e.name[:80]][0] += 1
-        by_name[e.name[:80]][1] += e.time_range.elapsed_us()
-    total = sum(us for _, us in by_name.values())
+    totals = kernel_totals(kernels, name_width=80)
     lines = [
         f"decode step, batch {batch}, context {context:,}: {len(kernels)} kernels,"
-        f" {total / 1e3:.3f} ms of device time",
+        f" {sum(us for _, _, us in totals) / 1e3:.3f} ms of device time",
         "| kernel | calls | device us |",
         "|---|---|---|",
     ]
-    for name, (calls, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]:
-        lines.append(f"| {name} | {calls} | {us:.0f} |")
+    lines += [f"| {name} | {calls} | {us:.0f} |" for name, calls, us in totals[:top]]
     return "\n".join(lines)
 
 

@@ -39,9 +39,10 @@ import os
 import statistics
 import sys
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Optional
+from typing import Callable, Iterable, Iterator, Literal, Optional
 
 import torch
 
@@ -278,6 +279,17 @@ def device_ms(fn: Callable[[], object], warmup: int, repeats: int) -> float:
         torch.cuda.synchronize()
     gpu = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     return sum(e.self_device_time_total for e in gpu) / repeats / 1e3
+
+
+def kernel_totals(kernels: Iterable, name_width: int = 90) -> list[tuple[str, int, float]]:
+    """(name cut to ``name_width``, calls, device us) per kernel name over profiler CUDA events,
+    the longest total first: what a profile's top-kernels table lists."""
+    totals: dict[str, list] = defaultdict(lambda: [0, 0.0])
+    for e in kernels:
+        entry = totals[e.name[:name_width]]
+        entry[0] += 1
+        entry[1] += e.time_range.elapsed_us()
+    return sorted(((name, n, us) for name, (n, us) in totals.items()), key=lambda r: -r[2])
 
 
 def bench_parser(description: str) -> argparse.ArgumentParser:

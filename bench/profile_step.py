@@ -43,6 +43,7 @@ from harness import (
     check_variants,
     classified_modules,
     device_line,
+    kernel_totals,
     median_seconds,
     publish_table,
     release,
@@ -167,11 +168,8 @@ def profile(trainer, out_dir: str, top_kernels: int = 15) -> tuple[list, list, f
     annotations = [e for e in gpu if _is_annotation(e)]
     kernels = sorted((e for e in gpu if not _is_annotation(e)), key=lambda e: e.time_range.start)
     classes: dict[str, float] = defaultdict(float)
-    by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for e in kernels:
         classes[classify(e.name)] += e.time_range.elapsed_us()
-        by_name[e.name][0] += e.time_range.elapsed_us()
-        by_name[e.name][1] += 1
     # Forward time per module kind: kernels that ran inside that module's range on the GPU.
     starts = [e.time_range.start for e in kernels]
     modules: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
@@ -189,7 +187,7 @@ def profile(trainer, out_dir: str, top_kernels: int = 15) -> tuple[list, list, f
         )
         modules[a.name[7:]][0] += inside
         modules[a.name[7:]][1] += 1
-    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top_kernels]
+    top = kernel_totals(kernels)[:top_kernels]
     ranked = (
         sorted(classes.items(), key=lambda kv: -kv[1]),
         sorted(modules.items(), key=lambda kv: -kv[1][0]),
@@ -296,7 +294,7 @@ def main() -> int:
         f"| {k} | {us / 1e3:.1f} | {100 * us / 1e3 / max(busy, 1e-9):.0f}% |" for k, us in classes
     ]
     lines += ["", "| top kernels | calls | device ms |", "|---|---|---|"]
-    lines += [f"| {name[:90]} | {n} | {us / 1e3:.1f} |" for name, (us, n) in top]
+    lines += [f"| {name} | {n} | {us / 1e3:.1f} |" for name, n, us in top]
     lines += [
         "",
         "| range (host longer than device first) | calls | host ms | device ms |",

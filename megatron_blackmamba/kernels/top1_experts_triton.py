@@ -40,6 +40,15 @@ class Tiles:
     num_stages: int = 3
     splits: int = 1
 
+    def launch_options(self) -> dict[str, int]:
+        """The tile sizes and launch settings both GEMM kernels take."""
+        return dict(
+            BLOCK_N=self.block_n,
+            BLOCK_K=self.block_k,
+            num_warps=self.num_warps,
+            num_stages=self.num_stages,
+        )
+
 
 def tiles_for(tokens: int, element_size: int) -> tuple[Tiles, Tiles]:
     """(fc1, fc2) launch shapes for ``tokens`` tokens of ``element_size``-byte operands.
@@ -290,10 +299,7 @@ def fc1(
         GATED=gated,
         PRECISION=precision,
         BLOCK_T=block_t,
-        BLOCK_N=tiles.block_n,
-        BLOCK_K=tiles.block_k,
-        num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
+        **tiles.launch_options(),
     )
     return h
 
@@ -323,10 +329,7 @@ def fc2(h: Tensor, expert: Tensor, w2: Tensor, tiles: Tiles | None = None) -> Te
         PRECISION=precision,
         SPLITS=tiles.splits,
         BLOCK_T=block_t,
-        BLOCK_N=tiles.block_n,
-        BLOCK_K=tiles.block_k,
-        num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
+        **tiles.launch_options(),
     )
     if split:
         block = 1024

@@ -98,3 +98,16 @@ def test_sequence_sweep_keeps_the_tokens_per_micro_batch_and_step():
 def test_a_length_that_does_not_divide_the_micro_batch_is_refused():
     result = _dry_run("--seq-lengths", "3000", "training.micro_batch_size=16")
     assert result.returncode != 0 and "3000 does not divide the 32768 tokens" in result.stderr
+
+
+def test_kernel_totals_groups_by_cut_name_longest_first(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    from types import SimpleNamespace
+
+    from harness import kernel_totals
+
+    def event(name: str, us: float):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(elapsed_us=lambda: us))
+
+    events = [event("gemm_a", 2.0), event("add", 5.0), event("gemm_b", 4.0), event("add", 1.5)]
+    assert kernel_totals(events, name_width=4) == [("add", 2, 6.5), ("gemm", 2, 6.0)]
