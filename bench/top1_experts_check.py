@@ -7,10 +7,9 @@ reduction step, warps, pipeline depth, reduction splits), each kernel's time per
 bandwidth it reaches on the weights of the experts the tokens chose (each read once). Calls are
 replayed from a CUDA graph (launch gaps included, as in a decode step) and cycle through
 ``WEIGHT_SETS`` copies of the weights, so the chosen experts come from HBM, not the 50 MB L2.
-The route kernel and
-the grouped-GEMM pair the dispatcher path runs for the same tokens (torch._grouped_mm, the
-tokens sorted by expert) are timed beside them. The fastest shape per kernel and token count is
-marked: what ``tiles_for`` should pick.
+The route kernel and the grouped-GEMM pair the dispatcher path runs for the same tokens
+(torch._grouped_mm, the tokens sorted by expert) are timed beside them. The fastest shape per
+kernel and token count is marked: what ``tiles_for`` should pick.
 
     python bench/top1_experts_check.py [--dry-run]
 """
@@ -101,7 +100,7 @@ def sweep(name: str, run: Callable, tokens: int, weight_bytes: int, kernels) -> 
             torch.cuda.synchronize()
             continue
         results.append((us, tiles))
-    best_us, best = min(results, key=lambda r: r[0])
+    best = min(results, key=lambda r: r[0])[1]
     for us, t in results:
         mark = " **best**" if t == best else ""
         print(

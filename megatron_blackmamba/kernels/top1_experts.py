@@ -76,24 +76,18 @@ def top1_route(
     """x [T, H], router weight [E, H] (bias [E]) -> (expert [T] int64, gate [T] fp32): each
     token's largest sigmoid(x W^T + b), logits in fp32; ``counts`` [E] (when given) gains the
     tokens each expert got."""
-    if (
-        0 < x.shape[0] <= MAX_TOKENS
-        and x.dtype == weight.dtype
-        and x.is_contiguous()
-        and weight.is_contiguous()
-        and takes(_MODULE, x)
-    ):
+    if fused_applies(x, weight):
         return _kernels().route(x, weight, bias, counts)
     return top1_route_torch(x, weight, bias, counts)
 
 
-def fused_applies(x: Tensor, w1: Tensor, w2: Tensor) -> bool:
+def fused_applies(x: Tensor, *weights: Tensor) -> bool:
     """Whether the Triton kernels take these: at most MAX_TOKENS CUDA tokens of a kernel dtype,
     contiguous operands of one dtype, Triton importable."""
     return (
         0 < x.shape[0] <= MAX_TOKENS
-        and x.dtype == w1.dtype == w2.dtype
-        and all(t.is_contiguous() for t in (x, w1, w2))
+        and all(w.dtype == x.dtype for w in weights)
+        and all(t.is_contiguous() for t in (x, *weights))
         and takes(_MODULE, x)
     )
 
