@@ -281,6 +281,31 @@ def device_ms(fn: Callable[[], object], warmup: int, repeats: int) -> float:
     return sum(e.self_device_time_total for e in gpu) / repeats / 1e3
 
 
+def graph_replay_us(run: Callable[[int], object], variants: int, calls: int = 16) -> float:
+    """Microseconds per call of ``run(i)`` replayed from one CUDA graph of ``calls`` calls, i
+    cycling through ``variants`` (copies of the operands, so that a call's weights come from HBM
+    when the copies together overflow the L2): a decode step's kernels with their launch gaps."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(variants):
+            run(i)  # compiles, and warms the allocator outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            run(i % variants)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    replays = 20
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return 1e3 * start.elapsed_time(end) / (replays * calls)
+
+
 def kernel_totals(kernels: Iterable, name_width: int = 90) -> list[tuple[str, int, float]]:
     """(name cut to ``name_width``, calls, device us) per kernel name over profiler CUDA events,
     the longest total first: what a profile's top-kernels table lists."""

@@ -22,7 +22,7 @@ import sys
 from typing import Callable
 
 import torch
-from harness import device_line, device_ms, rel_err  # also puts the repo on sys.path
+from harness import device_line, device_ms, graph_replay_us, rel_err  # puts the repo on sys.path
 
 from megatron_blackmamba.kernels.glu import glu_with_probs_torch
 from megatron_blackmamba.kernels.grouped_gemm import gmm
@@ -31,7 +31,6 @@ from megatron_blackmamba.kernels.top1_experts import top1_expert_mlp_torch, top1
 HIDDEN, WIDTH, EXPERTS = 1152, 3072, 8
 TOKENS = (1, 8, 64)
 WEIGHT_SETS = 4  # 4 x 170 MB of experts: a call's experts were evicted by the three before it
-CALLS_PER_GRAPH = 16
 # (block_n, block_k, warps, stages, splits) tried per kernel; fc2's reduction split for the few
 # tokens that leave most SMs idle
 SHAPES = {
@@ -57,26 +56,8 @@ def weight_sets(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def graph_us(run: Callable[[int], object]) -> float:
-    """Microseconds per call of ``run(i)`` (i picks the weight set) replayed from a CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(WEIGHT_SETS):
-            run(i)  # compiles, and warms the allocator outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(CALLS_PER_GRAPH):
-            run(i % WEIGHT_SETS)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    replays = 20
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return 1e3 * start.elapsed_time(end) / (replays * CALLS_PER_GRAPH)
+    """Microseconds per call of ``run(i)``, i cycling through the weight sets."""
+    return graph_replay_us(run, WEIGHT_SETS)
 
 
 def grouped_pair(x, expert, p, w1, w2):

@@ -15,6 +15,7 @@ from megatron_blackmamba.generation.decode_graph import graph_blocker
 from megatron_blackmamba.generation.generate import EOS_CHECK_INTERVAL, advance
 from megatron_blackmamba.model.builder import build_model
 from megatron_blackmamba.model.local_dispatcher import set_per_token_inference
+from megatron_blackmamba.model.mamba1_mixer import set_fused_decode
 from megatron_blackmamba.parallel.setup import init_distributed
 from tests.generation.conftest import GREEDY, TINY, VOCAB
 
@@ -108,11 +109,15 @@ def test_graph_replay_is_bit_identical_to_eager_steps():
         )
 
 
-def test_decode_steps_through_the_per_token_experts_equal_the_dispatcher_path():
+@pytest.mark.parametrize(
+    "switch", [set_per_token_inference, set_fused_decode], ids=["moe_per_token", "mamba_fused"]
+)
+def test_decode_steps_through_the_fused_paths_equal_the_unfused_ones(switch):
     """The grouped-GEMM model (the paper configs' experts), its weights cast to fp32 after the
     build (megatron's GroupedMLP is built for bf16 only): decode steps whose MoE layers run
-    kernels/top1_experts give the logits and states of steps through the dispatcher to 1e-5, on
-    fresh random prompts and tokens (CPU: the PyTorch path; GPU: the Triton kernels)."""
+    kernels/top1_experts (or whose Mamba layers run kernels/mamba_decode's fused step) give the
+    logits and states of steps with that path switched off to 1e-5, on fresh random prompts and
+    tokens (CPU: the PyTorch paths; GPU: the Triton kernels)."""
     job = load_config(
         None,
         [o for o in TINY if "precision" not in o]
@@ -124,14 +129,15 @@ def test_decode_steps_through_the_per_token_experts_equal_the_dispatcher_path():
     model.config.params_dtype = torch.float32  # the dtype the layers cast the stream to
     seed = torch.seed() % 2**31
     with torch.no_grad():
-        direct, through_dispatcher, _ = two_prefilled_states(model, batch=4, seed=seed)
+        fused, unfused, _ = two_prefilled_states(model, batch=4, seed=seed)
         tokens = torch.randint(
             0, VOCAB, (6, 4, 1), device=device, generator=torch.Generator(device).manual_seed(seed)
         )
-        direct_logits = [advance(model, token, direct) for token in tokens]
-        set_per_token_inference(model, enabled=False)
-        dispatcher_logits = [advance(model, token, through_dispatcher) for token in tokens]
-    for got, want in zip(direct_logits, dispatcher_logits):
+        fused_logits = [advance(model, token, fused) for token in tokens]
+        switch(model, enabled=False)
+        unfused_logits = [advance(model, token, unfused) for token in tokens]
+    for got, want in zip(fused_logits, unfused_logits):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for layer, s in through_dispatcher.layers.items():
-        torch.testing.assert_close(direct.layers[layer].ssm, s.ssm, rtol=1e-5, atol=1e-5)
+    for layer, s in unfused.layers.items():
+        torch.testing.assert_close(fused.layers[layer].ssm, s.ssm, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused.layers[layer].conv, s.conv, rtol=1e-5, atol=1e-5)
