@@ -37,17 +37,18 @@ PREFILL_CHUNK = 4096
 
 
 def blackmamba(config: str | None, overrides: list[str]):
-    """(job, run, set_per_token, set_fused_mamba): ``run(prompt, steps, graph)`` prefills in
+    """(job, run, set_per_token, set_fused_residual): ``run(prompt, steps, graph)`` prefills in
     chunks of PREFILL_CHUNK and returns one decode step; ``set_per_token(False)`` routes decode
     steps' MoE layers through the dispatcher instead of kernels/top1_experts;
-    ``set_fused_mamba(False)`` runs the Mamba layers' step unfused (kernels/mamba_decode)."""
+    ``set_fused_residual(False)`` runs megatron's layers, the residual add and the next norm
+    apart (model/stack.py)."""
     from functools import partial
 
     from megatron_blackmamba.config import load_config
     from megatron_blackmamba.generation import DecodeStep, prefill
     from megatron_blackmamba.model.builder import build_model
     from megatron_blackmamba.model.local_dispatcher import set_per_token_inference
-    from megatron_blackmamba.model.mamba1_mixer import set_fused_decode
+    from megatron_blackmamba.model.stack import set_fused_residual
     from megatron_blackmamba.parallel.setup import init_distributed
 
     job = load_config(config, overrides)
@@ -61,7 +62,7 @@ def blackmamba(config: str | None, overrides: list[str]):
         assert step.backend == ("cuda-graph" if graph else "eager"), step.backend
         return (lambda: step(token)), state.state_bytes()
 
-    return job, run, partial(set_per_token_inference, model), partial(set_fused_decode, model)
+    return job, run, partial(set_per_token_inference, model), partial(set_fused_residual, model)
 
 
 def _static_cache(config, batch: int, max_len: int):
@@ -210,7 +211,7 @@ def main() -> int:
             f" config {args.config} {args.overrides}; transformer: HF Llama 1152x18, SDPA, KV cache"
         )
         return 0
-    job, bm, set_per_token, set_fused_mamba = blackmamba(
+    job, bm, set_per_token, set_fused_residual = blackmamba(
         args.config, args.overrides + ["parallel.ep=1"]
     )
     vocab = job.model.vocab_size
@@ -224,13 +225,13 @@ def main() -> int:
             set_per_token(False)
             bm_dispatch, _, _ = measure(bm, *point, graph=True)
             set_per_token(True)
-            set_fused_mamba(False)
-            bm_unfused, _, _ = measure(bm, *point, graph=True)
-            set_fused_mamba(True)
+            set_fused_residual(False)
+            bm_apart, _, _ = measure(bm, *point, graph=True)
+            set_fused_residual(True)
             tf_eager, tf_bytes, tf_peak = measure(tf, *point, graph=False)
             tf_graph, _, _ = measure(tf, *point, graph=True)
             rows.append(
-                f"| {batch} | {context:,} | {bm_eager:.2f} | {bm_graph:.2f} | {bm_unfused:.2f} |"
+                f"| {batch} | {context:,} | {bm_eager:.2f} | {bm_graph:.2f} | {bm_apart:.2f} |"
                 f" {bm_dispatch:.2f} |"
                 f" {bm_bytes / 2**20:.1f} | {bm_peak:.2f} | {tf_eager:.2f} | {tf_graph:.2f} |"
                 f" {tf_bytes / 2**20:,.0f} | {tf_peak:.2f} | {tf_eager / bm_eager:.2f}x |"
@@ -247,13 +248,13 @@ def main() -> int:
                 " prefill; graph = the step replayed from one CUDA graph (BlackMamba:"
                 " generation/decode_graph.py; transformer: StaticCache); BlackMamba's MoE layers"
                 " decode per token (kernels/top1_experts), 'via dispatcher' = the same graph with"
-                " them through the dispatcher and grouped GEMMs; 'unfused Mamba' = the same graph"
-                " with the Mamba layers' conv, x_proj, dt_proj and state update as four kernels"
-                " (kernels/mamba_decode fuses them into two); peak = peak memory of the eager run"
+                " them through the dispatcher and grouped GEMMs; 'add apart' = the same graph"
+                " through megatron's layers, each residual add, cast and next norm a kernel of its"
+                " own (model/stack.py adds in the norm); peak = peak memory of the eager run"
             ),
             (
-                "| batch | context | BlackMamba eager ms | BlackMamba graph ms | graph unfused"
-                " Mamba ms | graph via dispatcher ms | state MiB | peak GiB | transformer eager"
+                "| batch | context | BlackMamba eager ms | BlackMamba graph ms | graph add apart"
+                " ms | graph via dispatcher ms | state MiB | peak GiB | transformer eager"
                 " ms | transformer graph ms | KV cache MiB | peak GiB | transformer/BlackMamba"
                 " eager | graph |"
             ),

@@ -8,6 +8,11 @@
   tested against.
 
 Both compute in fp32 (torch in fp64 for fp64 inputs) and round once to x's dtype.
+
+``add_rms_norm`` (inference only) is the residual add and the next layer's norm in one: it adds
+a layer's output to the residual stream in place and normalises the stream read in the model's
+dtype, one kernel on CUDA where PyTorch runs three (add, cast, norm), each a launch of its own in
+a decode step.
 """
 
 from __future__ import annotations
@@ -55,3 +60,23 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     if fused_applies(x, weight):
         return _FusedRMSNorm.apply(x, weight, eps)
     return F.rms_norm(x, x.shape[-1:], weight, eps)
+
+
+def add_rms_norm(
+    delta: Tensor | None, residual: Tensor, weight: Tensor, eps: float, dtype: torch.dtype
+) -> Tensor:
+    """``residual`` [..., N] += ``delta`` (same shape; None adds nothing) in place, in residual's
+    dtype; returns RMSNorm(residual.to(dtype)) with weight [N], in ``dtype``. No autograd."""
+    fused = (
+        fused_applies(residual, weight)
+        and dtype in KERNEL_DTYPES
+        and residual.is_contiguous()
+        and (delta is None or (delta.shape == residual.shape and delta.is_contiguous()))
+    )
+    if fused:
+        rows = residual.view(-1, residual.shape[-1])  # a view: the add stays in place
+        deltas = None if delta is None else delta.view(rows.shape)
+        return _kernels().add_forward(deltas, rows, weight, eps, dtype).view(residual.shape)
+    if delta is not None:
+        residual += delta
+    return rms_norm(residual.to(dtype), weight, eps)

@@ -42,7 +42,6 @@ from megatron.core.transformer.utils import (
 from torch import nn
 
 from megatron_blackmamba import kernels
-from megatron_blackmamba.kernels.mamba_decode import ssm_decode, ssm_decode_unfused
 from megatron_blackmamba.model.channels_major import (
     channels_major_linear,
     linear_from_sequence_major,
@@ -129,9 +128,6 @@ class Mamba1Mixer(MegatronModule):
                 f"d_inner={self.d_inner} must divide by tensor-parallel size {tp_size}"
             )
         self.d_inner_local = self.d_inner // tp_size
-        # Decode steps run conv, x_proj, dt_proj and the state update as kernels/mamba_decode's
-        # two kernels (on one TP rank); False keeps them four, to measure one beside the other.
-        self.fused_decode = tp_size == 1
         dtype = config.params_dtype
 
         self.in_proj = build_module(
@@ -346,15 +342,22 @@ class Mamba1Mixer(MegatronModule):
         x, z = xz.chunk(2, dim=-1)  # [b, d_local] each (in_proj's rows are [x_r; z_r])
         state = ctx.layer_state(self, batch_size=x.shape[0], dtype=x.dtype)
         A, D, dt_bias = ctx.derived(self, self._scan_constants)
-        state_and_conv = (state.conv, state.ssm, self.conv1d.weight.squeeze(1), self.conv1d.bias)
-        if self.fused_decode:
-            y = ssm_decode(
-                x, z, *state_and_conv, self.x_proj.weight, self.dt_proj.weight, A, D, dt_bias
-            )
-        else:
-            y = ssm_decode_unfused(
-                x, z, *state_and_conv, self.x_proj, self.dt_proj.weight, A, D, dt_bias
-            )
+        x = kernels.causal_conv1d_update(
+            x, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu"
+        )
+        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        y = kernels.selective_state_update(
+            state.ssm,
+            x,
+            F.linear(dt, self.dt_proj.weight),
+            A,
+            B,
+            C,
+            D,
+            z=z,
+            dt_bias=dt_bias,
+            dt_softplus=True,
+        )
         out = self._out_proj_reduce(F.linear(y, self.out_proj.weight).unsqueeze(0))
         return out, getattr(self.out_proj, "bias", None)
 
@@ -415,11 +418,3 @@ class Mamba1Mixer(MegatronModule):
                     sharded[full], [self.d_inner_local, self.d_inner_local], ["x", "z"]
                 )
         return sharded
-
-
-def set_fused_decode(model: nn.Module, enabled: bool) -> None:
-    """Turn the Mamba layers' fused decode step on (the default on one TP rank) or off, so that
-    the unfused step can be measured beside it (bench/generation_latency.py)."""
-    for module in model.modules():
-        if isinstance(module, Mamba1Mixer):
-            module.fused_decode = enabled and module.tp_group.size() == 1

@@ -23,7 +23,6 @@ DRY_RUNS = {
     "eval_throughput.py": "200 documents each",
     "precision_ab.py": "training.fp8=rowwise",
     "top1_experts_check.py": "launch shapes per kernel",
-    "mamba_decode_check.py": "9 block shapes",
 }
 
 

@@ -15,7 +15,8 @@ from megatron_blackmamba.generation.decode_graph import graph_blocker
 from megatron_blackmamba.generation.generate import EOS_CHECK_INTERVAL, advance
 from megatron_blackmamba.model.builder import build_model
 from megatron_blackmamba.model.local_dispatcher import set_per_token_inference
-from megatron_blackmamba.model.mamba1_mixer import set_fused_decode
+from megatron_blackmamba.model.recurrent_state import RecurrentState
+from megatron_blackmamba.model.stack import set_fused_residual
 from megatron_blackmamba.parallel.setup import init_distributed
 from tests.generation.conftest import GREEDY, TINY, VOCAB
 
@@ -43,7 +44,6 @@ def test_cpu_step_is_eager_and_equals_advance(model):
 
 
 def test_step_refuses_unprefilled_state_graph_on_cpu_and_wrong_shape(model):
-    from megatron_blackmamba.model.recurrent_state import RecurrentState
 
     with pytest.raises(ValueError, match="prefill"):
         DecodeStep(model, RecurrentState(2, 16))
@@ -110,18 +110,24 @@ def test_graph_replay_is_bit_identical_to_eager_steps():
 
 
 @pytest.mark.parametrize(
-    "switch", [set_per_token_inference, set_fused_decode], ids=["moe_per_token", "mamba_fused"]
+    "switch,residual_in_fp32",
+    [(set_per_token_inference, True), (set_fused_residual, True), (set_fused_residual, False)],
+    ids=["moe_per_token", "residual_in_norm_fp32_stream", "residual_in_norm"],
 )
-def test_decode_steps_through_the_fused_paths_equal_the_unfused_ones(switch):
+def test_decode_steps_through_the_fused_paths_equal_the_unfused_ones(switch, residual_in_fp32):
     """The grouped-GEMM model (the paper configs' experts), its weights cast to fp32 after the
     build (megatron's GroupedMLP is built for bf16 only): decode steps whose MoE layers run
-    kernels/top1_experts (or whose Mamba layers run kernels/mamba_decode's fused step) give the
+    kernels/top1_experts (or whose stack adds each layer's output in the next norm) give the
     logits and states of steps with that path switched off to 1e-5, on fresh random prompts and
     tokens (CPU: the PyTorch paths; GPU: the Triton kernels)."""
     job = load_config(
         None,
         [o for o in TINY if "precision" not in o]
-        + ["model.moe_grouped_gemm=true", "training.precision=bf16"],
+        + [
+            "model.moe_grouped_gemm=true",
+            "training.precision=bf16",
+            f"model.residual_in_fp32={str(residual_in_fp32).lower()}",
+        ],
     )
     init_distributed(job.parallel, seed=3)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -136,8 +142,28 @@ def test_decode_steps_through_the_fused_paths_equal_the_unfused_ones(switch):
         fused_logits = [advance(model, token, fused) for token in tokens]
         switch(model, enabled=False)
         unfused_logits = [advance(model, token, unfused) for token in tokens]
+        prompt = tokens[:, :, 0].T  # [4, 6]: a prefill too
+        _, unfused_prefill = prefill(model, prompt, 64)
+        switch(model, enabled=True)
+        _, fused_prefill = prefill(model, prompt, 64)
+    torch.testing.assert_close(fused_prefill, unfused_prefill, rtol=1e-5, atol=1e-5)
     for got, want in zip(fused_logits, unfused_logits):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for layer, s in unfused.layers.items():
         torch.testing.assert_close(fused.layers[layer].ssm, s.ssm, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(fused.layers[layer].conv, s.conv, rtol=1e-5, atol=1e-5)
+
+
+def test_generation_adds_the_residual_in_the_next_norm(model, monkeypatch):
+    """With an inference context and no autograd the stack walks the layers itself: one
+    add_rms_norm per layer; a training-style forward (no inference context) runs megatron's."""
+    import megatron_blackmamba.model.stack as stack
+
+    calls = []
+    fused = stack.add_rms_norm
+    monkeypatch.setattr(stack, "add_rms_norm", lambda *a: calls.append(a[0] is None) or fused(*a))
+    with torch.no_grad():
+        prefill(model, torch.randint(0, VOCAB, (2, 5)), 16)
+        assert calls == [True] + [False] * (len(model.decoder.layers) - 1)
+        model(torch.randint(0, VOCAB, (2, 5)), None, None)
+    assert len(calls) == len(model.decoder.layers)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_blackmamba.kernels.rms_norm import fused_applies, rms_norm
+from megatron_blackmamba.kernels.rms_norm import add_rms_norm, fused_applies, rms_norm
 from megatron_blackmamba.model.norm import RMSNorm
 
 
@@ -82,3 +82,45 @@ def test_triton_kernels_match_float64(dtype: torch.dtype, tol: float, shape: tup
     x = torch.randn(*shape, device="cuda", dtype=dtype)
     assert fused_applies(x, torch.ones(shape[-1], device="cuda", dtype=dtype))
     _check("cuda", dtype, shape, seed=sum(shape), tol=tol)
+
+
+def _check_add(device: str, stream: torch.dtype, dtype: torch.dtype, shape, with_delta: bool, tol):
+    """add_rms_norm against float64: the stream advanced in place (rounded to its dtype), the norm
+    of the stream read in ``dtype``."""
+    g = torch.Generator().manual_seed(sum(shape) + with_delta)
+    residual64 = 3 * torch.randn(*shape, generator=g, dtype=torch.float64)
+    delta64 = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).double()
+    w64 = (1 + 0.3 * torch.randn(shape[-1], generator=g, dtype=torch.float64)).to(dtype).double()
+    residual = residual64.to(device, stream, copy=True)
+    delta = delta64.to(device, dtype) if with_delta else None
+    y = add_rms_norm(delta, residual, w64.to(device, dtype), 1e-5, dtype)
+    stream64 = residual64.to(stream).double() + (delta64 if with_delta else 0)
+    x64 = stream64.to(stream).to(dtype).double()  # the stream read in the model's dtype
+    y64 = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * w64
+    assert y.dtype == dtype and residual.dtype == stream
+    assert _rel(residual.cpu(), stream64) <= (1e-2 if stream == torch.bfloat16 else 1e-7)
+    assert _rel(y.cpu(), y64) <= tol
+
+
+@pytest.mark.parametrize("with_delta", [True, False])
+@pytest.mark.parametrize("stream", [torch.float64, torch.float32])
+def test_add_rms_norm_torch_path_matches_float64(with_delta: bool, stream: torch.dtype):
+    x = torch.randn(3, 24, dtype=stream)
+    assert not fused_applies(x, torch.ones(24))
+    _check_add("cpu", stream, torch.float32, (7, 3, 24), with_delta, tol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on GPUs")
+@pytest.mark.parametrize(
+    "stream,dtype,tol",
+    [
+        (torch.float32, torch.float32, 1e-6),
+        (torch.float32, torch.bfloat16, 1e-2),  # residual_in_fp32
+        (torch.bfloat16, torch.bfloat16, 1e-2),
+    ],
+)
+@pytest.mark.parametrize("shape", [(1, 1, 8), (1, 37, 1152), (129, 3, 1472)])
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_add_rms_norm_kernel_matches_float64(stream, dtype, tol, shape, with_delta: bool):
+    """Fresh random inputs; row counts and widths that are not multiples of the tiles."""
+    _check_add("cuda", stream, dtype, shape, with_delta, tol)

@@ -9,12 +9,15 @@ from megatron_blackmamba.config import load_config
 from megatron_blackmamba.model.builder import build_model
 
 TINY = ["model.hidden_size=64", "model.num_layers=4", "model.vocab_size=97", "model.num_experts=2"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DENSE = ["model.layer_pattern=MMMMMMMM", "model.hidden_size=64", "model.num_layers=8"]
 
 
 def _model(base: list[str], precision: str, fp32_residual: bool) -> torch.nn.Module:
     flag = f"model.residual_in_fp32={str(fp32_residual).lower()}"
-    return build_model(load_config(None, base + [f"training.precision={precision}", flag]))
+    return build_model(load_config(None, base + [f"training.precision={precision}", flag])).to(
+        DEVICE
+    )
 
 
 def _final_norm_input(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -30,7 +33,8 @@ def _final_norm_input(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Ten
 
 
 def _tokens(seed: int) -> torch.Tensor:
-    return torch.randint(0, 97, (2, 64), generator=torch.Generator().manual_seed(seed))
+    tokens = torch.randint(0, 97, (2, 64), generator=torch.Generator().manual_seed(seed))
+    return tokens.to(DEVICE)
 
 
 def test_fp32_models_are_unchanged(single_rank):
