@@ -59,22 +59,37 @@ def quantize_rows_torch(x: Tensor, recipe: Recipe) -> tuple[Tensor, Tensor]:
     return x8, (amax / fp8_max).contiguous()
 
 
-def quantize_rows(x: Tensor, recipe: Recipe) -> tuple[Tensor, Tensor]:
-    """x [M, K] (K contiguous, 16-bit or fp32) -> (x8 [M, K] e4m3 contiguous, scale [M] fp32).
+def quantize_rows(
+    x: Tensor, recipe: Recipe, out: Optional[tuple[Tensor, Tensor]] = None
+) -> tuple[Tensor, Tensor]:
+    """x [M, K] (K contiguous, 16-bit or fp32) -> (x8 [M, K] e4m3 contiguous, scale [M] fp32),
+    written into ``out`` (contiguous buffers of those shapes) if given.
 
     Scales per row of ``x`` (rowwise) or for all of it (tensorwise)."""
     if recipe not in RECIPES:
         raise ValueError(f"fp8 recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
     kernels = triton_kernels("fp8_triton")
     if kernels is not None and kernels.applies(x):
-        return kernels.quantize_rows(x, rowwise=recipe == "rowwise")
-    return quantize_rows_torch(x, recipe)
+        return kernels.quantize_rows(x, rowwise=recipe == "rowwise", out=out)
+    fresh = quantize_rows_torch(x, recipe)
+    if out is None:
+        return fresh
+    for buffer, value in zip(out, fresh):
+        buffer.copy_(value)
+    return out
 
 
-def quantize_k_major(b: Tensor, recipe: Recipe) -> tuple[Tensor, Tensor]:
+def quantize_k_major(
+    b: Tensor, recipe: Recipe, out: Optional[tuple[Tensor, Tensor]] = None
+) -> tuple[Tensor, Tensor]:
     """Weights b [E, K, N] (any strides) -> (b8 [E, K, N] with K contiguous: the column-major
-    operand the scaled GEMMs take; scale [E, N] fp32, one per output column of each matrix)."""
+    operand the scaled GEMMs take; scale [E, N] fp32, one per output column of each matrix),
+    written into ``out`` (an earlier result of this function) if given."""
     experts, k, n = b.shape
     rows = b.transpose(1, 2).contiguous().view(experts * n, k)  # a copy unless K is contiguous
+    if out is not None:
+        b8, scale = out
+        quantize_rows(rows, recipe, (b8.transpose(1, 2).view(experts * n, k), scale.view(-1)))
+        return out
     b8, scale = quantize_rows(rows, recipe)
     return b8.view(experts, n, k).transpose(1, 2), scale.view(experts, n)

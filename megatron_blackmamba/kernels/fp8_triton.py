@@ -65,11 +65,17 @@ def applies(x: Tensor) -> bool:
     )
 
 
-def quantize_rows(x: Tensor, rowwise: bool) -> tuple[Tensor, Tensor]:
-    """x [M, K] -> (x8 [M, K] e4m3 contiguous, scale [M] fp32)."""
+def quantize_rows(
+    x: Tensor, rowwise: bool, out: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
+    """x [M, K] -> (x8 [M, K] e4m3 contiguous, scale [M] fp32), written into ``out`` if given."""
     m, k = x.shape
-    q = torch.empty(m, k, dtype=FP8, device=x.device)
-    scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    if out is None:
+        out = (
+            torch.empty(m, k, dtype=FP8, device=x.device),
+            torch.empty(m, dtype=torch.float32, device=x.device),
+        )
+    q, scale = out
     amax = scale if rowwise else torch.linalg.vector_norm(x, float("inf")).float().reshape(1)
     block_k = triton.next_power_of_2(k)
     block_m = max(1, min(16, 4096 // block_k))

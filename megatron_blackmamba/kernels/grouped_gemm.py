@@ -184,23 +184,20 @@ class _GroupedMMIntoMainGrad(torch.autograd.Function):
 def refresh_fp8_weights(params: Iterable[Tensor]) -> None:
     """Quantise every expert weight marked ``fp8_recipe`` into its ``fp8_cache``: e4m3 once per
     optimizer step in the two layouts its GEMMs read (the forward's [E, k, n] and the input
-    gradient's [E, n, k], both k-major), instead of twice per micro-batch. Later refreshes write
-    into the same buffers, so CUDA graphs captured reading them stay valid. The training step
-    calls this before its first forward (training/step.py); ``fp8_view`` is the [E, k, n] view
-    megatron's GroupedMLP multiplies by."""
+    gradient's [E, n, k], both k-major), instead of twice per micro-batch. Later refreshes
+    quantise into the same buffers, so CUDA graphs captured reading them stay valid. The training
+    step calls this before its first forward (training/step.py); ``fp8_view`` is the [E, k, n]
+    view megatron's GroupedMLP multiplies by."""
     for param in params:
         recipe = getattr(param, "fp8_recipe", None)
         if recipe is None:
             continue
         b = param.detach().view(param.fp8_view)
-        fresh = (fp8.quantize_k_major(b, recipe), fp8.quantize_k_major(b.transpose(1, 2), recipe))
-        cache = getattr(param, "fp8_cache", None)
-        if cache is None:
-            param.fp8_cache = fresh
-            continue
-        for old, new in zip(cache, fresh):
-            for buffer, value in zip(old, new):
-                buffer.copy_(value)
+        cache = getattr(param, "fp8_cache", None) or (None, None)
+        param.fp8_cache = tuple(
+            fp8.quantize_k_major(layout, recipe, out)
+            for layout, out in zip((b, b.transpose(1, 2)), cache)
+        )
 
 
 def _fp8_weights(param: Tensor, b: Tensor) -> tuple:

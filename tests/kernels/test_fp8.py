@@ -73,6 +73,10 @@ def test_triton_quantiser_is_bit_identical_to_torch(recipe: str, shape: tuple[in
     want, want_scale = fp8.quantize_rows_torch(x, recipe)
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
     assert torch.equal(got_scale, want_scale)
+    out = torch.empty_like(got), torch.empty_like(got_scale)
+    kernels.quantize_rows(x, rowwise=recipe == "rowwise", out=out)
+    assert torch.equal(out[0].view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(out[1], want_scale)
 
 
 def _fp8_weight(groups: int, k: int, n: int, recipe: str, device: str, g) -> torch.nn.Parameter:
