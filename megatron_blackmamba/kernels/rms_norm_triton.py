@@ -19,6 +19,17 @@ import triton.language as tl
 
 
 @triton.jit
+def _normalize_into(x, w_ptr, y_ptr, cols, offsets, mask, N, eps):
+    """y[offsets] = x * rstd * w in y's dtype for fp32 rows x [BLOCK_M, BLOCK_N]; returns rstd."""
+    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
+    tl.store(
+        y_ptr + offsets, (x * rstd[:, None] * w[None, :]).to(y_ptr.dtype.element_ty), mask=mask
+    )
+    return rstd
+
+
+@triton.jit
 def _rms_fwd(
     x_ptr, w_ptr, y_ptr, rstd_ptr, M, N, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 ):
@@ -28,11 +39,7 @@ def _rms_fwd(
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     offsets = rows[:, None] * N + cols[None, :]
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
-    tl.store(
-        y_ptr + offsets, (x * rstd[:, None] * w[None, :]).to(y_ptr.dtype.element_ty), mask=mask
-    )
+    rstd = _normalize_into(x, w_ptr, y_ptr, cols, offsets, mask, N, eps)
     tl.store(rstd_ptr + rows, rstd, mask=rows < M)
 
 
@@ -60,11 +67,8 @@ def _add_rms_fwd(
         d = tl.load(d_ptr + offsets, mask=mask, other=0.0)
         r = (r.to(tl.float32) + d.to(tl.float32)).to(r_ptr.dtype.element_ty)
         tl.store(r_ptr + offsets, r, mask=mask)
-    x = r.to(y_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
-    tl.store(
-        y_ptr + offsets, (x * rstd[:, None] * w[None, :]).to(y_ptr.dtype.element_ty), mask=mask
+    _normalize_into(
+        r.to(y_ptr.dtype.element_ty).to(tl.float32), w_ptr, y_ptr, cols, offsets, mask, N, eps
     )
 
 

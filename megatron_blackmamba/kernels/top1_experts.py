@@ -66,8 +66,13 @@ def top1_route_torch(
     logits = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
     gate, expert = torch.sigmoid(logits).max(dim=1)
     if counts is not None:
-        counts.index_add_(0, expert, torch.ones_like(gate, dtype=counts.dtype))
+        count_tokens(counts, expert)
     return expert, gate
+
+
+def count_tokens(counts: Tensor, expert: Tensor) -> None:
+    """counts [E] += how many of the tokens' experts (expert [T] int64) are each e."""
+    counts.index_add_(0, expert, torch.ones_like(expert, dtype=counts.dtype))
 
 
 def top1_route(

@@ -145,7 +145,7 @@ class BlackMambaRouter(TopKRouter):
             return top1_experts.top1_route(hidden_states, self.weight, self.bias, counts)
         gate, expert = self._gate(self.gating(hidden_states)).max(dim=1)
         if counts is not None:
-            counts.index_add_(0, expert, torch.ones_like(gate, dtype=counts.dtype))
+            top1_experts.count_tokens(counts, expert)
         return expert, gate
 
     def take_load(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -70,13 +70,15 @@ class BlackMambaStack(MambaStack):
         return (args[0].to(self.config.params_dtype), *args[1:])
 
     def forward(self, hidden_states, attention_mask, inference_context=None, *args, **kwargs):
-        if self._walks_itself(inference_context, args, kwargs):
-            return self._generation_forward(hidden_states, inference_context)
+        walk = self._generation_walk(inference_context, args, kwargs)
+        if walk is not None:
+            return self._generation_forward(hidden_states, inference_context, walk)
         return super().forward(hidden_states, attention_mask, inference_context, *args, **kwargs)
 
-    def _walks_itself(self, inference_context, args: tuple, kwargs: dict) -> bool:
-        """Whether this forward is generation the stack can walk layer by layer (see module)."""
-        return (
+    def _generation_walk(self, inference_context, args: tuple, kwargs: dict) -> list | None:
+        """Each layer's (norm, block) when this forward is generation the stack can walk layer by
+        layer (see module), else None."""
+        if not (
             self.fused_residual
             and inference_context is not None
             and not self.training
@@ -87,8 +89,10 @@ class BlackMambaStack(MambaStack):
             and not args
             and all(value is None for value in kwargs.values())
             and len(self.layers) > 0
-            and all(self._parts(layer) is not None for layer in self.layers)
-        )
+        ):
+            return None
+        walk = [self._parts(layer) for layer in self.layers]
+        return None if any(parts is None for parts in walk) else walk
 
     @staticmethod
     def _parts(layer) -> tuple | None:
@@ -106,18 +110,17 @@ class BlackMambaStack(MambaStack):
             return None
         return norm, lambda x, inference_context: layer.mlp(x)
 
-    def _generation_forward(self, hidden_states, inference_context) -> torch.Tensor:
-        """[s, b, h] embeddings -> [s, b, h] final-norm output, the stream carried between layers
-        as ``residual`` (fp32 with residual_in_fp32, else the model's dtype)."""
+    def _generation_forward(self, hidden_states, inference_context, walk: list) -> torch.Tensor:
+        """[s, b, h] embeddings -> [s, b, h] final-norm output through ``walk``'s (norm, block)
+        per layer, the stream carried between layers as ``residual`` (fp32 with
+        residual_in_fp32, else the model's dtype)."""
         if isinstance(hidden_states, WrappedTensor):
             hidden_states = hidden_states.unwrap()
         dtype = self.config.params_dtype
-        residual = hidden_states.to(torch.float32 if self.residual_in_fp32 else dtype)
-        if residual.data_ptr() == hidden_states.data_ptr():
-            residual = residual.clone()  # the stream is added to in place
+        # A copy in any dtype: the stream is added to in place.
+        residual = hidden_states.to(torch.float32 if self.residual_in_fp32 else dtype, copy=True)
         delta = None
-        for layer in self.layers:
-            norm, block = self._parts(layer)
+        for norm, block in walk:
             x = add_rms_norm(delta, residual, norm.weight, norm.eps, dtype)
             delta, bias = block(x, inference_context=inference_context)
             if bias is not None:
