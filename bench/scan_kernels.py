@@ -8,7 +8,11 @@ work (profiler kernel times: the scan kernels plus the zero-fills and casts each
 launches), and the error of every output and input gradient against float64 (the torch backend
 run in float64) on the first --ref-batch sequences of the timed batch; the largest is reported.
 
-    python bench/scan_kernels.py [--batch 16] [--dim 2304] [--seqlen 2048] [--out DIR] [--dry-run]
+    python bench/scan_kernels.py [--batch 16] [--dim 2304] [--seqlen 2048] [--segments auto,1,16]
+        [--out DIR] [--dry-run]
+
+``--segments`` adds a row of this project's kernel per time split (``auto``: its own choice,
+``selective_scan_cuda.time_segments``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ from megatron_blackmamba import kernels
 from megatron_blackmamba.kernels import cuda as mamba_ssm_kernels
 from megatron_blackmamba.kernels import selective_scan_cuda
 
-IMPLEMENTATIONS = ("mamba-ssm", "blackmamba")
 HEADER = [
     (
         "| scan [batch, dim, seqlen] | implementation | fwd ms | fwd+bwd ms | fwd+bwd GPU work ms "
@@ -51,6 +54,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="bfloat16",
         choices=["bfloat16", "float16", "float32"],
         help="activation dtype",
+    )
+    p.add_argument(
+        "--segments",
+        default="auto",
+        help="comma-separated time splits of this project's kernel, one row each (auto or a count)",
     )
     p.add_argument("--ref-batch", type=int, default=2, help="sequences checked against float64")
     p.add_argument("--repeats", type=int, default=10, help="timed calls per row (median reported)")
@@ -97,7 +105,7 @@ def leaves(
     return out
 
 
-def run_scan(impl: str, x: dict) -> torch.Tensor:
+def run_scan(impl: str, x: dict, segments: int | None = None) -> torch.Tensor:
     args = (
         x["u"],
         x["delta"],
@@ -113,11 +121,11 @@ def run_scan(impl: str, x: dict) -> torch.Tensor:
     if impl == "mamba-ssm":
         return mamba_ssm_kernels.selective_scan(*args)
     if impl == "blackmamba":
-        return selective_scan_cuda.selective_scan(*args)
+        return selective_scan_cuda.selective_scan(*args, segments=segments)
     return kernels.selective_scan(*args, backend="torch")
 
 
-def max_error(impl: str, inputs: dict, rows: int) -> float:
+def max_error(impl: str, inputs: dict, rows: int, segments: int | None) -> float:
     """Largest rel err over the output and every input gradient, against float64 on ``rows``
     sequences.
 
@@ -126,7 +134,7 @@ def max_error(impl: str, inputs: dict, rows: int) -> float:
     delta_bias) are those of the rows alone."""
     ref_in = leaves(inputs, rows, torch.float64)
     got_in = leaves(inputs)
-    ref_out, got_out = run_scan("torch", ref_in), run_scan(impl, got_in)
+    ref_out, got_out = run_scan("torch", ref_in), run_scan(impl, got_in, segments)
     dout = torch.zeros(got_out.shape, device=got_out.device, dtype=torch.float64)
     dout[:rows] = torch.randn_like(ref_out)
     ref_out.backward(dout[:rows])
@@ -138,28 +146,40 @@ def max_error(impl: str, inputs: dict, rows: int) -> float:
     return max(errors)
 
 
+def variants(args: argparse.Namespace) -> list[tuple[str, int | None, str]]:
+    """(implementation, time segments, row label): mamba-ssm's, then this kernel per split."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    auto = selective_scan_cuda.time_segments(args.batch, args.dim, args.seqlen, sms)
+    out = [("mamba-ssm", None, "mamba-ssm")]
+    for item in args.segments.split(","):
+        segments = auto if item.strip() == "auto" else int(item)
+        label = f"blackmamba, {segments} segment{'s' * (segments > 1)}"
+        out.append(("blackmamba", segments, label + (" (auto)" if item.strip() == "auto" else "")))
+    return out
+
+
 def rows_for(args: argparse.Namespace) -> list[str]:
     dtype = getattr(torch, args.dtype)
     inputs = scan_inputs(args.batch, args.dim, args.seqlen, dtype, args.seed)
     rows, base = [], None
-    for impl in IMPLEMENTATIONS:
+    for impl, segments, label in variants(args):
         x = leaves(inputs)
         dout = torch.randn(args.batch, args.dim, args.seqlen, device="cuda", dtype=dtype)
 
         def fwd():
             with torch.no_grad():
-                return run_scan(impl, x)
+                return run_scan(impl, x, segments)
 
         def fwd_bwd():
-            torch.autograd.backward(run_scan(impl, x), dout)
+            torch.autograd.backward(run_scan(impl, x, segments), dout)
 
         fwd_ms = time_ms(fwd, args.warmup, args.repeats)
         total_ms = time_ms(fwd_bwd, args.warmup, args.repeats)
         gpu_ms = device_ms(fwd_bwd, args.warmup, args.repeats)
         base = base or gpu_ms
-        err = max_error(impl, inputs, args.ref_batch)
+        err = max_error(impl, inputs, args.ref_batch, segments)
         rows.append(
-            f"| [{args.batch}, {args.dim}, {args.seqlen}] {args.dtype} | {impl} | {fwd_ms:.3f} |"
+            f"| [{args.batch}, {args.dim}, {args.seqlen}] {args.dtype} | {label} | {fwd_ms:.3f} |"
             f" {total_ms:.3f} | {gpu_ms:.3f} | {err:.1e} | {base / gpu_ms:.2f}x |"
         )
     return rows
@@ -169,8 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.dry_run:
         print(
-            f"plan: {', '.join(IMPLEMENTATIONS)} at [{args.batch}, {args.dim}, {args.seqlen}]"
-            f" {args.dtype}, {args.repeats} repeats; float64 check on {args.ref_batch} sequences"
+            f"plan: mamba-ssm, blackmamba at [{args.batch}, {args.dim}, {args.seqlen}]"
+            f" {args.dtype} (time segments: {args.segments}), {args.repeats} repeats; float64 check"
+            f" on {args.ref_batch} sequences"
         )
         return
     table = "\n".join([device_line(), *HEADER, *rows_for(args)])

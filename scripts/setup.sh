@@ -8,7 +8,8 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install --quiet "torch==${TORCH_VERSION:-2.13.0}"
 fi
-if ! "$PY" -c "import megatron_blackmamba, megatron.core, tokenizers, zstandard, pyarrow, pytest, psutil, ruff" 2>/dev/null \
+# Checked from outside the repo: from its root the source tree imports whether installed or not.
+if ! (cd / && "$PY" -c "import megatron_blackmamba, megatron.core, tokenizers, zstandard, pyarrow, pytest, psutil, ruff") 2>/dev/null \
    || [ pyproject.toml -nt .setup-stamp ]; then
     "$PY" -m pip install --quiet -e '.[test]'
     touch .setup-stamp

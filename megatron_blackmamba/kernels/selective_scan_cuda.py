@@ -1,13 +1,14 @@
 """This project's Mamba-1 selective-scan CUDA kernel (``csrc/selective_scan.cu``): build, load,
 autograd.
 
-The CUDA scan for d_state 16 wherever it builds and its grid fills the GPU; mamba-ssm's kernel
-otherwise. ``BLACKMAMBA_SCAN_KERNEL`` picks: ``auto`` (default) this kernel where it can run and
-is the faster one (``grid_underfills``), else mamba-ssm's; ``blackmamba`` this kernel or an error
-saying why it cannot run; ``mamba_ssm`` mamba-ssm's. It walks each channel's states
-sequentially in time and sums dB/dC over a block's channels on chip; at the paper configs'
-micro-batches its forward+backward is 1.3-1.5x mamba-ssm's, and it saves fp32 state checkpoints
-(4 bytes per element of u) instead of mamba-ssm's output copy (bf16: 2 bytes), see
+The CUDA scan for d_state 16 wherever it builds; mamba-ssm's kernel otherwise.
+``BLACKMAMBA_SCAN_KERNEL`` picks: ``auto`` (default) this kernel where it can run, else
+mamba-ssm's; ``blackmamba`` this kernel or an error saying why it cannot run; ``mamba_ssm``
+mamba-ssm's. It walks each channel's states sequentially in time and sums dB/dC over a block's
+channels on chip; where a micro-batch's channels alone would leave SMs idle (long sequences at a
+fixed token budget) it also splits the time axis into segments (``time_segments``). At the paper
+configs' micro-batches its forward+backward is 1.3-1.5x mamba-ssm's, and it saves fp32 state
+checkpoints (4 bytes per element of u) instead of mamba-ssm's output copy (bf16: 2 bytes), see
 bench/PERF_NOTES.md.
 
 It has a C ABI, so it is compiled with nvcc alone on first use, for the GPU at hand, into a cache
@@ -84,6 +85,9 @@ class _Params(ctypes.Structure):
         ("dC", ctypes.c_void_p),
         ("dD", ctypes.c_void_p),
         ("ddelta_bias", ctypes.c_void_p),
+        ("segment_chunks", ctypes.c_int64),
+        ("segment_states", ctypes.c_void_p),
+        ("segment_delta", ctypes.c_void_p),
     ]
 
 
@@ -116,41 +120,43 @@ def choose(
         return False, f"{KERNEL_ENV_VAR}=mamba_ssm"
     why = unsupported(u, delta, A, B, C, D, z, delta_bias) or load_error(device_arch(u.device))
     if why is None:
-        slower = grid_underfills(u) if choice == "auto" else None
-        if slower is not None:
-            return False, f"{KERNEL_ENV_VAR}=auto and mamba-ssm's kernel is faster here: {slower}"
         return True, f"{KERNEL_ENV_VAR}={choice}, {library_path(device_arch(u.device))}"
     if choice == "blackmamba":
         raise RuntimeError(f"selective_scan: {KERNEL_ENV_VAR}=blackmamba was requested but {why}")
     return False, f"{KERNEL_ENV_VAR}=auto and this project's kernel cannot run: {why}"
 
 
-# Channels of one forward block (csrc/selective_scan.cu: kFwdThreads / kFwdSplit).
-CHANNELS_PER_BLOCK = 64
+# The backward's launch shape (csrc/selective_scan.cu: kBwdThreads / kBwdSplit channels per
+# block, kBwdMinBlocks resident per SM): the longer of the two kernels sets the time split.
+BWD_CHANNELS_PER_BLOCK = 32
+BWD_BLOCKS_PER_SM = 5
+SEGMENT_ROUNDS = 6  # backward blocks per resident slot that a split in time aims for
+MIN_SEGMENT_CHUNKS = 16  # shortest segment: 256 steps
 
 
 def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def grid_underfills(u: Tensor) -> str | None:
-    """Why u (batch, dim, seqlen) is too few sequences for this kernel, or None.
+def time_segments(batch: int, dim: int, seqlen: int, sms: int) -> int:
+    """How many time segments the kernel splits each sequence into: 1 where the micro-batch's
+    channels fill one round of the GPU's backward blocks, else enough for SEGMENT_ROUNDS rounds
+    (more, shorter segments shorten the first pass's serial walk; measured on an H200 at
+    [1, 2304, 32768], forward+backward 6.17 / 6.00 / 5.74 ms at 16 / 32 / 64 segments).
 
-    Each block walks its channels through the whole sequence, so a small grid leaves SMs idle
-    from start to end, however long the sequence; mamba-ssm's kernel also splits the time axis
-    within a block and is the faster one there. Long sequences at a fixed token budget are that
-    case. Measured on an H200 (132 SMs), forward+backward against mamba-ssm's at d_inner 2304
-    (36 blocks per sequence): 0.34x at batch 1, 0.57x at 2, 0.94x at 4, 1.45x at 16
-    (bench/PERF_NOTES.md), so it runs from two blocks per SM up.
+    Each block walks its channels through its segment, so a grid of few sequences (long ones at a
+    fixed token budget: one 32k sequence of d_inner 2304 is 72 backward blocks for the H200's 660
+    slots) leaves SMs idle however long the sequence. Split in time, the blocks walk shorter
+    segments side by side, after a first pass over each segment and a combine
+    (csrc/selective_scan.cu); segments stay at least MIN_SEGMENT_CHUNKS chunks long.
     """
-    batch, dim, _ = u.shape
-    blocks, sms = batch * -(-dim // CHANNELS_PER_BLOCK), sm_count(u.device)
-    if blocks >= 2 * sms:
-        return None
-    return (
-        f"{batch} x {dim} channels make {blocks} blocks of {CHANNELS_PER_BLOCK}, under two per SM"
-        f" of the GPU's {sms}"
-    )
+    blocks = batch * -(-dim // BWD_CHANNELS_PER_BLOCK)
+    slots = BWD_BLOCKS_PER_SM * sms
+    if blocks >= slots:
+        return 1
+    chunks = -(-seqlen // CHUNK)
+    wanted = -(-SEGMENT_ROUNDS * slots // blocks)
+    return max(1, min(wanted, chunks // MIN_SEGMENT_CHUNKS))
 
 
 def cache_dir() -> Path:
@@ -329,11 +335,28 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _params(u, delta, A, B, C, D, z, delta_bias, softplus: bool, checkpoints: Tensor) -> _Params:
+def _params(
+    u, delta, A, B, C, D, z, delta_bias, softplus: bool, checkpoints: Tensor, segments: int
+) -> _Params:
+    """The parameter block, with the time split's buffers (``segments`` of ``segment_chunks``
+    chunks each; none for one segment), which the kernel fills and reads itself."""
     batch, dim, seqlen = u.shape
+    chunks = -(-seqlen // CHUNK)
+    segment_chunks = -(-chunks // max(1, min(segments, chunks)))
     p = _Params(
-        batch=batch, dim=dim, seqlen=seqlen, dtype=_DTYPE_CODES[u.dtype], softplus=int(softplus)
+        batch=batch,
+        dim=dim,
+        seqlen=seqlen,
+        dtype=_DTYPE_CODES[u.dtype],
+        softplus=int(softplus),
+        segment_chunks=segment_chunks,
     )
+    segments = -(-chunks // segment_chunks)  # no empty segment
+    if segments > 1:
+        states = u.new_empty(batch, dim, segments, STATES, dtype=torch.float32)
+        delta_sums = u.new_empty(batch, dim, segments, dtype=torch.float32)
+        p.segment_states, p.segment_delta = states.data_ptr(), delta_sums.data_ptr()
+        p._keep = (states, delta_sums)  # alive until the launches are queued
     for name, t, second in (
         ("u", u, "dim"),
         ("delta", delta, "dim"),
@@ -359,7 +382,7 @@ def _run(entry: str, p: _Params, device: torch.device) -> None:
 
 class _SelectiveScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus: bool):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus: bool, segments: int | None):
         u, delta, B, C = _rows(u), _rows(delta), _rows(B), _rows(C)
         z = None if z is None else _rows(z)
         A = A.contiguous()
@@ -369,11 +392,13 @@ class _SelectiveScan(torch.autograd.Function):
         chunks = -(-seqlen // CHUNK)
         checkpoints = u.new_empty(batch, dim, chunks, STATES, dtype=torch.float32)
         out = u.new_empty(batch, dim, seqlen)
-        p = _params(u, delta, A, B, C, D, z, delta_bias, softplus, checkpoints)
+        if segments is None:
+            segments = time_segments(batch, dim, seqlen, sm_count(u.device))
+        p = _params(u, delta, A, B, C, D, z, delta_bias, softplus, checkpoints, segments)
         p.out = out.data_ptr()
         _run("blackmamba_scan_fwd", p, u.device)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, checkpoints)
-        ctx.softplus = softplus
+        ctx.softplus, ctx.segments = softplus, segments
         ctx.mark_non_differentiable(checkpoints)
         # Without this, autograd would hand the backward a zero-filled gradient for the
         # checkpoints (fp32, twice the bytes of u: 0.09 ms and 302 MB per 340M layer on an H100).
@@ -384,7 +409,7 @@ class _SelectiveScan(torch.autograd.Function):
     def backward(ctx, dout, _):
         u, delta, A, B, C, D, z, delta_bias, checkpoints = ctx.saved_tensors
         dout = _rows(dout) if dout is not None else torch.zeros_like(u)
-        p = _params(u, delta, A, B, C, D, z, delta_bias, ctx.softplus, checkpoints)
+        p = _params(u, delta, A, B, C, D, z, delta_bias, ctx.softplus, checkpoints, ctx.segments)
         p.dout, p.dout_batch_stride, p.dout_dim_stride = (
             dout.data_ptr(),
             dout.stride(0),
@@ -409,7 +434,7 @@ class _SelectiveScan(torch.autograd.Function):
             _ptr(ddelta_bias),
         )
         _run("blackmamba_scan_bwd", p, u.device)
-        return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, ddelta_bias, None
+        return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, ddelta_bias, None, None
 
 
 def selective_scan(
@@ -423,9 +448,14 @@ def selective_scan(
     delta_bias: Tensor | None,
     delta_softplus: bool,
     return_last_state: bool,
+    segments: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """mamba-ssm's ``selective_scan_fn`` contract (activations in u's dtype; A, D, bias fp32)."""
+    """mamba-ssm's ``selective_scan_fn`` contract (activations in u's dtype; A, D, bias fp32).
+
+    ``segments``: how many time segments each sequence is split into (None: ``time_segments``
+    for this GPU; more than the sequence's chunks of CHUNK steps is capped), for benchmarks and
+    tests; every split computes the same scan."""
     out, checkpoints = _SelectiveScan.apply(
-        *scan_kernel_args(u, delta, A, B, C, D, z, delta_bias), delta_softplus
+        *scan_kernel_args(u, delta, A, B, C, D, z, delta_bias), delta_softplus, segments
     )
     return (out, checkpoints[:, :, -1]) if return_last_state else out

@@ -4,6 +4,7 @@ any machine with nvcc, its numerics against the float64 torch scan on a GPU."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import shutil
 
 import pytest
@@ -69,7 +70,6 @@ def _choose(x: dict):
 def test_auto_falls_back_to_mamba_ssm_only_where_this_kernel_cannot_run(build_error, monkeypatch):
     monkeypatch.setattr(own, "device_arch", lambda device=None: "sm_90")
     monkeypatch.setattr(own, "load_error", lambda arch: build_error)
-    monkeypatch.setattr(own, "sm_count", lambda device: 0)  # the grid size never decides here
     x, x8 = _args(), _args(d_state=8)
 
     monkeypatch.delenv(own.KERNEL_ENV_VAR, raising=False)
@@ -92,17 +92,18 @@ def test_auto_falls_back_to_mamba_ssm_only_where_this_kernel_cannot_run(build_er
         _choose(x8)
 
 
-def test_auto_leaves_a_grid_that_underfills_the_gpu_to_mamba_ssm(monkeypatch):
-    monkeypatch.setattr(own, "device_arch", lambda device=None: "sm_90")
-    monkeypatch.setattr(own, "load_error", lambda arch: None)
-    monkeypatch.setattr(own, "sm_count", lambda device: 132)
-    monkeypatch.delenv(own.KERNEL_ENV_VAR, raising=False)
-    few_long, many_short = _args(batch=4, dim=2304, seqlen=8), _args(batch=8, dim=2304, seqlen=2)
-    use, why = _choose(few_long)  # 4 x 36 blocks of 64 channels on 132 SMs
-    assert not use and "144 blocks of 64, under two per SM of the GPU's 132" in why
-    assert _choose(many_short)[0]  # 8 x 36 = 288 blocks
-    monkeypatch.setenv(own.KERNEL_ENV_VAR, "blackmamba")  # asked for by name: it runs
-    assert _choose(few_long)[0]
+@pytest.mark.parametrize(
+    "batch, dim, seqlen, segments",
+    [
+        (16, 2304, 2048, 1),  # 1152 backward blocks fill the H200's 660 slots: no split
+        (4, 2304, 8192, 14),  # 288 blocks: 14 segments make 4032, six rounds
+        (1, 2304, 32768, 55),  # 72 blocks: 55 segments of 38 chunks
+        (1, 2304, 1000, 3),  # 63 chunks: segments stay 16 chunks long or more
+        (1, 2304, 200, 1),  # 13 chunks: too short to split
+    ],
+)
+def test_time_segments_fill_the_gpu_with_few_long_sequences(batch, dim, seqlen, segments):
+    assert own.time_segments(batch, dim, seqlen, sms=132) == segments
 
 
 def _refused_layouts(device: str = "cpu") -> dict[str, tuple[dict, str]]:
@@ -217,6 +218,31 @@ def test_matches_float64(shape, gated, skip, bias, softplus, dtype, tol):
 
 
 @needs_cuda
+@pytest.mark.parametrize(
+    "shape, segments",
+    [
+        ((2, 200, 333), 3),  # 21 chunks: segments of 7, the last ending mid-chunk
+        ((1, 130, 100), 7),  # one chunk per segment
+        ((1, 64, 40), 2),  # 3 chunks: segments of 2 and 1
+    ],
+)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, 1e-2)])
+def test_split_in_time_matches_float64_and_the_whole_sequence(shape, segments, dtype, tol):
+    """A sequence split into time segments (first pass, combine, main kernels from each
+    segment's start) computes the scan of the whole sequence, forward and backward."""
+    split = functools.partial(own.selective_scan, segments=segments)
+    _check_against_float64(shape, True, True, True, True, dtype, tol, scan=split)
+    x = _inputs(*shape, torch.float32, seed=1, gated=True, skip=True, bias=True)
+    dout = torch.randn(shape, device="cuda")
+    whole = _run(functools.partial(own.selective_scan, segments=1), x, dout, True)
+    parts = _run(split, x, dout, True)
+    for got, want in zip(
+        [parts[0], parts[1], *parts[2].values()], [whole[0], whole[1], *whole[2].values()]
+    ):
+        assert _rel(got, want.double()) <= 2e-6
+
+
+@needs_cuda
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, 1e-2)])
 def test_large_grids_match_float64(dtype, tol):
     """The forward has two kernels: a channel's states split over lanes where all of that grid's
@@ -227,10 +253,10 @@ def test_large_grids_match_float64(dtype, tol):
     _check_against_float64((batch, dim, 24), True, True, True, True, dtype, tol)
 
 
-def _check_against_float64(shape, gated, skip, bias, softplus, dtype, tol):
+def _check_against_float64(shape, gated, skip, bias, softplus, dtype, tol, scan=own.selective_scan):
     x = _inputs(*shape, dtype, seed=sum(shape), gated=gated, skip=skip, bias=bias)
     dout = torch.randn(shape, device="cuda", dtype=torch.float64)
-    out, last, grads = _run(own.selective_scan, x, dout, softplus)
+    out, last, grads = _run(scan, x, dout, softplus)
     ref_out, ref_last, ref_grads = _run(
         selective_scan_chunked, x, dout, softplus, dtype=torch.float64
     )

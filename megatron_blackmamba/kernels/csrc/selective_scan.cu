@@ -10,6 +10,13 @@
 // their dB/dC contributions on chip (a warp reduce-scatter) before one atomic per (block, state,
 // step). Measured on an H100 at the 340M layer: forward+backward 1.47x mamba-ssm's.
 //
+// Long sequences at a fixed token budget are few sequences, whose channels alone leave most SMs
+// idle, so the time axis is split too: the grid's z dimension walks time segments of
+// segment_chunks chunks. Both recurrences are linear with the step's decay exp(delta A), so a
+// first pass (scan_segment_kernel) walks each segment from zero to its end state (forward) or its
+// entry adjoint (backward), scan_combine_kernel chains those into each segment's true start, and
+// the main kernels then walk every segment at once from it. With one segment none of that runs.
+//
 // Memory plan: the forward stores the state every kSteps steps (fp32 checkpoints, [b, d, chunks,
 // 16]); the backward walks the chunks last to first, stages each chunk's rows in shared memory
 // (loaded while the previous chunk is reversed), recomputes each kSub-step sub-chunk's states
@@ -63,6 +70,9 @@ struct BlackMambaScanParams {
   float* dC;          // [batch, 16, seqlen]
   float* dD;          // [dim] or null
   float* ddelta_bias; // [dim] or null
+  int64_t segment_chunks;  // chunks per time segment (>= 1); segments = ceil(chunks / this)
+  float* segment_states;   // [batch, dim, segments, 16]; null with one segment
+  float* segment_delta;    // [batch, dim, segments]: the segment's summed delta; null likewise
 };
 
 }  // extern "C"
@@ -184,6 +194,27 @@ __device__ __forceinline__ int chunk_steps(const BlackMambaScanParams& p, int c)
 
 // Chunks of kSteps steps in a sequence.
 __device__ __forceinline__ int chunk_count(const BlackMambaScanParams& p) { return int((p.seqlen + kSteps - 1) / kSteps); }
+
+// Time segments of a sequence (the grid's z dimension walks them).
+__host__ __device__ __forceinline__ int segment_count(const BlackMambaScanParams& p) {
+  const int64_t chunks = (p.seqlen + kSteps - 1) / kSteps;
+  return int((chunks + p.segment_chunks - 1) / p.segment_chunks);
+}
+
+// The chunks [first, end) of the block's time segment.
+struct ChunkRange {
+  int first, end;
+};
+
+__device__ __forceinline__ ChunkRange segment_range(const BlackMambaScanParams& p) {
+  const int first = int(blockIdx.z * p.segment_chunks), chunks = chunk_count(p);
+  return {first, int(first + p.segment_chunks < chunks ? first + p.segment_chunks : chunks)};
+}
+
+// The (batch, channel) row's 16 values for time segment k in segment_states.
+__device__ __forceinline__ float* segment_slot(const BlackMambaScanParams& p, int b, int64_t row, int k) {
+  return p.segment_states + ((b * p.dim + row) * segment_count(p) + k) * kStates;
+}
 
 // One (batch, channel) row of each [b, d, L] tensor: the inputs as strided (z and dout null where
 // absent), the row's element offset in the contiguous outputs (out, du, ddelta, dz) and its state
@@ -317,16 +348,17 @@ __global__ void __launch_bounds__(kFwdThreads) scan_fwd_kernel(BlackMambaScanPar
   const int64_t row = ch.active ? ch.d : 0;
   const auto io = channel_rows<T>(p, b, row);
   T* out_row = static_cast<T*>(p.out) + io.out;
-  const int chunks = chunk_count(p);
+  const auto range = segment_range(p);
 
   float h[kStates];
 #pragma unroll
   for (int n = 0; n < kStates; ++n) h[n] = 0.f;
+  if (p.segment_states && ch.active) load_states(segment_slot(p, b, row, blockIdx.z), h);
 
   ForwardPrefetch<T, kSteps, kFwdThreads> next;
-  next.fetch(p, io, b, 0, 0, ch.active);
+  next.fetch(p, io, b, range.first, 0, ch.active);
 
-  for (int c = 0; c < chunks; ++c) {
+  for (int c = range.first; c < range.end; ++c) {
     const int64_t t0 = int64_t(c) * kSteps;
     const int valid = chunk_steps(p, c);
     float u[kSteps], delta[kSteps], slope[kSteps], gate[kSteps], out[kSteps];
@@ -335,7 +367,7 @@ __global__ void __launch_bounds__(kFwdThreads) scan_fwd_kernel(BlackMambaScanPar
     unpack(next.u, u);
     unpack(next.delta, delta);
     if (io.z) unpack(next.z, gate);
-    if (c + 1 < chunks) next.fetch(p, io, b, c + 1, 0, ch.active);
+    if (c + 1 < range.end) next.fetch(p, io, b, c + 1, 0, ch.active);
     __syncthreads();
     if (!ch.active) continue;
     discretize(p, ch, delta, slope);
@@ -433,17 +465,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_fwd_split_kernel(Bl
   const int64_t row = ch.active ? ch.d : 0;
   const auto io = channel_rows<T>(p, b, row);
   T* out_row = static_cast<T*>(p.out) + io.out;
-  const int chunks = chunk_count(p);
+  const auto range = segment_range(p);
   float* ckpt = io.ckpt + s0;
 
   float h[kN];
 #pragma unroll
   for (int n = 0; n < kN; ++n) h[n] = 0.f;
+  if (p.segment_states && ch.active) load_states(segment_slot(p, b, row, blockIdx.z) + s0, h);
 
   ForwardPrefetch<T, kShare, kThreads> next;
-  next.fetch(p, io, b, 0, share0, ch.active);
+  next.fetch(p, io, b, range.first, share0, ch.active);
 
-  for (int c = 0; c < chunks; ++c) {
+  for (int c = range.first; c < range.end; ++c) {
     const int64_t t0 = int64_t(c) * kSteps;
     const int valid = chunk_steps(p, c);
     float u[kShare], delta[kShare], slope[kShare], gate[kShare], out[kShare];
@@ -452,7 +485,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_fwd_split_kernel(Bl
     unpack(next.u, u);
     unpack(next.delta, delta);
     if (io.z) unpack(next.z, gate);
-    if (c + 1 < chunks) next.fetch(p, io, b, c + 1, share0, ch.active);
+    if (c + 1 < range.end) next.fetch(p, io, b, c + 1, share0, ch.active);
     discretize(p, ch, delta, slope);
 #pragma unroll
     for (int i = 0; i < kShare; ++i) {
@@ -530,7 +563,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(BlackMam
   const auto ch = load_channel<kN>(p, int64_t(blockIdx.x) * kChannels + local, s0);
   const int64_t row = ch.active ? ch.d : 0;
   const auto io = channel_rows<T>(p, b, row);
-  const int chunks = chunk_count(p);
+  const auto range = segment_range(p);
   const float* ckpt = io.ckpt + s0;
 
   // Each of a channel's kSplit lanes loads and stores kShare of a chunk's steps (one lane doing
@@ -588,9 +621,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(BlackMam
   float dD_acc = 0.f, dbias_acc = 0.f;
 #pragma unroll
   for (int n = 0; n < kN; ++n) g[n] = dA_acc[n] = 0.f;
+  if (p.segment_states && ch.active) load_states(segment_slot(p, b, row, blockIdx.z) + s0, g);
 
-  fetch(chunks - 1);
-  for (int c = chunks - 1; c >= 0; --c) {
+  fetch(range.end - 1);
+  for (int c = range.end - 1; c >= range.first; --c) {
     const int64_t t0 = int64_t(c) * kSteps;
     const int valid = chunk_steps(p, c);
     float h0[kN];
@@ -598,7 +632,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(BlackMam
     for (int n = 0; n < kN; ++n) h0[n] = next_h0[n];
     __syncthreads();  // the previous chunk's reads of the rows, sB/sC and reduced are done
     stage();
-    if (c > 0) fetch(c - 1);
+    if (c > range.first) fetch(c - 1);
     __syncthreads();
 
     // Sub-chunks last to first: recompute the sub-chunk's states from the chunk's checkpoint
@@ -701,6 +735,110 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(BlackMam
   if (p.ddelta_bias) atomicAdd(p.ddelta_bias + ch.d, dbias_acc);
 }
 
+// The first pass of a scan split in time: each block walks its segment from zero and leaves, per
+// (channel, state), the forward's end state or (kAdjoint) the backward's adjoint of the state before
+// the segment, in the segment's slot, and the segment's summed delta. One thread per channel over
+// its 16 states, the next chunk loaded while this one is walked; the forward's recurrence without
+// y, or the adjoint's g <- (g + dy C) exp(delta A) without the rest of the backward.
+template <typename T, bool kAdjoint>
+__global__ void __launch_bounds__(kFwdThreads) scan_segment_kernel(BlackMambaScanParams p) {
+  __shared__ __align__(16) float sB[kSteps][kStates];
+  __shared__ __align__(16) float sC[kSteps][kStates];
+  if (blockIdx.z == (kAdjoint ? 0 : gridDim.z - 1)) return;  // a start nothing needs
+  const int b = blockIdx.y;
+  const auto ch = load_channel<kStates>(p, int64_t(blockIdx.x) * blockDim.x + threadIdx.x, 0);
+  const int64_t row = ch.active ? ch.d : 0;
+  auto io = channel_rows<T>(p, b, row);
+  if (kAdjoint) io.u = io.dout;  // the prefetch's first row: u walking forward, dout backward
+  const auto range = segment_range(p);
+  const int count = range.end - range.first;
+  auto chunk_at = [&](int i) { return kAdjoint ? range.end - 1 - i : range.first + i; };
+
+  float h[kStates];  // the state, or its adjoint
+#pragma unroll
+  for (int n = 0; n < kStates; ++n) h[n] = 0.f;
+  float delta_sum = 0.f;
+
+  ForwardPrefetch<T, kSteps, kFwdThreads> next;
+  next.fetch(p, io, b, chunk_at(0), 0, ch.active);
+  for (int i = 0; i < count; ++i) {
+    const int valid = chunk_steps(p, chunk_at(i));
+    float x[kSteps], delta[kSteps], slope[kSteps], z[kSteps];  // x: u, or dout
+    __syncthreads();  // the previous chunk's reads of sB/sC are done
+    put_BC_tile<kFwdThreads>(next.bc, sB, sC);
+    unpack(next.u, x);
+    unpack(next.delta, delta);
+    if (io.z) unpack(next.z, z);
+    if (i + 1 < count) next.fetch(p, io, b, chunk_at(i + 1), 0, ch.active);
+    __syncthreads();
+    if (!ch.active) continue;
+    discretize(p, ch, delta, slope);
+    if constexpr (kAdjoint) {
+#pragma unroll
+      for (int t = kSteps - 1; t >= 0; --t) {
+        if (t < valid) {
+          const float dy = io.z ? x[t] * z[t] * sigmoid(z[t]) : x[t];  // the gradient reaching y
+          delta_sum += delta[t];
+#pragma unroll
+          for (int n = 0; n < kStates; ++n) h[n] = (h[n] + dy * sC[t][n]) * exp2f(delta[t] * ch.A[n]);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int t = 0; t < kSteps; ++t) {
+        if (t < valid) {
+          const float du = delta[t] * x[t];
+          delta_sum += delta[t];
+#pragma unroll
+          for (int n = 0; n < kStates; ++n) h[n] = exp2f(delta[t] * ch.A[n]) * h[n] + du * sB[t][n];
+        }
+      }
+    }
+  }
+  if (!ch.active) return;
+  store_states(segment_slot(p, b, row, blockIdx.z), h);
+  p.segment_delta[(b * p.dim + row) * segment_count(p) + blockIdx.z] = delta_sum;
+}
+
+// Each segment's true start from the first pass, in place: the state entering segment k is the
+// previous segment's start decayed through it (exp2(A' * its summed delta)) plus its own end
+// state from zero; the backward's adjoint likewise from the last segment back. One thread per
+// (batch, channel, state), segments walked in order.
+template <bool kAdjoint>
+__global__ void scan_combine_kernel(BlackMambaScanParams p, int segments) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= p.batch * p.dim * kStates) return;
+  const int n = int(i % kStates);
+  const int64_t row = i / kStates;  // b * dim + d
+  const float a = p.A[(row % p.dim) * kStates + n] * kLog2e;
+  float* slot = p.segment_states + row * segments * kStates + n;
+  const float* delta_sum = p.segment_delta + row * segments;
+  float carry = 0.f;
+  for (int j = 0; j < segments; ++j) {
+    const int k = kAdjoint ? segments - 1 - j : j;
+    const float local = slot[k * kStates];  // unwritten (and unused) for the last one walked
+    slot[k * kStates] = carry;
+    if (j + 1 < segments) carry = exp2f(delta_sum[k] * a) * carry + local;
+  }
+}
+
+constexpr int kCombineThreads = 256;
+
+// The first pass and the combine, where the sequence is split in time; nothing with one segment.
+template <typename T, bool kAdjoint>
+cudaError_t launch_segment_starts(const BlackMambaScanParams& p, cudaStream_t stream) {
+  if (p.segment_chunks < 1) return cudaErrorInvalidValue;
+  const int segments = segment_count(p);
+  if (segments == 1) return cudaSuccess;
+  if (!p.segment_states || !p.segment_delta || segments > 65535) return cudaErrorInvalidValue;
+  const dim3 grid(unsigned((p.dim + kFwdThreads - 1) / kFwdThreads), unsigned(p.batch), unsigned(segments));
+  scan_segment_kernel<T, kAdjoint><<<grid, kFwdThreads, 0, stream>>>(p);
+  const int64_t threads = p.batch * p.dim * kStates;
+  scan_combine_kernel<kAdjoint>
+      <<<unsigned((threads + kCombineThreads - 1) / kCombineThreads), kCombineThreads, 0, stream>>>(p, segments);
+  return cudaGetLastError();
+}
+
 // Launch shapes, chosen by sweeps on an H100 at the 340M and 630M layers (bench/scan_kernels.py):
 // split forward 128 threads, 4 blocks per SM (126 registers, no spills), a channel's states over 2
 // lanes; backward 128 threads, 5 blocks per SM, each channel's states split over 4 lanes, 8-step
@@ -718,18 +856,21 @@ constexpr int kBwdSub = 8;
 // not at [16, 2304, 2048], whose 576 split blocks exceed the 528 resident).
 template <typename T>
 cudaError_t launch_fwd(const BlackMambaScanParams& p, cudaStream_t stream) {
+  cudaError_t err = launch_segment_starts<T, false>(p, stream);
+  if (err != cudaSuccess) return err;
   auto split = scan_fwd_split_kernel<T, kFwdThreads, kFwdSplitMinBlocks, kFwdSplit>;
   constexpr int kSplitChannels = kFwdThreads / kFwdSplit;
-  const dim3 split_grid(unsigned((p.dim + kSplitChannels - 1) / kSplitChannels), unsigned(p.batch));
+  const unsigned segments = unsigned(segment_count(p));
+  const dim3 split_grid(unsigned((p.dim + kSplitChannels - 1) / kSplitChannels), unsigned(p.batch), segments);
   int device = 0, sms = 0, per_sm = 0;
-  cudaError_t err = cudaGetDevice(&device);
+  err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, split, kFwdThreads, 0);
   if (err != cudaSuccess) return err;
-  if (int64_t(split_grid.x) * split_grid.y <= int64_t(per_sm) * sms) {
+  if (int64_t(split_grid.x) * split_grid.y * split_grid.z <= int64_t(per_sm) * sms) {
     split<<<split_grid, kFwdThreads, 0, stream>>>(p);
   } else {
-    const dim3 grid(unsigned((p.dim + kFwdThreads - 1) / kFwdThreads), unsigned(p.batch));
+    const dim3 grid(unsigned((p.dim + kFwdThreads - 1) / kFwdThreads), unsigned(p.batch), segments);
     scan_fwd_kernel<T><<<grid, kFwdThreads, 0, stream>>>(p);
   }
   return cudaGetLastError();
@@ -741,9 +882,11 @@ cudaError_t launch_bwd(const BlackMambaScanParams& p, cudaStream_t stream) {
   constexpr int kChannels = kBwdThreads / kBwdSplit;
   const size_t smem =
       (size_t(kBwdSub + 1) * (kStates / kBwdSplit) * kBwdThreads + kChunkRows * kSteps * kRowStride<kChannels>) * sizeof(float);
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  cudaError_t err = launch_segment_starts<T, true>(p, stream);
   if (err != cudaSuccess) return err;
-  const dim3 grid(unsigned((p.dim + kChannels - 1) / kChannels), unsigned(p.batch));
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  if (err != cudaSuccess) return err;
+  const dim3 grid(unsigned((p.dim + kChannels - 1) / kChannels), unsigned(p.batch), unsigned(segment_count(p)));
   kernel<<<grid, kBwdThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
